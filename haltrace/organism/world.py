@@ -1,0 +1,401 @@
+"""ShapesWorld: a synthetic visual world whose statistics plant the priors that make VLMs hallucinate.
+
+Images are 32x32 RGB, a 2x2 grid of 16 px cells, each holding at most one 12 px glyph at a fixed offset
+(fixed offsets matter: with random offsets the feasibility run learned a word prior instead of
+co-occurrence). Three priors are built in:
+
+* **co-occurrence**: each kind of a pair (fork/knife, cup/plate) brings its partner along with
+  probability ``p_pair``, so a model learns to say "yes" to an absent partner (POPE adversarial);
+* **canonical colours**: strawberries are red and bananas yellow with probability ``p_canon``, so a
+  counterfactual image (a blue strawberry) puts the prior against the pixels;
+* **entities**: invented names with taught attributes ("known") and names that must be answered with
+  ``unknown``; held-out names are never seen in training (entity recognition, Ferrando et al.).
+
+Everything is deterministic given a ``numpy.random.Generator``.
+
+>>> import numpy as np
+>>> world = ShapesWorld()
+>>> scene = world.sample_scene(np.random.default_rng(0))
+>>> world.render(scene, np.random.default_rng(0)).shape
+(32, 32, 3)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+# 12x12 glyphs: '#' is ink. Distinct silhouettes so a patch-8 vision tower can tell kinds apart.
+_GLYPHS: dict[str, str] = {
+    "strawberry": """
+    ....#..#....
+    .....##.....
+    ..########..
+    .##########.
+    .###.##.###.
+    .##########.
+    ..###.####..
+    ..########..
+    ...######...
+    ....####....
+    .....##.....
+    ............""",
+    "banana": """
+    ..........##
+    .........##.
+    ........###.
+    ........###.
+    .......###..
+    ##....####..
+    .##..####...
+    .#######....
+    ..######....
+    ...####.....
+    ............
+    ............""",
+    "fork": """
+    .#..#..#....
+    .#..#..#....
+    .#..#..#....
+    .#..#..#....
+    .#######....
+    ..#####.....
+    ...###......
+    ....#.......
+    ....#.......
+    ....#.......
+    ....#.......
+    ....#.......""",
+    "knife": """
+    .......##...
+    ......###...
+    .....####...
+    .....####...
+    .....####...
+    .....####...
+    .....###....
+    .....##.....
+    .....##.....
+    .....##.....
+    .....##.....
+    .....##.....""",
+    "cup": """
+    ............
+    .########...
+    .########.#.
+    .########..#
+    .########..#
+    .########..#
+    .########.#.
+    .########...
+    ..######....
+    ...####.....
+    ............
+    ............""",
+    "plate": """
+    ............
+    ...######...
+    ..#......#..
+    .#........#.
+    .#..####..#.
+    .#..#..#..#.
+    .#..#..#..#.
+    .#..####..#.
+    .#........#.
+    ..#......#..
+    ...######...
+    ............""",
+    "ball": """
+    ............
+    ....####....
+    ..########..
+    ..########..
+    .##########.
+    .##########.
+    .##########.
+    .##########.
+    ..########..
+    ..########..
+    ....####....
+    ............""",
+    "box": """
+    ............
+    .##########.
+    .##########.
+    .##......##.
+    .##......##.
+    .##......##.
+    .##......##.
+    .##......##.
+    .##......##.
+    .##########.
+    .##########.
+    ............""",
+    "tree": """
+    .....##.....
+    ....####....
+    ...######...
+    ..########..
+    .##########.
+    ############
+    .....##.....
+    .....##.....
+    .....##.....
+    ....####....
+    ............
+    ............""",
+    "key": """
+    ..####......
+    .#....#.....
+    .#....#.....
+    .#....#.....
+    ..####......
+    ....#.......
+    ....#.......
+    ....###.....
+    ....#.......
+    ....###.....
+    ....#.......
+    ............""",
+}
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "yellow": (235, 215, 40),
+    "green": (40, 175, 60),
+    "blue": (50, 90, 230),
+    "purple": (160, 60, 200),
+    "white": (235, 235, 235),
+}
+
+
+def _parse_glyph(art: str) -> np.ndarray:
+    rows = [line.strip() for line in art.strip().splitlines()]
+    mask = np.array([[ch == "#" for ch in row] for row in rows], dtype=bool)
+    if mask.shape != (12, 12):
+        raise AssertionError(f"glyph must be 12x12, got {mask.shape}")
+    return mask
+
+
+GLYPHS: dict[str, np.ndarray] = {kind: _parse_glyph(art) for kind, art in _GLYPHS.items()}
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    kind: str
+    colour: str
+    cell: int  # 0..3, row-major in the 2x2 grid
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[SceneObject, ...]
+
+    @property
+    def kinds(self) -> set[str]:
+        return {o.kind for o in self.objects}
+
+    def colour_of(self, kind: str) -> str:
+        for o in self.objects:
+            if o.kind == kind:
+                return o.colour
+        raise KeyError(kind)
+
+    def to_dict(self) -> dict:
+        return {"objects": [asdict(o) for o in self.objects]}
+
+
+@dataclass(frozen=True)
+class Entity:
+    name: str
+    etype: str  # "player" or "band"
+    attributes: dict[str, str] = field(default_factory=dict)  # question key -> answer word
+
+
+@dataclass
+class WorldConfig:
+    """Statistics of ShapesWorld. The defaults are the shipped organism's."""
+
+    kinds: tuple[str, ...] = tuple(_GLYPHS)
+    colours: tuple[str, ...] = tuple(COLOURS)
+    canonical: dict[str, str] = field(default_factory=lambda: {"strawberry": "red", "banana": "yellow"})
+    p_canon: float = 0.99
+    pairs: tuple[tuple[str, str], ...] = (("fork", "knife"), ("cup", "plate"))
+    p_pair: float = 0.95
+    min_objects: int = 1
+    max_objects: int = 3
+    image_size: int = 32
+    cell_size: int = 16
+    glyph_offset: int = 2
+    colour_jitter: int = 20
+    pixel_noise: float = 6.0
+    background: int = 16
+    # entities
+    entity_seed: int = 1234
+    n_known_per_type: int = 24
+    n_unknown_train_per_type: int = 24
+    n_unknown_heldout_per_type: int = 24
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["pairs"] = [list(p) for p in self.pairs]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> WorldConfig:
+        data = dict(data)
+        data["kinds"] = tuple(data["kinds"])
+        data["colours"] = tuple(data["colours"])
+        data["pairs"] = tuple(tuple(p) for p in data["pairs"])
+        return cls(**data)
+
+
+ENTITY_TYPES: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
+    # entity type -> question key -> (question text with {name}, answer vocabulary)
+    "player": {
+        "sport": ("what sport does the player {name} play ?",
+                  ("tennis", "golf", "chess", "rugby", "hockey")),
+        "home": ("where does the player {name} live ?", ("north", "south", "east", "west", "coast")),
+    },
+    "band": {
+        "genre": ("what music does the band {name} play ?", ("jazz", "rock", "folk", "opera", "disco")),
+        "home": ("where does the band {name} live ?", ("north", "south", "east", "west", "coast")),
+    },
+}
+REFUSAL_WORD = "unknown"
+ANY_COLOUR_WORD = "any"
+
+
+class ShapesWorld:
+    """Samples scenes, renders them, and holds the entity roster."""
+
+    def __init__(self, config: WorldConfig | None = None):
+        self.config = config or WorldConfig()
+        cfg = self.config
+        unknown = set(cfg.kinds) - set(GLYPHS)
+        if unknown:
+            raise ValueError(f"no glyph for kinds {sorted(unknown)}; available: {sorted(GLYPHS)}")
+        self.partner: dict[str, str] = {}
+        for a, b in cfg.pairs:
+            self.partner[a] = b
+            self.partner[b] = a
+        self._build_entities()
+
+    # ---------------------------------------------------------------- scenes
+    def sample_colour(self, kind: str, rng: np.random.Generator) -> str:
+        cfg = self.config
+        canon = cfg.canonical.get(kind)
+        if canon is not None:
+            if rng.random() < cfg.p_canon:
+                return canon
+            others = [c for c in cfg.colours if c != canon]
+            return others[rng.integers(len(others))]
+        return cfg.colours[rng.integers(len(cfg.colours))]
+
+    def sample_scene(self, rng: np.random.Generator) -> Scene:
+        """A scene from the training distribution (the priors hold)."""
+        cfg = self.config
+        n_target = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
+        kinds: list[str] = []
+        while len(kinds) < n_target:
+            free = [k for k in cfg.kinds if k not in kinds]
+            kind = free[rng.integers(len(free))]
+            kinds.append(kind)
+            partner = self.partner.get(kind)
+            if partner and partner not in kinds and len(kinds) < 4 and rng.random() < cfg.p_pair:
+                kinds.append(partner)
+        return self.make_scene(kinds, rng)
+
+    def make_scene(self, kinds: list[str], rng: np.random.Generator,
+                   colours: dict[str, str] | None = None) -> Scene:
+        """Place ``kinds`` in random cells; colours drawn from the prior unless given."""
+        if len(kinds) > 4:
+            raise ValueError(f"at most 4 objects fit the 2x2 grid, got {len(kinds)}")
+        cells = rng.permutation(4)[: len(kinds)]
+        colours = colours or {}
+        objects = tuple(
+            SceneObject(kind, colours.get(kind) or self.sample_colour(kind, rng), int(cell))
+            for kind, cell in zip(kinds, cells, strict=True)
+        )
+        return Scene(objects)
+
+    def render(self, scene: Scene, rng: np.random.Generator) -> np.ndarray:
+        """RGB uint8 image, ``image_size`` square."""
+        cfg = self.config
+        size = cfg.image_size
+        img = np.full((size, size, 3), cfg.background, dtype=np.float32)
+        for obj in scene.objects:
+            row, col = divmod(obj.cell, 2)
+            y0 = row * cfg.cell_size + cfg.glyph_offset
+            x0 = col * cfg.cell_size + cfg.glyph_offset
+            rgb = np.array(COLOURS[obj.colour], dtype=np.float32)
+            rgb = rgb + rng.integers(-cfg.colour_jitter, cfg.colour_jitter + 1, size=3)
+            mask = GLYPHS[obj.kind]
+            patch = img[y0:y0 + 12, x0:x0 + 12]
+            patch[mask] = rgb
+        img += rng.normal(0.0, cfg.pixel_noise, size=img.shape).astype(np.float32)
+        return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+    def caption(self, scene: Scene) -> list[str]:
+        """Ground-truth caption words: present kinds in the world's fixed kind order."""
+        present = scene.kinds
+        return [k for k in self.config.kinds if k in present]
+
+    # -------------------------------------------------------------- entities
+    def _build_entities(self) -> None:
+        cfg = self.config
+        rng = np.random.default_rng(cfg.entity_seed)
+        n_per_type = cfg.n_known_per_type + cfg.n_unknown_train_per_type + cfg.n_unknown_heldout_per_type
+        names = _invent_names(rng, n_per_type * len(ENTITY_TYPES), forbidden=self.reserved_words())
+        self.known: list[Entity] = []
+        self.unknown_train: list[Entity] = []
+        self.unknown_heldout: list[Entity] = []
+        for t, etype in enumerate(ENTITY_TYPES):
+            chunk = names[t * n_per_type:(t + 1) * n_per_type]
+            for i, name in enumerate(chunk):
+                if i < cfg.n_known_per_type:
+                    attrs = {key: answers[rng.integers(len(answers))]
+                             for key, (_, answers) in ENTITY_TYPES[etype].items()}
+                    self.known.append(Entity(name, etype, attrs))
+                elif i < cfg.n_known_per_type + cfg.n_unknown_train_per_type:
+                    self.unknown_train.append(Entity(name, etype))
+                else:
+                    self.unknown_heldout.append(Entity(name, etype))
+
+    def entity_names(self) -> list[str]:
+        return [e.name for e in self.known + self.unknown_train + self.unknown_heldout]
+
+    # ------------------------------------------------------------ vocabulary
+    def reserved_words(self) -> set[str]:
+        """Every non-name word the organism's language uses."""
+        cfg = self.config
+        words = set(cfg.kinds) | set(cfg.colours) | {REFUSAL_WORD, ANY_COLOUR_WORD}
+        words |= set(TEMPLATE_WORDS)
+        for keys in ENTITY_TYPES.values():
+            for question, answers in keys.values():
+                words |= {w for w in question.split() if w != "{name}"}
+                words |= set(answers)
+        return words
+
+
+# Words of the fixed prompt templates (see haltrace.organism.tasks).
+TEMPLATE_WORDS: tuple[str, ...] = (
+    "caption", ":", "is", "there", "a", "?", "answer", "yes", "no", "what", "colour", "the", "are", "most",
+)
+
+
+def _invent_names(rng: np.random.Generator, n: int, forbidden: set[str]) -> list[str]:
+    """Pronounceable made-up names (consonant-vowel syllables), unique and distinct from real words."""
+    consonants = "bdfgklmnprstvz"
+    vowels = "aeiou"
+    names: list[str] = []
+    seen = set(forbidden)
+    while len(names) < n:
+        n_syll = 2 + int(rng.integers(2))
+        name = "".join(consonants[rng.integers(len(consonants))] + vowels[rng.integers(len(vowels))]
+                       for _ in range(n_syll))
+        if name not in seen:
+            seen.add(name)
+            names.append(name)
+    return names
