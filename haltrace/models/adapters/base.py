@@ -1,0 +1,225 @@
+"""Adapter base class and registry: one adapter per model family maps HF module paths onto haltrace's names.
+
+Adding a family
+---------------
+Subclass :class:`Adapter` (or :class:`DecoderAdapter` when the model keeps its blocks at
+``<decoder>.layers[i].self_attn.o_proj`` / ``.mlp``), and register it for the HF ``config.model_type``::
+
+    @register_adapter("my_arch")
+    class MyArchAdapter(DecoderAdapter):
+        family = "my_arch"
+
+The module must be imported for the decorator to run; add it to ``haltrace/models/adapters/__init__.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+#: HF ``config.model_type`` -> adapter class
+ADAPTERS: dict[str, type[Adapter]] = {}
+
+
+def register_adapter(*model_types: str) -> Callable[[type[Adapter]], type[Adapter]]:
+    """Class decorator that registers an adapter for one or more HF ``model_type`` strings.
+
+    >>> @register_adapter("toy")  # doctest: +SKIP
+    ... class ToyAdapter(DecoderAdapter): family = "toy"
+    """
+
+    def wrap(cls: type[Adapter]) -> type[Adapter]:
+        for model_type in model_types:
+            ADAPTERS[model_type] = cls
+        return cls
+
+    return wrap
+
+
+def supported_model_types() -> list[str]:
+    """Sorted HF ``model_type`` strings that have an adapter."""
+    return sorted(ADAPTERS)
+
+
+def adapter_for(hf_model: nn.Module) -> Adapter:
+    """The registered adapter for ``hf_model`` (chosen by ``hf_model.config.model_type``).
+
+    Raises ``ValueError`` listing the supported model types when there is none.
+    """
+    model_type = getattr(getattr(hf_model, "config", None), "model_type", None)
+    if model_type not in ADAPTERS:
+        raise ValueError(
+            f"haltrace has no adapter for model type {model_type!r} ({type(hf_model).__name__}). "
+            f"Supported model types: {', '.join(supported_model_types())}. To add one, subclass "
+            f"haltrace.models.adapters.base.DecoderAdapter (or Adapter), decorate it with "
+            f"@register_adapter({model_type!r}) and import it in haltrace/models/adapters/__init__.py."
+        )
+    return ADAPTERS[model_type](hf_model)
+
+
+def first_tensor(value: Any) -> torch.Tensor:
+    """The hidden-state tensor of a module output: the tensor itself, or element 0 of a tuple/ModelOutput.
+
+    transformers 5 decoder layers return a bare tensor; older ones (and attention modules) return tuples.
+    """
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)):
+        return value[0]
+    if hasattr(value, "to_tuple"):  # ModelOutput
+        return value.to_tuple()[0]
+    raise TypeError(f"cannot find a tensor in module output of type {type(value).__name__}")
+
+
+class Adapter:
+    """Where a family keeps its blocks, norms and vision parts, plus its dimensions.
+
+    Subclasses set ``family`` and implement the abstract properties. Dimensions are read from the text config.
+
+    >>> adapter = adapter_for(hf_model)  # doctest: +SKIP
+    >>> adapter.o_proj(0)                 # doctest: +SKIP
+    """
+
+    family: str = "base"
+
+    def __init__(self, hf_model: nn.Module):
+        self.hf = hf_model
+        self.config = hf_model.config
+        get_text = getattr(self.config, "get_text_config", None)
+        self.text_config = get_text() if callable(get_text) else self.config
+
+    # --- modules ---------------------------------------------------------------------------------------
+    @property
+    def decoder(self) -> nn.Module:
+        """The text decoder stack (holds embeddings, blocks and final norm)."""
+        raise NotImplementedError
+
+    @property
+    def layers(self) -> Sequence[nn.Module]:
+        raise NotImplementedError
+
+    @property
+    def embed(self) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def final_norm(self) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def unembed(self) -> nn.Module:
+        head = self.hf.get_output_embeddings() if hasattr(self.hf, "get_output_embeddings") else None
+        if head is None:
+            raise ValueError(f"{type(self.hf).__name__} has no LM head (load it with a *ForCausalLM class)")
+        return head
+
+    def attention(self, i: int) -> nn.Module:
+        raise NotImplementedError
+
+    def o_proj(self, i: int) -> nn.Module:
+        raise NotImplementedError
+
+    def mlp(self, i: int) -> nn.Module:
+        raise NotImplementedError
+
+    vision_tower: nn.Module | None = None
+    projector: nn.Module | None = None
+
+    @property
+    def image_token_id(self) -> int | None:
+        for key in ("image_token_id", "image_token_index"):
+            value = getattr(self.config, key, None)
+            if value is not None:
+                return int(value)
+        return None
+
+    @property
+    def is_vlm(self) -> bool:
+        return self.vision_tower is not None
+
+    # --- dimensions ------------------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.text_config.hidden_size)
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.text_config.num_attention_heads)
+
+    @property
+    def n_kv_heads(self) -> int:
+        value = getattr(self.text_config, "num_key_value_heads", None)
+        return int(value) if value is not None else self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        value = getattr(self.text_config, "head_dim", None)
+        return int(value) if value else self.hidden_size // self.n_heads
+
+    @property
+    def attn_implementation(self) -> str | None:
+        """The attention kernel the text decoder runs (``"eager"``, ``"sdpa"``, ...)."""
+        impl = getattr(self.text_config, "_attn_implementation", None)
+        return impl if impl is not None else getattr(self.config, "_attn_implementation", None)
+
+    # --- vision hooks ----------------------------------------------------------------------------------
+    def register_vision_hook(self, kind: str, sink: Callable[[torch.Tensor], None]) -> list[Any]:
+        """Register hooks that call ``sink(tensor[n_images, n_tokens, d])`` for ``vision_out``/``projector_out``.
+
+        Default: ``vision_out`` is the projector's first input, ``projector_out`` its output. Returns handles.
+        """
+        if self.projector is None:
+            raise ValueError(f"{kind!r} needs a vision-language model; {self.family} has no projector")
+        if kind == "vision_out":
+            def pre(_module, args, kwargs):
+                sink(args[0] if args else next(iter(kwargs.values())))
+            return [self.projector.register_forward_pre_hook(pre, with_kwargs=True)]
+        if kind == "projector_out":
+            return [self.projector.register_forward_hook(lambda _m, _a, out: sink(first_tensor(out)))]
+        raise ValueError(f"unknown vision hook {kind!r}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(family={self.family!r}, n_layers={self.n_layers}, d={self.hidden_size})"
+
+
+class DecoderAdapter(Adapter):
+    """Llama-style layout: ``decoder.embed_tokens``, ``decoder.layers[i].self_attn.o_proj``, ``.mlp``, ``decoder.norm``.
+
+    ``decoder`` is found with ``get_decoder()`` (transformers 5 removed the ``language_model`` shortcut on VLMs).
+    """
+
+    @property
+    def decoder(self) -> nn.Module:
+        inner = getattr(self.hf, "model", self.hf)
+        lm = getattr(inner, "language_model", None)
+        if lm is not None:
+            return lm
+        return self.hf.get_decoder() if hasattr(self.hf, "get_decoder") else inner
+
+    @property
+    def layers(self) -> Sequence[nn.Module]:
+        return self.decoder.layers
+
+    @property
+    def embed(self) -> nn.Module:
+        return self.decoder.embed_tokens
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.decoder.norm
+
+    def attention(self, i: int) -> nn.Module:
+        return self.layers[i].self_attn
+
+    def o_proj(self, i: int) -> nn.Module:
+        return self.attention(i).o_proj
+
+    def mlp(self, i: int) -> nn.Module:
+        return self.layers[i].mlp

@@ -1,0 +1,16 @@
+"""Text-only Llama-layout families: Llama, Mistral, Qwen2 (and Gemma 3's text model, same layout).
+
+>>> adapter_for(LlamaForCausalLM(cfg)).family  # doctest: +SKIP
+'llama'
+"""
+
+from __future__ import annotations
+
+from haltrace.models.adapters.base import DecoderAdapter, register_adapter
+
+
+@register_adapter("llama", "mistral", "qwen2", "gemma3_text")
+class LlamaAdapter(DecoderAdapter):
+    """``model.layers[i].self_attn.o_proj`` / ``.mlp``, final ``model.norm``, ``lm_head``."""
+
+    family = "llama"

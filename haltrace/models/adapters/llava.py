@@ -1,0 +1,32 @@
+"""LLaVA (1.5): CLIP vision tower -> ``multi_modal_projector`` (MLP) -> Llama-style language model.
+
+``vision_out`` is the projector input ``[n_images, n_patches, d_vision]`` (the selected vision layer, CLS
+already dropped by the "default" strategy); ``projector_out`` is ``[n_images, n_patches, d]``.
+
+>>> adapter_for(llava_hf_model).projector  # doctest: +SKIP
+LlavaMultiModalProjector(...)
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from haltrace.models.adapters.base import DecoderAdapter, register_adapter
+
+
+@register_adapter("llava")
+class LlavaAdapter(DecoderAdapter):
+    family = "llava"
+
+    @property
+    def _inner(self) -> nn.Module:
+        # transformers 5: <X>ForConditionalGeneration.model is <X>Model holding the three parts
+        return getattr(self.hf, "model", self.hf)
+
+    @property
+    def vision_tower(self) -> nn.Module | None:  # type: ignore[override]
+        return self._inner.vision_tower
+
+    @property
+    def projector(self) -> nn.Module | None:  # type: ignore[override]
+        return self._inner.multi_modal_projector

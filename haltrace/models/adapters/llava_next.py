@@ -1,0 +1,18 @@
+"""LLaVA-NeXT (1.6): like LLaVA, but each image is split into crops (AnyRes) before the vision tower.
+
+``vision_out``/``projector_out`` therefore have one row per *crop* (base view first), not per image:
+``[n_crops_total, n_patches, d]``. The unpadding and ``image_newline`` tokens are added after the projector.
+
+>>> adapter_for(llava_next_hf_model).family  # doctest: +SKIP
+'llava_next'
+"""
+
+from __future__ import annotations
+
+from haltrace.models.adapters.base import register_adapter
+from haltrace.models.adapters.llava import LlavaAdapter
+
+
+@register_adapter("llava_next")
+class LlavaNextAdapter(LlavaAdapter):
+    family = "llava_next"

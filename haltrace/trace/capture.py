@@ -1,0 +1,289 @@
+"""Capture activations with plain PyTorch hooks: one no-grad forward, hooks always removed afterwards.
+
+>>> model = haltrace.load("shapes-llava")                                    # doctest: +SKIP
+>>> cap = model.capture(model.prepare(["a red circle"]), ["resid_post.1", "attn_pattern.0"], positions="last")
+>>> cap["resid_post.1"].shape, cap["attn_pattern.0"].shape                   # doctest: +SKIP
+(torch.Size([1, 1, 32]), torch.Size([1, 4, 1, 3]))
+
+Shapes (``P`` = selected positions, ``T`` = all tokens): ``resid_pre/resid_post/attn_out/mlp_out``
+``[B, P, d]``; ``head_out`` ``[B, P, n_heads, head_dim]``; ``attn_pattern`` ``[B, n_heads, P, T]`` (eager
+attention only); ``vision_out``/``projector_out`` ``[n_images, n_tokens, d]`` (positions ignored).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from haltrace.conventions import HookPoint, parse_hook
+
+if TYPE_CHECKING:
+    from haltrace.models.base import Model
+
+#: what ``positions`` may be
+PositionSpec = None | str | int | Sequence[int] | torch.Tensor
+
+
+class Capture(dict):
+    """Hook name -> captured tensor (detached, on the model's device), plus the forward's ``output``.
+
+    Keys are canonical names (``"resid_post.1"``); lookups also accept aliases such as ``"resid_post.-1"``.
+    ``positions`` is the resolved ``LongTensor[B, P]`` (``None`` when all positions were kept).
+    """
+
+    def __init__(self, *args: Any, output: Any = None, positions: torch.Tensor | None = None,
+                 n_layers: int | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.output = output
+        self.positions = positions
+        self._n_layers = n_layers
+
+    def _canonical(self, key: Any) -> Any:
+        if isinstance(key, str) and not super().__contains__(key):
+            try:
+                return parse_hook(key, self._n_layers).name
+            except ValueError:
+                return key
+        return key
+
+    def __getitem__(self, key: Any) -> torch.Tensor:
+        return super().__getitem__(self._canonical(key))
+
+    def __contains__(self, key: object) -> bool:
+        return super().__contains__(self._canonical(key))
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in self.items())
+        return f"Capture({{{shapes}}}, positions={None if self.positions is None else tuple(self.positions.shape)})"
+
+
+# --- generic hook plumbing ---------------------------------------------------------------------------------
+
+@contextmanager
+def temporary_hooks(
+    forward: Sequence[tuple[torch.nn.Module, Callable[..., Any]]] = (),
+    pre: Sequence[tuple[torch.nn.Module, Callable[..., Any]]] = (),
+    *,
+    with_kwargs: bool = False,
+) -> Iterator[list[Any]]:
+    """Register forward (``fn(module, args, output)``) and pre (``fn(module, args)``) hooks for a block.
+
+    Every handle is removed on exit, also when the body or a hook raises. With ``with_kwargs=True`` the
+    signatures gain ``kwargs`` (``fn(module, args, kwargs, output)`` / ``fn(module, args, kwargs)``).
+
+    >>> with temporary_hooks(forward=[(model.hf.lm_head, lambda m, a, o: print(o.shape))]):  # doctest: +SKIP
+    ...     model.hf(**inputs)
+    """
+    handles: list[Any] = []
+    try:
+        for module, fn in pre:
+            handles.append(module.register_forward_pre_hook(fn, with_kwargs=with_kwargs))
+        for module, fn in forward:
+            handles.append(module.register_forward_hook(fn, with_kwargs=with_kwargs))
+        yield handles
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# --- positions ---------------------------------------------------------------------------------------------
+
+def _seq_shape(inputs: Mapping[str, Any]) -> tuple[int, int]:
+    for key in ("input_ids", "inputs_embeds", "attention_mask"):
+        value = inputs.get(key)
+        if value is not None:
+            return int(value.shape[0]), int(value.shape[1])
+    raise ValueError("inputs need input_ids, inputs_embeds or attention_mask to resolve positions")
+
+
+def resolve_positions(
+    positions: PositionSpec,
+    inputs: Mapping[str, Any],
+    image_mask: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor | None:
+    """Turn a positions spec into ``LongTensor[B, P]`` (``None`` for all positions).
+
+    ``"last"``: last non-pad token per row (from ``attention_mask``; left or right padding). ``int`` /
+    ``list[int]``: indices into the padded sequence, negative from the end. ``"image"``: image-token positions
+    (rows must hold the same number). A ``LongTensor[B, P]`` is taken per row.
+
+    >>> resolve_positions("last", {"input_ids": torch.zeros(2, 5, dtype=torch.long)}).tolist()
+    [[4], [4]]
+    """
+    if positions is None or (isinstance(positions, str) and positions == "all"):
+        return None
+    batch, seq = _seq_shape(inputs)
+    ids = inputs.get("input_ids")
+    device = next((v.device for v in inputs.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+
+    def check(index: torch.Tensor) -> torch.Tensor:
+        bad = (index < -seq) | (index >= seq)
+        if bool(bad.any()):
+            raise ValueError(f"position {index[bad][0].item()} out of range: the sequence has {seq} tokens, "
+                             f"valid positions are 0..{seq - 1} (or -{seq}..-1 from the end)")
+        return torch.where(index < 0, index + seq, index)
+
+    if isinstance(positions, str):
+        if positions == "last":
+            mask = inputs.get("attention_mask")
+            if mask is None:
+                return torch.full((batch, 1), seq - 1, dtype=torch.long, device=device)
+            mask = mask.to(torch.long)
+            # index of the last 1 in each row: works for left and right padding
+            last = seq - 1 - torch.flip(mask, dims=[1]).argmax(dim=1)
+            return last.view(batch, 1).to(device)
+        if positions == "image":
+            if image_mask is None or ids is None:
+                raise ValueError("positions='image' needs input_ids and a vision-language model")
+            mask = image_mask(ids)
+            counts = mask.sum(dim=1).tolist()
+            if len(set(counts)) != 1:
+                raise ValueError(f"positions='image': rows hold different numbers of image tokens {counts}; "
+                                 "capture them one row at a time or pass a LongTensor of positions")
+            if counts[0] == 0:
+                raise ValueError("positions='image': no image tokens in input_ids")
+            return mask.nonzero()[:, 1].view(batch, counts[0]).to(device)
+        raise ValueError(f"unknown positions {positions!r}; use None/'all', 'last', 'image', an int, "
+                         "a list of ints or a LongTensor[B, P]")
+    if isinstance(positions, torch.Tensor):
+        index = positions.to(device=device, dtype=torch.long)
+        if index.dim() == 1:
+            index = index.unsqueeze(0).expand(batch, -1)
+        if index.dim() != 2 or index.shape[0] != batch:
+            raise ValueError(f"positions tensor must be [B={batch}, P] or [P], got {tuple(positions.shape)}")
+        return check(index)
+    if isinstance(positions, int):
+        positions = [positions]
+    try:
+        index = torch.tensor(list(positions), dtype=torch.long, device=device)
+    except (TypeError, ValueError):
+        raise ValueError(f"positions must be None, 'all', 'last', 'image', int, list[int] or a LongTensor, "
+                         f"got {positions!r}") from None
+    if index.dim() != 1 or index.numel() == 0:
+        raise ValueError(f"positions list must be a non-empty flat list of ints, got {positions!r}")
+    return check(index).unsqueeze(0).expand(batch, -1)
+
+
+def _select(x: torch.Tensor, pos: torch.Tensor | None, seq_dim: int = 1) -> torch.Tensor:
+    """Pick ``pos[b]`` along ``seq_dim`` for each row ``b`` (a copy either way, detached)."""
+    x = x.detach()
+    if pos is None:
+        return x.clone()
+    if seq_dim != 1:
+        x = x.movedim(seq_dim, 1)
+    rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1)
+    out = x[rows, pos.to(x.device)]
+    return out.movedim(1, seq_dim) if seq_dim != 1 else out
+
+
+# --- the hooks ---------------------------------------------------------------------------------------------
+
+def parse_hooks(model: Model, hooks: Sequence[str] | str) -> list[HookPoint]:
+    """Validate hook names against ``model`` (ValueError listing the valid names) and drop duplicates."""
+    if isinstance(hooks, str):
+        hooks = [hooks]
+    points: list[HookPoint] = []
+    for name in hooks:
+        point = parse_hook(name, model.n_layers, vision=model.is_vlm)
+        if point not in points:
+            points.append(point)
+    if any(p.kind == "attn_pattern" for p in points):
+        impl = model.adapter.attn_implementation
+        if impl != "eager":
+            raise ValueError(f"attn_pattern needs eager attention, but this model runs {impl!r} (transformers 5 "
+                             "returns no attention weights from sdpa/flash kernels); load it with "
+                             "haltrace.load(..., attn_implementation=\"eager\")")
+    return points
+
+
+@contextmanager
+def hooks(model: Model, hook_names: Sequence[str] | str, positions: torch.Tensor | None = None) -> Iterator[Capture]:
+    """Context manager: while open, every forward of ``model.hf`` fills the yielded :class:`Capture`.
+
+    ``positions`` must already be resolved (``resolve_positions``) or ``None``. Hooks are removed on exit.
+
+    >>> with hooks(model, ["resid_post.0"]) as cap:  # doctest: +SKIP
+    ...     model.hf(**inputs)
+    >>> cap["resid_post.0"].shape                      # doctest: +SKIP
+    """
+    points = parse_hooks(model, hook_names)
+    adapter = model.adapter
+    cap = Capture(positions=positions, n_layers=model.n_layers)
+    n_heads, head_dim = adapter.n_heads, adapter.head_dim
+    forward: list[tuple[torch.nn.Module, Callable[..., Any]]] = []
+    pre: list[tuple[torch.nn.Module, Callable[..., Any]]] = []
+    vision: list[HookPoint] = []
+
+    def store(name: str, fn: Callable[..., torch.Tensor]) -> Callable[..., None]:
+        def hook(*args: Any) -> None:
+            cap[name] = fn(*args)
+        return hook
+
+    for point in points:
+        name, i = point.name, point.layer
+        if point.kind == "resid_pre":
+            # with_kwargs pre-hook: HF passes hidden_states positionally today, but accept the keyword too
+            pre.append((adapter.layers[i], store(name, lambda _m, a, kw: _select(
+                a[0] if a else kw["hidden_states"], positions))))
+        elif point.kind == "resid_post":
+            forward.append((adapter.layers[i], store(name, lambda _m, _a, _kw, out: _select(
+                _first(out), positions))))
+        elif point.kind == "attn_out":
+            forward.append((adapter.attention(i), store(name, lambda _m, _a, _kw, out: _select(
+                _first(out), positions))))
+        elif point.kind == "mlp_out":
+            forward.append((adapter.mlp(i), store(name, lambda _m, _a, _kw, out: _select(
+                _first(out), positions))))
+        elif point.kind == "head_out":
+            def heads(_m: Any, a: tuple, kw: dict) -> torch.Tensor:
+                x = _select(a[0] if a else next(iter(kw.values())), positions)
+                return x.reshape(*x.shape[:2], n_heads, head_dim)
+            pre.append((adapter.o_proj(i), store(name, heads)))
+        elif point.kind == "attn_pattern":
+            def pattern(_m: Any, _a: tuple, _kw: dict, out: Any, _name: str = name) -> torch.Tensor:
+                weights = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+                if weights is None:
+                    raise RuntimeError(f"{_name}: the attention module returned no weights; load the model "
+                                       "with attn_implementation=\"eager\"")
+                return _select(weights, positions, seq_dim=2)
+            forward.append((adapter.attention(i), store(name, pattern)))
+        else:
+            vision.append(point)
+
+    with temporary_hooks(forward, pre, with_kwargs=True) as handles:
+        for point in vision:
+            def sink(x: torch.Tensor, _name: str = point.name) -> None:
+                cap[_name] = x.detach().clone()
+            # appended to the same list, so temporary_hooks removes them too
+            handles.extend(adapter.register_vision_hook(point.kind, sink))
+        yield cap
+
+
+def _first(out: Any) -> torch.Tensor:
+    from haltrace.models.adapters.base import first_tensor
+
+    return first_tensor(out)
+
+
+def capture(
+    model: Model,
+    inputs: Mapping[str, Any],
+    hooks_: Sequence[str] | str,
+    positions: PositionSpec = None,
+    **forward_kwargs: Any,
+) -> Capture:
+    """Run one no-grad forward of ``model`` on ``inputs`` and return the requested activations.
+
+    >>> cap = capture(model, model.prepare("a red circle"), ["resid_post.0", "mlp_out.1"], positions="last")
+    ... # doctest: +SKIP
+    """
+    pos = resolve_positions(positions, inputs, model.image_token_mask)
+    with hooks(model, hooks_, pos) as cap, torch.no_grad():
+        cap.output = model.hf(**inputs, **forward_kwargs)
+    missing = [p.name for p in parse_hooks(model, hooks_) if p.name not in dict.keys(cap)]
+    if missing:
+        raise RuntimeError(f"hooks {missing} did not fire during the forward (no images in the inputs?)")
+    return cap

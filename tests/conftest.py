@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny random-weight models of every family (built once per session, offline)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Callable[..., object]:
+    """``tiny_model(family, attn_implementation="eager")`` -> cached ``haltrace.models.Model``."""
+    from haltrace.models import Model
+    from haltrace.models.tiny import build_tiny
+
+    cache: dict[tuple[str, str], Model] = {}
+
+    def get(family: str, attn_implementation: str = "eager") -> Model:
+        key = (family, attn_implementation)
+        if key not in cache:
+            hf_model, proc = build_tiny(family, attn_implementation=attn_implementation)
+            cache[key] = Model.from_hf(hf_model, proc, name=f"tiny-{family}")
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_inputs(tiny_model) -> Callable[..., object]:
+    """``tiny_inputs(family, images=True)`` -> 2-row left-padded inputs for the tiny model (on its device)."""
+    from haltrace.models.tiny import build_tiny_inputs
+
+    def get(family: str, images: bool = True, n: int = 2):
+        model = tiny_model(family)
+        return model.to_device(build_tiny_inputs(family, model.processor or model.tokenizer, n=n, images=images))
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tiny_model):
+    return tiny_model("llava")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_model):
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tiny_model):
+    return tiny_model("gpt2")
