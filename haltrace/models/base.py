@@ -119,7 +119,7 @@ class Model:
                     raise ValueError(f"got {len(prompts)} prompts and {len(images)} images; pass one image "
                                      "per prompt")
                 if self.adapter.family == "gemma3":  # Gemma3Processor wants one list of images per prompt
-                    images = [[im] for im in images]
+                    images = [im if isinstance(im, (list, tuple)) else [im] for im in images]
                 enc = self.processor(text=prompts, images=images, **kw)
             else:
                 enc = tok(prompts, **kw)
@@ -183,7 +183,7 @@ class Model:
                 **forward_kwargs: Any) -> Capture:
         """One no-grad forward; returns ``Capture`` (hook name -> tensor, plus ``.output`` and ``.positions``).
 
-        >>> cap = model.capture(model.prepare("a red circle"), ["resid_post.0"], positions="last")
+        >>> cap = model.capture(model.prepare("a red circle"), ["resid_post.0"], positions="last")  # doctest: +SKIP
         >>> cap["resid_post.0"].shape  # doctest: +SKIP
         torch.Size([1, 1, 32])
         """

@@ -1,7 +1,8 @@
 """Capture activations with plain PyTorch hooks: one no-grad forward, hooks always removed afterwards.
 
 >>> model = haltrace.load("shapes-llava")                                    # doctest: +SKIP
->>> cap = model.capture(model.prepare(["a red circle"]), ["resid_post.1", "attn_pattern.0"], positions="last")
+>>> cap = model.capture(model.prepare(["a red circle"]), ["resid_post.1", "attn_pattern.0"],
+...                     positions="last")                                    # doctest: +SKIP
 >>> cap["resid_post.1"].shape, cap["attn_pattern.0"].shape                   # doctest: +SKIP
 (torch.Size([1, 1, 32]), torch.Size([1, 4, 1, 3]))
 

@@ -224,3 +224,28 @@ def test_fresh_model_has_no_hooks_after_capture():
     model = Model.from_hf(hf_model, tok)
     model.capture(build_tiny_inputs("llama", tok), model.valid_hooks(), positions="last")
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in hf_model.modules())
+
+
+def test_qwen2_5_vl_vision_out_undoes_window_order():
+    """A 2x4-unit image spans two attention windows, so the tower's window order differs from the processor's."""
+    import numpy as np
+    from PIL import Image
+    from transformers import Qwen2VLImageProcessorPil
+
+    from haltrace.models import Model
+    from haltrace.models.tiny import build_tiny
+
+    hf_model, proc = build_tiny("qwen2_5_vl")
+    proc.image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 112, patch_size=14,
+                                                    merge_size=2, temporal_patch_size=2)
+    model = Model.from_hf(hf_model, proc)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (56, 112, 3), dtype=np.uint8))
+    inputs = model.prepare([IMAGE_PROMPTS["qwen2_5_vl"]], images=[img])
+    assert inputs["image_grid_thw"].tolist() == [[1, 4, 8]]
+    cap = model.capture(inputs, ["vision_out", "projector_out", "resid_pre.0"])
+    vis, proj = cap["vision_out"], cap["projector_out"]
+    assert vis.shape == (1, 32, 32) and proj.shape == (1, 8, 32)
+    again = model.adapter.projector(vis.reshape(-1, vis.shape[-1])).reshape(proj.shape)
+    torch.testing.assert_close(again, proj, atol=ATOL, rtol=0)
+    mask = model.image_token_mask(inputs["input_ids"])
+    torch.testing.assert_close(cap["resid_pre.0"][mask], proj.reshape(-1, proj.shape[-1]), atol=ATOL, rtol=0)
