@@ -43,6 +43,7 @@ from haltrace.trace.store import (
     atomic_write,
     check_shard_file,
     dtype_name,
+    hook_layouts,
     read_manifest,
     shard_name,
     write_manifest,
@@ -163,9 +164,9 @@ def _normalise_positions(positions: Any) -> tuple[Any, bool]:
                      f"got {positions!r}")
 
 
-def _run_batch(model: Any, examples: list[Any], hooks: list[str], positions: Any, ragged: bool,
-               dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    """Capture one batch -> ({hook: cpu tensor}, per-row lengths for ragged stores else None)."""
+def _run_batch(model: Any, examples: list[Any], layouts: dict[str, str], positions: Any, ragged: bool,
+               dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], int, torch.Tensor | None]:
+    """Capture one batch -> ({hook: cpu tensor}, rows, per-row token counts if ``ragged`` else None)."""
     prompts = [ex["prompt"] for ex in examples]
     images = [ex.get("image") for ex in examples]
     if all(im is None for im in images):
@@ -175,36 +176,39 @@ def _run_batch(model: Any, examples: list[Any], hooks: list[str], positions: Any
                          "text-only and image examples and harvest them into separate stores")
     inputs = model.prepare(prompts, images=images) if images is not None else model.prepare(prompts)
     with torch.no_grad():
-        captured = model.capture(inputs, hooks=hooks, positions=None if ragged else positions)
+        captured = model.capture(inputs, hooks=list(layouts), positions=None if ragged else positions)
     out: dict[str, torch.Tensor] = {}
     lengths = None
     if ragged:
         mask = inputs["attention_mask"].to("cpu").bool()
         lengths = mask.sum(dim=1)
-    for hook in hooks:
+    for hook, layout in layouts.items():
         t = captured[hook].detach()
-        if ragged:
+        if layout == "fixed" and t.shape[0] != len(examples):
+            raise ValueError(f"hook {hook!r} returned shape {tuple(t.shape)} for a batch of {len(examples)} "
+                             f"examples; a store needs one leading row per example")
+        if layout == "ragged":
             if t.shape[:2] != mask.shape:
                 raise ValueError(f"hook {hook!r} returned shape {tuple(t.shape)}, which does not line up with the "
                                  f"attention mask {tuple(mask.shape)}; positions='all' needs [B, T, ...] outputs")
             t = t.to("cpu")[mask]  # drop left padding: rows concatenated in order -> [sum of lengths, ...]
         out[hook] = t.to("cpu", dtype).contiguous()
     del captured  # the Capture may hold logits; free them before the next batch
-    return out, lengths
+    return out, len(examples), lengths
 
 
 class _ShardBuffer:
     """Collects one shard's batches. Fixed layout: a preallocated [rows, P, ...] buffer (no concat copy)."""
 
-    def __init__(self, rows: int, ragged: bool, shapes: dict[str, list[int]]):
-        self.rows, self.ragged, self.shapes = rows, ragged, shapes
+    def __init__(self, rows: int, layouts: dict[str, str], shapes: dict[str, list[int]]):
+        self.rows, self.layouts, self.shapes = rows, layouts, shapes
+        self.ragged = "ragged" in layouts.values()
         self.filled = 0
         self.fixed: dict[str, torch.Tensor] = {}
         self.parts: dict[str, list[torch.Tensor]] = {}
         self.lengths: list[torch.Tensor] = []
 
-    def add(self, batch: dict[str, torch.Tensor], lengths: torch.Tensor | None) -> None:
-        n = len(lengths) if self.ragged else next(iter(batch.values())).shape[0]
+    def add(self, batch: dict[str, torch.Tensor], n: int, lengths: torch.Tensor | None) -> None:
         for hook, t in batch.items():
             shape = list(t.shape[1:])
             known = self.shapes.setdefault(hook, shape)
@@ -212,7 +216,7 @@ class _ShardBuffer:
                 raise ValueError(f"hook {hook!r} gave per-row shape {shape} here but {known} earlier; a store "
                                  f"needs one shape per hook (hooks whose size depends on the sequence length, "
                                  f"like attn_pattern, can't be stored; image positions must be the same count)")
-            if self.ragged:
+            if self.layouts[hook] == "ragged":
                 self.parts.setdefault(hook, []).append(t)
             else:
                 if hook not in self.fixed:
@@ -223,9 +227,10 @@ class _ShardBuffer:
         self.filled += n
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        if not self.ragged:
-            return self.fixed
         out = {hook: torch.cat(parts) for hook, parts in self.parts.items()}
+        out.update(self.fixed)
+        if not self.ragged:
+            return out
         out[OFFSETS_KEY] = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cat(self.lengths).cumsum(0)])
         return out
 
@@ -338,7 +343,7 @@ def harvest(model: Any, dataset: Iterable[Mapping[str, Any]], hooks: Sequence[st
     manifest: dict[str, Any] = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "haltrace_version": __version__,
         "model": _model_info(model), "hooks": hooks, "positions": rule,
-        "layout": "ragged" if ragged else "fixed", "dtype": dtype_name(dtype), "shapes": {},
+        "layouts": hook_layouts(hooks, ragged), "dtype": dtype_name(dtype), "shapes": {},
         "n_examples": n, "batch_size": batch_size, "shard_size": shard_size, "n_shards": None,
         "dataset_fingerprint": fingerprint, "shards": [], "complete": False,
         "layer_convention": conventions.__doc__,
@@ -348,14 +353,14 @@ def harvest(model: Any, dataset: Iterable[Mapping[str, Any]], hooks: Sequence[st
             meta_tmp.unlink()
             raise StoreError(f"{root} already holds a store made with different settings: {'; '.join(diffs)}. "
                              f"Use a new out directory, or pass overwrite=True to replace it.")
-        manifest["hooks"] = old["hooks"]  # same set; keep the stored order
+        manifest["hooks"], manifest["layouts"] = old["hooks"], old["layouts"]  # same set; keep stored order
         manifest["shapes"] = old["shapes"] if old["shards"] else {}
         if old["shards"] or shard_size is None:
             manifest["shard_size"] = old.get("shard_size")
         # keep only shards whose files are intact; anything else is redone
         manifest["shards"] = []
         for entry in old["shards"]:
-            if problem := check_shard_file(root, entry, old["hooks"], ragged):
+            if problem := check_shard_file(root, entry, old["layouts"]):
                 warnings.warn(f"harvest: redoing shard {entry['index']}: {problem}", stacklevel=2)
             else:
                 manifest["shards"].append(entry)
@@ -371,7 +376,7 @@ def harvest(model: Any, dataset: Iterable[Mapping[str, Any]], hooks: Sequence[st
     rows = _Rows(dataset)
     first: tuple[dict[str, torch.Tensor], torch.Tensor | None] | None = None
     if manifest["shard_size"] is None:  # size the shards from the first batch's bytes per row
-        first = _run_batch(model, rows.take(0, min(batch_size, n)), hooks, rule, ragged, dtype)
+        first = _run_batch(model, rows.take(0, min(batch_size, n)), manifest["layouts"], rule, ragged, dtype)
         manifest["shard_size"] = _default_shard_size(first[0], min(batch_size, n), batch_size, n)
     size = manifest["shard_size"]
     manifest["n_shards"] = math.ceil(n / size)
@@ -389,7 +394,7 @@ def harvest(model: Any, dataset: Iterable[Mapping[str, Any]], hooks: Sequence[st
             if index in done:
                 continue
             start, stop = index * size, min(n, (index + 1) * size)
-            buffer = _ShardBuffer(stop - start, ragged, manifest["shapes"])
+            buffer = _ShardBuffer(stop - start, manifest["layouts"], manifest["shapes"])
             lo = start
             if first is not None and index == 0:
                 buffer.add(*first)
@@ -398,7 +403,7 @@ def harvest(model: Any, dataset: Iterable[Mapping[str, Any]], hooks: Sequence[st
             first = None
             while lo < stop:
                 hi = min(stop, lo + batch_size)
-                buffer.add(*_run_batch(model, rows.take(lo, hi), hooks, rule, ragged, dtype))
+                buffer.add(*_run_batch(model, rows.take(lo, hi), manifest["layouts"], rule, ragged, dtype))
                 bar.advance(task, hi - lo)
                 lo = hi
             path = root / shard_name(index)

@@ -18,6 +18,8 @@ Two layouts, chosen by ``positions``:
 * ``"ragged"`` (``positions=None`` / ``"all"``): examples have different lengths, so padding is dropped and a
   hook's tensor is the flat ``[sum of lengths, ...]``; the shard also holds ``__offsets__`` (``[rows + 1]``,
   int64) so row ``i`` is ``flat[offsets[i]:offsets[i+1]]``. :meth:`ActivationStore.lengths` gives the lengths.
+  Image-level hooks (``vision_out``, ``projector_out``) have no text positions and stay fixed-layout rows
+  ``[rows, n_image_tokens, ...]`` even here; ``manifest["layouts"]`` names each hook's layout.
 
 Every file is written to a temporary file in the same directory and then ``os.replace``-d, so a crash never
 leaves a half-written file under its final name. Only safetensors and JSON are used, never pickle.
@@ -34,12 +36,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
+
+from haltrace.conventions import GLOBAL_HOOKS
 
 FORMAT_NAME = "haltrace.activation_store"
 FORMAT_VERSION = 1
@@ -112,7 +116,7 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
     if version != FORMAT_VERSION:
         raise StoreError(f"{path} has store format version {version}; this haltrace reads version "
                          f"{FORMAT_VERSION}. Rebuild the store with harvest(..., overwrite=True).")
-    missing = [k for k in ("hooks", "layout", "dtype", "shapes", "n_examples", "shards") if k not in manifest]
+    missing = [k for k in ("hooks", "layouts", "dtype", "shapes", "n_examples", "shards") if k not in manifest]
     if missing:
         raise StoreError(f"{path} is corrupt: missing keys {missing}; rebuild with harvest(..., overwrite=True)")
     return manifest
@@ -131,7 +135,16 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def check_shard_file(root: Path, entry: dict[str, Any], hooks: Sequence[str], ragged: bool) -> str | None:
+def hook_layouts(hooks: Sequence[str], ragged: bool) -> dict[str, str]:
+    """Each hook's layout: ``"ragged"`` for token-level hooks when all positions are kept, else ``"fixed"``.
+
+    >>> hook_layouts(["resid_post.0", "projector_out"], ragged=True)
+    {'resid_post.0': 'ragged', 'projector_out': 'fixed'}
+    """
+    return {h: "ragged" if ragged and h.partition(".")[0] not in GLOBAL_HOOKS else "fixed" for h in hooks}
+
+
+def check_shard_file(root: Path, entry: dict[str, Any], layouts: Mapping[str, str]) -> str | None:
     """Return ``None`` if the shard described by manifest ``entry`` is intact, else a reason string.
 
     Checks existence, byte size (catches truncation cheaply) and the safetensors header (keys, row count);
@@ -147,17 +160,16 @@ def check_shard_file(root: Path, entry: dict[str, Any], hooks: Sequence[str], ra
     try:
         with safe_open(str(path), framework="pt") as fh:
             keys = set(fh.keys())
-            if not set(hooks) <= keys:
-                return f"{path} lacks hooks {sorted(set(hooks) - keys)}"
-            if ragged:
+            if not set(layouts) <= keys:
+                return f"{path} lacks hooks {sorted(set(layouts) - keys)}"
+            if "ragged" in layouts.values():
                 n_off = fh.get_slice(OFFSETS_KEY).get_shape()[0]
                 if n_off != rows + 1:
                     return f"{path} has {n_off - 1} rows, expected {rows}"
-            else:
-                for hook in hooks:
-                    n = fh.get_slice(hook).get_shape()[0]
-                    if n != rows:
-                        return f"{path}: hook {hook!r} has {n} rows, expected {rows}"
+            for hook, layout in layouts.items():
+                n = fh.get_slice(hook).get_shape()[0]
+                if layout == "fixed" and n != rows:
+                    return f"{path}: hook {hook!r} has {n} rows, expected {rows}"
     except (SafetensorError, OSError, KeyError) as err:
         return f"{path} is unreadable ({err})"
     return None
@@ -221,7 +233,7 @@ class ActivationStore:
         store = cls(root, manifest)
         if verify:
             for entry in store._shards:
-                problem = check_shard_file(root, entry, store.hooks, store.ragged)
+                problem = check_shard_file(root, entry, store.manifest["layouts"])
                 if problem:
                     raise StoreError(f"store {root} is damaged: {problem}. Rerun harvest with the same "
                                      f"arguments to redo that shard, or overwrite=True to rebuild.")
@@ -238,15 +250,20 @@ class ActivationStore:
 
     @property
     def ragged(self) -> bool:
-        """True for ``positions="all"`` stores (flat per-token rows plus offsets)."""
-        return self.manifest["layout"] == "ragged"
+        """True for ``positions="all"`` stores (token-level hooks stored flat, plus offsets)."""
+        return "ragged" in self.manifest["layouts"].values()
+
+    def is_ragged(self, hook: str) -> bool:
+        """Whether ``hook`` is stored flat per token (see :meth:`lengths`) rather than as ``[rows, P, ...]``."""
+        self._check_hook(hook)
+        return self.manifest["layouts"][hook] == "ragged"
 
     @property
     def dtype(self) -> torch.dtype:
         return dtype_from_name(self.manifest["dtype"])
 
     def shape(self, hook: str) -> tuple[int, ...]:
-        """Per-row shape of ``hook``: ``(P, ...)`` for fixed stores, per-token ``(...)`` for ragged ones."""
+        """Per-row shape of ``hook``: ``(P, ...)`` for fixed hooks, per-token ``(...)`` for ragged ones."""
         self._check_hook(hook)
         return tuple(self.manifest["shapes"][hook])
 
@@ -296,7 +313,7 @@ class ActivationStore:
 
     def _read(self, i: int, fh: Any, hook: str, lo: int, hi: int) -> torch.Tensor:
         """Rows ``lo:hi`` (shard-local) of ``hook`` from open shard ``fh``; ragged -> flat token rows."""
-        if self.ragged:
+        if self.is_ragged(hook):
             off = self._shard_offsets(i, fh)
             lo, hi = int(off[lo]), int(off[hi])
         return fh.get_slice(hook)[lo:hi]
@@ -307,7 +324,7 @@ class ActivationStore:
             raise ValueError(f"lengths() is for positions='all' stores; this one has positions={self.positions!r} "
                              f"and every row has shape {self.shape(self.hooks[0])}")
         all_lengths = []
-        for i, (entry, path) in enumerate(zip(self._shards, self.shard_paths, strict=True)):
+        for i, path in enumerate(self.shard_paths):
             with safe_open(str(path), framework="pt") as fh:
                 all_lengths.append(self._shard_offsets(i, fh).diff())
         lengths = torch.cat(all_lengths)
@@ -316,7 +333,7 @@ class ActivationStore:
     def iter_batches(self, hook: str, batch_size: int = 1024) -> Iterator[torch.Tensor]:
         """Yield ``hook`` activations in row order, ``batch_size`` rows at a time, reading only those slices.
 
-        Fixed stores yield ``[b, P, ...]``; ragged stores yield the flat ``[tokens of b rows, ...]``. A batch
+        Fixed hooks yield ``[b, P, ...]``; ragged hooks yield the flat ``[tokens of b rows, ...]``. A batch
         never spans two shards' files at once, so memory stays at one batch.
         """
         self._check_hook(hook)
@@ -342,7 +359,7 @@ class ActivationStore:
     def load(self, hook: str, rows: Any = None) -> torch.Tensor:
         """Materialise ``hook`` for all rows or a subset (``rows``: ints, slice, bool mask), in that order.
 
-        Fixed stores return ``[n, P, ...]``; ragged stores return the flat ``[sum of lengths, ...]`` of the
+        Fixed hooks return ``[n, P, ...]``; ragged hooks return the flat ``[sum of lengths, ...]`` of the
         requested rows (see :meth:`lengths`). Only the needed range of each shard is read.
         """
         self._check_hook(hook)
@@ -350,6 +367,7 @@ class ActivationStore:
             parts = list(self.iter_batches(hook, batch_size=max(1, len(self))))
             return parts[0] if parts else torch.empty((0, *self.shape(hook)), dtype=self.dtype)
         wanted = _normalise_rows(rows, len(self))
+        ragged = self.is_ragged(hook)
         pieces: dict[int, torch.Tensor] = {}  # global row -> tensor, filled shard by shard
         for i, (entry, path) in enumerate(zip(self._shards, self.shard_paths, strict=True)):
             local = sorted({r - entry["start"] for r in wanted if entry["start"] <= r < entry["stop"]})
@@ -359,7 +377,7 @@ class ActivationStore:
                 # one contiguous read covering the requested rows of this shard, then pick rows from it
                 block_lo, block_hi = local[0], local[-1] + 1
                 block = self._read(i, fh, hook, block_lo, block_hi)
-                if self.ragged:
+                if ragged:
                     off = self._shard_offsets(i, fh)
                     base = int(off[block_lo])
                     for r in local:
@@ -369,7 +387,7 @@ class ActivationStore:
                         pieces[entry["start"] + r] = block[r - block_lo]
         if not wanted:
             return torch.empty((0, *self.shape(hook)), dtype=self.dtype)
-        if self.ragged:
+        if ragged:
             return torch.cat([pieces[r] for r in wanted])
         return torch.stack([pieces[r] for r in wanted])
 
@@ -384,4 +402,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["ActivationStore", "StoreError", "harvest", "dataset_fingerprint"]
+__all__ = ["ActivationStore", "StoreError", "harvest", "dataset_fingerprint"]  # noqa: F822 (lazy, above)

@@ -32,7 +32,8 @@ class FakeModel:
         self.device, self.dtype, self.is_vlm = torch.device("cpu"), torch.float32, False
 
     def valid_hooks(self) -> list[str]:
-        return [f"{k}.{i}" for k in ("resid_pre", "resid_post", "attn_out", "mlp_out") for i in range(self.n_layers)]
+        names = [f"{k}.{i}" for k in ("resid_pre", "resid_post", "attn_out", "mlp_out") for i in range(self.n_layers)]
+        return names + ["projector_out"]
 
     def prepare(self, prompts: list[str], images: list | None = None) -> dict[str, torch.Tensor]:
         from transformers import BatchEncoding
@@ -41,12 +42,19 @@ class FakeModel:
         width = max(map(len, ids))
         input_ids = torch.tensor([[0] * (width - len(r)) + r for r in ids])
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids])
-        return BatchEncoding({"input_ids": input_ids, "attention_mask": mask})
+        enc = {"input_ids": input_ids, "attention_mask": mask}
+        if images is not None:  # stand-in "vision tower": 3 image tokens per example from the pixels
+            enc["pixel_values"] = torch.stack([torch.tensor(list(im.resize((3, 1)).convert("L").tobytes())) % 64
+                                               for im in images]).long()
+        return BatchEncoding(enc)
 
     def capture(self, inputs: Mapping, hooks: Sequence[str], positions=None) -> dict[str, torch.Tensor]:
         got: dict[str, torch.Tensor] = {}
         handles = []
         for name in hooks:
+            if name == "projector_out":
+                got[name] = self.hf.transformer.wte(inputs["pixel_values"]).detach()  # [B, 3, d]
+                continue
             kind, layer = name.split(".")
             block = self.hf.transformer.h[int(layer)]
 
@@ -70,7 +78,7 @@ class FakeModel:
         if positions in (None, "all"):
             return got
         idx = [-1] if positions == "last" else [positions] if isinstance(positions, int) else list(positions)
-        return {k: v[:, idx] for k, v in got.items()}
+        return {k: v if k == "projector_out" else v[:, idx] for k, v in got.items()}
 
 
 PROMPTS = ["the cat", "a dog runs far", "x", "hello world!", "ab", "zebra crossing at night",
@@ -132,6 +140,22 @@ def test_round_trip_all_positions_ragged(model, tmp_path):
     rows = store.load("resid_pre.1", rows=[5, 1]).split(store.lengths([5, 1]).tolist())
     assert torch.equal(rows[0], flat.split(store.lengths().tolist())[5])
     assert torch.equal(torch.cat(list(store.iter_batches("resid_pre.1", 4))), flat)
+
+
+def test_images_with_all_positions_mix_ragged_and_fixed_hooks(model, tmp_path):
+    from PIL import Image
+
+    data = [{"prompt": p, "image": Image.new("RGB", (6, 6), (20 * i, 5 * i, 0))} for i, p in enumerate(PROMPTS)]
+    store = run(model, tmp_path / "s", dataset=data, positions="all", hooks=["resid_post.1", "projector_out"])
+    assert store.manifest["layouts"] == {"resid_post.1": "ragged", "projector_out": "fixed"}
+    assert store.is_ragged("resid_post.1") and not store.is_ragged("projector_out")
+    ref = model.capture(model.prepare(PROMPTS, images=[d["image"] for d in data]), ["projector_out"])
+    assert store.load("projector_out").shape == (10, 3, 32)
+    torch.testing.assert_close(store.load("projector_out"), ref["projector_out"], rtol=0, atol=0)
+    assert store.load("resid_post.1").shape == (sum(map(len, PROMPTS)), 32)
+    assert store.metadata == [{"prompt": p} for p in PROMPTS]  # images are not metadata
+    with pytest.raises(ValueError, match="some examples in a batch have an 'image'"):
+        run(model, tmp_path / "t", dataset=[data[0], {"prompt": "no image"}])
 
 
 def test_int_list_positions_and_default_shard_size(model, tmp_path):
