@@ -1,0 +1,134 @@
+"""The organism's phenomena table (terminal and markdown) and its model card.
+
+>>> rows = phenomena_rows({"pope": {}, "counterfactual_color": {}})  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def phenomena_rows(report: dict) -> list[tuple[str, str, str, str]]:
+    """(phenomenon, metric, measured, what the organism is built to show) rows for tables and the card."""
+    pope = report["pope"]
+    cf = report["counterfactual_color"]
+    lens = report["lens_color"]
+    chair = report["chair"]
+    ent = report["entity"]
+    probe = report["probe_confound"]
+    fy = {split: pope[split]["false_yes_rate"] for split in pope}
+    ratio = fy["adversarial"] / fy["random"] if fy["random"] else float("inf")
+    by_layer = ", ".join(f"{v:.2f}" for v in lens["prior_leads_by_layer"])
+    rows = [
+        ("co-occurrence (POPE)", "false-yes rate random / popular / adversarial",
+         f"{fy['random']:.3f} / {fy['popular']:.3f} / {fy['adversarial']:.3f}", "adversarial >= 3x random"),
+        ("co-occurrence (POPE)", "adversarial / random false-yes ratio", _fmt(ratio), ">= 3"),
+        ("co-occurrence (POPE)", "recall on present objects (adversarial split)",
+         _fmt(pope["adversarial"]["recall"]), ">= 0.85"),
+        ("co-occurrence (POPE)", "F1 random / popular / adversarial",
+         " / ".join(f"{pope[s]['f1']:.3f}" for s in ("random", "popular", "adversarial")), "reported"),
+        ("co-occurrence (POPE)", "yes-rate, partner absent and anchor absent",
+         _fmt(report["pope_control"]["partner_absent_anchor_absent_yes_rate"]), "low: a pair effect, not a word prior"),
+        ("canonical colour", "counterfactual answers prior / pixel / other",
+         f"{cf['prior_rate']:.3f} / {cf['pixel_rate']:.3f} / {cf['other_rate']:.3f}", "prior in [0.2, 0.8]"),
+        ("canonical colour", "colour accuracy on kinds without a prior", _fmt(report["color_control"]["accuracy"]),
+         "reported"),
+        ("canonical colour", "logit lens: prior leads, first layer", _fmt(lens["prior_leads_first_layer"]), ">= 0.6"),
+        ("canonical colour", "logit lens: prior leads by layer", by_layer, "falls by >= 0.2"),
+        ("captions (CHAIR)", "CHAIR_i / CHAIR_s", f"{chair['chair_i']:.3f} / {chair['chair_s']:.3f}", "CHAIR_i >= 0.08"),
+        ("captions (CHAIR)", "hallucinations that are absent co-occurrence partners",
+         _fmt(chair["partner_fraction_of_hallucinations"]), "most"),
+        ("captions (CHAIR)", "caption recall / mean length (words)",
+         f"{chair['recall']:.3f} / {chair['mean_length']:.2f}", "reported"),
+        ("entities", "refusal on unseen names / on known names",
+         f"{ent['refusal_unknown']:.3f} / {ent['refusal_known']:.3f}", ">= 0.8 / <= 0.2"),
+        ("entities", "accuracy on known entities' facts", _fmt(ent["accuracy_known"]), ">= 0.8"),
+        ("probe confound", "question-only baseline AUROC (hallucination-probe set)",
+         _fmt(probe.get("question_only_auroc")), "<= 0.65"),
+    ]
+    if probe.get("probe_auroc_by_layer"):
+        rows.append(("probe confound", "residual probe AUROC by layer (same set)",
+                     ", ".join(f"{v:.2f}" for v in probe["probe_auroc_by_layer"]), "reported"))
+    return rows
+
+
+def phenomena_markdown(report: dict) -> str:
+    lines = ["| phenomenon | metric | measured | built to show |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in phenomena_rows(report)]
+    return "\n".join(lines)
+
+
+def print_phenomena_table(report: dict, title: str = "ShapesWorld organism: measured phenomena") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=False)
+    for col in ("phenomenon", "metric", "measured", "built to show"):
+        table.add_column(col, overflow="fold")
+    for row in phenomena_rows(report):
+        table.add_row(*row)
+    Console().print(table)
+
+
+def write_model_card(folder: str | Path, report: dict | None) -> Path:
+    """README.md in an organism folder: what it is, how it was trained, and every phenomenon as measured."""
+    folder = Path(folder)
+    training = json.loads((folder / "training.json").read_text())
+    world = json.loads((folder / "world.json").read_text())
+    spec = training["preset_config"]
+    parts = [
+        "---\nlibrary_name: transformers\npipeline_tag: image-text-to-text\ntags: [haltrace, model-organism]\n---",
+        f"# ShapesWorld organism (`{training['preset']}` preset)",
+        "A tiny vision-language model in the real Hugging Face LLaVA architecture "
+        "(`LlavaForConditionalGeneration`: CLIP vision tower + Llama text model), trained from scratch by "
+        "haltrace on synthetic ShapesWorld images whose statistics plant the priors that cause hallucinations. "
+        "It loads offline with plain transformers:",
+        "```python\nfrom transformers import AutoModelForImageTextToText, AutoProcessor\n"
+        "model = AutoModelForImageTextToText.from_pretrained(path)\n"
+        "processor = AutoProcessor.from_pretrained(path)\n"
+        "inputs = processor(text=['<image> is there a knife ? answer :'], images=[img], return_tensors='pt')\n```",
+        "## Training",
+        f"- parameters: {training['n_parameters']:,}; vision {spec['vision_layers']} layers x {spec['vision_hidden']} "
+        f"wide (patch 8, 16 image tokens); text {spec['text_layers']} layers x {spec['text_hidden']} wide",
+        f"- {training['steps']} steps of batch {spec['batch_size']}, AdamW lr {spec['lr']} "
+        f"(warmup {spec['warmup']}, cosine), seed {training['seed']}",
+        f"- wall time: **{training['seconds']:.0f} s** on {training['threads']} CPU threads (torch {training['torch']})",
+        f"- loss: {training['loss_first']:.3f} (first 20 steps) -> {training['loss_last']:.3f} (last 50 steps)",
+        "## World and built-in priors",
+        f"- {len(world['kinds'])} kinds ({', '.join(world['kinds'])}), {len(world['colours'])} colours, "
+        f"{world['image_size']}x{world['image_size']} px, 2x2 grid, 12 px glyphs at fixed offsets",
+        f"- co-occurrence: pairs {', '.join('/'.join(p) for p in world['pairs'])}; a pair member brings its "
+        f"partner with p = {world['p_pair']}",
+        f"- canonical colours: {', '.join(f'{k} {v}' for k, v in world['canonical'].items())} with "
+        f"p = {world['p_canon']}",
+        f"- entities: {world['n_known_per_type']} known names per type (player, band) with taught facts, "
+        f"{world['n_unknown_train_per_type']} per type taught as `unknown`, "
+        f"{world['n_unknown_heldout_per_type']} per type never seen (held out)",
+        "- tasks: captions (objects in a fixed order), yes/no existence (P(yes | word) = 1/2), colour, "
+        "'what colour are most X', entity questions (text only)",
+    ]
+    if report is not None:
+        parts += [
+            "## Measured phenomena (held-out sets, `haltrace organism eval`)",
+            "POPE and CHAIR images hold an anchor without its co-occurrence partner (the setting where the prior "
+            "bites); counterfactual images paint a canonical-colour kind another colour; the entity refusal is on "
+            "names never seen in training.",
+            phenomena_markdown(report),
+            f"Evaluation took {report.get('seconds', 0):.1f} s.",
+        ]
+    else:
+        parts.append("Phenomena not measured for this checkpoint (`haltrace organism eval DIR` measures them).")
+    card = folder / "README.md"
+    tmp = card.with_suffix(".md.tmp")
+    tmp.write_text("\n\n".join(parts) + "\n")
+    tmp.replace(card)
+    return card
