@@ -159,10 +159,12 @@ class Model:
         return valid_hook_names(self.n_layers, vision=self.is_vlm)
 
     def hooks(self, hooks: Sequence[str] | str, positions: PositionSpec = None,
-              inputs: Mapping[str, Any] | None = None) -> AbstractContextManager[Capture]:
+              inputs: Mapping[str, Any] | None = None, *,
+              accumulate: bool = False) -> AbstractContextManager[Capture]:
         """Context manager that fills a :class:`~haltrace.trace.capture.Capture` during every forward inside.
 
-        ``positions`` other than None/Tensor need ``inputs`` to resolve. Hooks are removed on exit.
+        ``positions`` other than None/Tensor need ``inputs`` to resolve. With ``accumulate=True`` each entry is
+        a list with one tensor per forward (e.g. per generated token). Hooks are removed on exit.
 
         >>> with model.hooks(["resid_post.0"]) as cap:  # doctest: +SKIP
         ...     model.hf.generate(**inputs, max_new_tokens=1)
@@ -177,7 +179,7 @@ class Model:
             resolved = positions.long()
         else:
             raise ValueError("positions other than None or a LongTensor[B, P] need inputs= to be resolved")
-        return _cap.hooks(self, hooks, resolved)
+        return _cap.hooks(self, hooks, resolved, accumulate=accumulate)
 
     def capture(self, inputs: Mapping[str, Any], hooks: Sequence[str] | str, positions: PositionSpec = None,
                 **forward_kwargs: Any) -> Capture:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -71,8 +72,16 @@ def load(name_or_path: str, *, device: str | torch.device | None = None, dtype: 
         hf_model = hf_model.to(device)
     hf_model.eval()
     if vlm:
-        processor = AutoProcessor.from_pretrained(path, **shared)
-        tokenizer = getattr(processor, "tokenizer", processor)
+        try:
+            processor = AutoProcessor.from_pretrained(path, **shared)
+        except (ImportError, ValueError, OSError, AttributeError, TypeError) as err:
+            # e.g. Qwen-VL processors need torchvision for their video part; text still works
+            warnings.warn(f"could not build the processor for {name_or_path} ({err}); falling back to the "
+                          "tokenizer, so Model.prepare cannot take images", stacklevel=2)
+            processor = None
+            tokenizer = AutoTokenizer.from_pretrained(path, **shared)
+        else:
+            tokenizer = getattr(processor, "tokenizer", processor)
     else:
         processor = None
         tokenizer = AutoTokenizer.from_pretrained(path, **shared)

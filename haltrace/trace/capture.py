@@ -201,10 +201,13 @@ def parse_hooks(model: Model, hooks: Sequence[str] | str) -> list[HookPoint]:
 
 
 @contextmanager
-def hooks(model: Model, hook_names: Sequence[str] | str, positions: torch.Tensor | None = None) -> Iterator[Capture]:
+def hooks(model: Model, hook_names: Sequence[str] | str, positions: torch.Tensor | None = None, *,
+          accumulate: bool = False) -> Iterator[Capture]:
     """Context manager: while open, every forward of ``model.hf`` fills the yielded :class:`Capture`.
 
-    ``positions`` must already be resolved (``resolve_positions``) or ``None``. Hooks are removed on exit.
+    ``positions`` must already be resolved (``resolve_positions``) or ``None``. A hook that fires again (e.g.
+    during ``generate``) overwrites its entry, unless ``accumulate=True``: then each entry is a list with one
+    tensor per call. Hooks are removed on exit.
 
     >>> with hooks(model, ["resid_post.0"]) as cap:  # doctest: +SKIP
     ...     model.hf(**inputs)
@@ -218,9 +221,15 @@ def hooks(model: Model, hook_names: Sequence[str] | str, positions: torch.Tensor
     pre: list[tuple[torch.nn.Module, Callable[..., Any]]] = []
     vision: list[HookPoint] = []
 
+    def put(name: str, value: torch.Tensor) -> None:
+        if accumulate:
+            cap.setdefault(name, []).append(value)
+        else:
+            cap[name] = value
+
     def store(name: str, fn: Callable[..., torch.Tensor]) -> Callable[..., None]:
         def hook(*args: Any) -> None:
-            cap[name] = fn(*args)
+            put(name, fn(*args))
         return hook
 
     for point in points:
@@ -257,7 +266,7 @@ def hooks(model: Model, hook_names: Sequence[str] | str, positions: torch.Tensor
     with temporary_hooks(forward, pre, with_kwargs=True) as handles:
         for point in vision:
             def sink(x: torch.Tensor, _name: str = point.name) -> None:
-                cap[_name] = x.detach().clone()
+                put(_name, x.detach().clone())
             # appended to the same list, so temporary_hooks removes them too
             handles.extend(adapter.register_vision_hook(point.kind, sink))
         yield cap

@@ -249,3 +249,12 @@ def test_qwen2_5_vl_vision_out_undoes_window_order():
     torch.testing.assert_close(again, proj, atol=ATOL, rtol=0)
     mask = model.image_token_mask(inputs["input_ids"])
     torch.testing.assert_close(cap["resid_pre.0"][mask], proj.reshape(-1, proj.shape[-1]), atol=ATOL, rtol=0)
+
+
+def test_hooks_context_accumulates_over_generate(tiny_llama, tiny_inputs):
+    inputs = tiny_inputs("llama")
+    with tiny_llama.hooks(["resid_post.1"], accumulate=True) as cap, torch.no_grad():
+        tiny_llama.hf.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    steps = cap["resid_post.1"]
+    assert len(steps) == 3 and steps[0].shape[1] == inputs["input_ids"].shape[1] and steps[1].shape[1] == 1
+    assert _all_hooks_clear(tiny_llama.hf)
