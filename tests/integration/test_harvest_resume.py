@@ -24,10 +24,12 @@ SETTINGS = {"positions": "all", "batch_size": 2, "shard_size": 2, "progress": Fa
 
 
 def make_model():
-    """The tiny model both the child and this process use (deterministic weights from a fixed seed)."""
-    from tests.unit.test_store import FakeModel
+    """The tiny random GPT-2 both the child and this process use (same seed -> same weights)."""
+    from haltrace.models import Model
+    from haltrace.models.tiny import build_tiny
 
-    return FakeModel(seed=0)
+    hf_model, tokenizer = build_tiny("gpt2", seed=0)
+    return Model.from_hf(hf_model, tokenizer)
 
 
 CHILD = textwrap.dedent("""
@@ -53,6 +55,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     child = subprocess.Popen([sys.executable, "-c", CHILD.format(repo=str(REPO)), str(killed)], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    model = make_model()  # built while the child starts up (overlaps the two imports of transformers)
     deadline = time.monotonic() + 60
     try:
         while _finished_shards(killed) < 1:
@@ -71,7 +74,6 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     with pytest.raises(StoreError, match="unfinished"):
         ActivationStore.open(killed)
 
-    model = make_model()
     redone: list[int] = []
     resumed = harvest(model, DATA, HOOKS, out=killed, _after_shard=redone.append, **SETTINGS)
     assert sorted(redone) == sorted(set(range(6)) - done_at_kill)  # finished shards kept, nothing duplicated

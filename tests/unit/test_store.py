@@ -283,6 +283,22 @@ def test_fingerprint_covers_image_pixels():
     assert dataset_fingerprint([{"prompt": "p", "x": 1, "y": 2}]) == dataset_fingerprint([{"y": 2, "x": 1, "prompt": "p"}])
 
 
+@pytest.mark.parametrize("positions", ["last", "all"])
+def test_round_trip_with_real_model_equals_direct_capture(tmp_path, positions):
+    from haltrace.models import Model
+    from haltrace.models.tiny import build_tiny
+
+    real = Model.from_hf(*build_tiny("gpt2"))
+    store = run(real, tmp_path / "s", positions=positions, batch_size=5, shard_size=5)
+    for lo in (0, 5):  # same batches as harvest used -> identical numbers
+        inputs = real.prepare(PROMPTS[lo:lo + 5])
+        ref = real.capture(inputs, HOOKS, positions=None if positions == "all" else positions)
+        for hook in HOOKS:
+            got = store.load(hook, rows=range(lo, lo + 5))
+            want = ref[hook][inputs["attention_mask"].bool()] if positions == "all" else ref[hook]
+            assert torch.equal(got, want)
+
+
 def test_lazy_export_from_package():
     import haltrace
 
