@@ -51,3 +51,16 @@ def test_sdpa_gives_clear_error(tiny_model, tiny_inputs):
 def test_no_image_tokens(tiny_llama, tiny_inputs):
     with pytest.raises(ValueError, match="no image tokens"):
         attention_to_image(tiny_llama, tiny_inputs("llama"))
+
+
+def test_image_attention_heatmap_html(tiny_llava, tiny_inputs, tmp_path):
+    import re
+
+    from haltrace.viz import image_attention_heatmap, write_html
+
+    air = attention_to_image(tiny_llava, tiny_inputs("llava"))
+    path = write_html(image_attention_heatmap(air.ratio[0, 0]), tmp_path / "air.html")
+    html = path.read_text()
+    assert not re.search(r"<script[^>]+src=[\"'][^\"']*cdn\.plot\.ly", html)
+    data = html[html.rindex("Plotly.newPlot("):]
+    assert repr(float(air.ratio[0, 0, 0, 0])) in data and "head 3" in data

@@ -89,3 +89,23 @@ def test_image_token_confidence(tiny_llava, tiny_gpt2, tiny_inputs):
     assert set(conf.as_dict(0)) == {"red", "circle"}
     with pytest.raises(ValueError, match="vision-language"):
         image_token_confidence(tiny_gpt2, {}, ["red"])
+
+
+def _plot_data(html: str) -> str:
+    """The ``Plotly.newPlot(...)`` call of a written figure (data and layout), without the inlined library."""
+    import re
+
+    assert not re.search(r"<script[^>]+src=[\"'][^\"']*cdn\.plot\.ly", html), "figure must not load plotly from a CDN"
+    return html[html.rindex("Plotly.newPlot("):]
+
+
+def test_rank_heatmap_html(tiny_llama, tiny_inputs, tmp_path):
+    from haltrace.viz import rank_heatmap, write_html
+
+    res = logit_lens(tiny_llama, tiny_inputs("llama"), ["red", "blue"])
+    ranks = res.target_ranks[:, 0, -1]  # [L, T]
+    path = write_html(rank_heatmap(ranks, res.layers, res.targets), tmp_path / "sub" / "lens.html")
+    data = _plot_data(path.read_text())
+    assert "resid_post.1" in data and '"blue"' in data
+    assert f"[{int(ranks[0, 0])},{int(ranks[0, 1])}]" in data.replace(" ", "")
+    assert [p.name for p in path.parent.iterdir()] == ["lens.html"]  # no temp file left behind
