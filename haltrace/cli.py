@@ -41,6 +41,8 @@ def main(
 _COMMAND_MODULES: list[tuple[str, str, str | None]] = [
     ("haltrace.organism.cli", "app", "organism"),
     ("haltrace.trace.cli", "app", None),
+    ("haltrace.probes.cli", "app", None),
+    ("haltrace.probes.sae_cli", "app", "sae"),
 ]
 
 for _module_name, _attr, _group in _COMMAND_MODULES:
