@@ -1,0 +1,212 @@
+"""Capture with nnsight 0.8: trace the HF module, read each hook's module envoy, ``.save()`` the values.
+
+Hook names map onto envoys of the modules the family adapter names (so any family with an adapter works):
+
+==================  ============================================================
+haltrace name       envoy value
+==================  ============================================================
+``resid_pre.i``     ``layers[i].input``
+``resid_post.i``    ``layers[i].output``
+``attn_out.i``      ``layers[i].<attention>.output[0]``
+``attn_pattern.i``  ``layers[i].<attention>.output[1]`` (eager attention only)
+``mlp_out.i``       ``layers[i].<mlp>.output``
+``head_out.i``      ``<o_proj>.input`` reshaped to ``[..., n_heads, head_dim]``
+``vision_out``      ``<projector>.input`` (families with the default projector hooks)
+``projector_out``   ``<projector>.output``
+==================  ============================================================
+
+Positions are selected *inside* the trace, so a remote run ships back only the rows asked for.
+
+Remote execution
+----------------
+``remote`` (default ``model.remote``): falsy runs locally on ``NNsight(model.hf)``; ``"local"`` wraps the
+in-memory model in nnsight's ``HuggingFaceModel`` and runs nnsight's remote path in-process (the trace is
+serialized and deserialized with haltrace's modules hidden, exactly as NDIF would receive it); ``True`` (or a
+host URL) builds ``TransformersModel(model.name_or_path, revision=...)`` on the meta device and sends the
+trace to NDIF, which must host that checkpoint.
+
+.. warning::
+   nnsight returns remote results with ``torch.load(weights_only=False)``, i.e. by unpickling what the
+   server sent. Only use ``remote=True`` with a server you trust.
+
+.. note::
+   Wrapping a module with nnsight replaces every submodule's ``forward`` with an nnsight controller (inert
+   outside a trace, but it stays). Wrappers are built once per model and reused.
+
+>>> from haltrace.models import Model
+>>> from haltrace.models.tiny import build_tiny, build_tiny_inputs
+>>> hf, tok = build_tiny("llama")
+>>> model = Model.from_hf(hf, tok)
+>>> capture_nnsight(model, build_tiny_inputs("llama", tok), ["head_out.0"], "last")["head_out.0"].shape
+torch.Size([2, 1, 4, 8])
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from haltrace.trace.backends import check_supported, check_vision_inputs, default_position_ids
+from haltrace.trace.capture import Capture, parse_hooks, resolve_positions
+
+if TYPE_CHECKING:
+    from haltrace.conventions import HookPoint
+    from haltrace.models.base import Model
+    from haltrace.trace.capture import PositionSpec
+
+# hf module -> {wrapper kind -> nnsight envoy}; weak so dropping the model frees the wrappers
+_WRAPPERS: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+# order in which a block's modules run: nnsight 0.8 refuses to read a value the forward already passed
+_STAGE = {"resid_pre": 0, "head_out": 1, "attn_out": 2, "attn_pattern": 2, "mlp_out": 3, "resid_post": 4}
+
+
+def wrapper_for(model: Model, remote: bool | str | None = None) -> Any:
+    """The nnsight envoy tracing ``model.hf`` (cached): ``NNsight`` locally, a remotable wrapper otherwise.
+
+    >>> env = wrapper_for(model)  # doctest: +SKIP
+    >>> env.get("model.layers.0")  # doctest: +SKIP
+    """
+    kind = "ndif" if remote is True or (isinstance(remote, str) and remote != "local") else (
+        "local-remote" if remote == "local" else "local")
+    per_model = _WRAPPERS.setdefault(model.hf, {})
+    if kind not in per_model:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # nnsight deprecation chatter
+            if kind == "local":
+                from nnsight import NNsight
+
+                per_model[kind] = NNsight(model.hf)
+            elif kind == "local-remote":
+                # Remotable wrapper around the in-memory module; inputs go straight to the module (no
+                # pipeline re-batching), so results match model.hf(**inputs) exactly
+                from nnsight.modeling.huggingface import HuggingFaceModel
+
+                per_model[kind] = HuggingFaceModel(model.hf)
+            else:
+                per_model[kind] = _ndif_wrapper(model)
+    return per_model[kind]
+
+
+def _ndif_wrapper(model: Model) -> Any:
+    """``TransformersModel`` keyed by the checkpoint name: NDIF reconstructs the model from that key."""
+    from nnsight.modeling.transformers import TransformersModel
+
+    name = model.name_or_path
+    if not name or "/" not in name and not model.revision:
+        warnings.warn(f"remote tracing needs a Hub repo id that the server hosts; got {name!r}", stacklevel=3)
+    task = "image-text-to-text" if model.is_vlm else "text-generation"
+    pre = {"processor": model.processor} if model.is_vlm else {"tokenizer": model.tokenizer}
+    return TransformersModel(name, revision=model.revision, task=task, **pre)
+
+
+def _module_paths(model: Model) -> dict[int, str]:
+    return {id(module): name for name, module in model.hf.named_modules()}
+
+
+def build_plan(model: Model, points: Sequence[HookPoint]) -> list[tuple[str, str, list[tuple[str, str]]]]:
+    """``[(module_path, "input"|"output", [(hook_name, kind), ...]), ...]`` in forward order.
+
+    >>> build_plan(model, parse_hooks(model, ["resid_post.0", "resid_pre.0"]))  # doctest: +SKIP
+    [('model.layers.0', 'input', [('resid_pre.0', 'resid_pre')]), ('model.layers.0', 'output', [...])]
+    """
+    adapter, paths = model.adapter, _module_paths(model)
+    steps: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    order: dict[tuple[str, str], tuple[int, int]] = {}
+    for point in points:
+        kind, i = point.kind, point.layer
+        if kind in ("vision_out", "projector_out"):
+            module, what = adapter.projector, "input" if kind == "vision_out" else "output"
+            key = (-1, 0 if kind == "vision_out" else 1)
+        else:
+            module, what = {
+                "resid_pre": (adapter.layers[i], "input"), "resid_post": (adapter.layers[i], "output"),
+                "attn_out": (adapter.attention(i), "output"), "attn_pattern": (adapter.attention(i), "output"),
+                "mlp_out": (adapter.mlp(i), "output"), "head_out": (adapter.o_proj(i), "input"),
+            }[kind]
+            key = (i, _STAGE[kind])
+        path = paths[id(module)]
+        steps.setdefault((path, what), []).append((point.name, kind))
+        order[(path, what)] = min(order.get((path, what), key), key)
+    return [(path, what, steps[(path, what)]) for path, what in sorted(steps, key=order.__getitem__)]
+
+
+def capture_nnsight(
+    model: Model,
+    inputs: Mapping[str, Any],
+    hooks: Sequence[str] | str,
+    positions: PositionSpec = None,
+    *,
+    remote: bool | str | None = None,
+    output: bool = True,
+    **forward_kwargs: Any,
+) -> Capture:
+    """Like :func:`haltrace.trace.capture.capture`, traced with nnsight (remotely if ``remote``/``model.remote``).
+
+    ``output=False`` skips saving the model output (logits), which matters for remote runs.
+
+    >>> cap = capture_nnsight(model, inputs, ["resid_post.1"], positions="last", remote="local")  # doctest: +SKIP
+    """
+    if remote is None:
+        remote = getattr(model, "remote", False)
+    points = parse_hooks(model, hooks)
+    check_supported("nnsight", model, points)
+    check_vision_inputs(points, inputs)
+    pos = resolve_positions(positions, inputs, model.image_token_mask)
+    wrapper = wrapper_for(model, remote)
+    plan = [(wrapper.get(path) if path else wrapper, what, names) for path, what, names in build_plan(model, points)]
+    call = {**inputs, **forward_kwargs}
+    if remote and remote != "local" and "position_ids" not in call:
+        # TransformersModel re-batches text inputs and would add mask-derived positions; pin HF's default
+        derived = default_position_ids(model, call)
+        if derived is not None:
+            call["position_ids"] = derived
+    if remote is True or (isinstance(remote, str) and remote != "local"):
+        warnings.warn("nnsight remote results are unpickled (torch.load(weights_only=False)); only trace on "
+                      "servers you trust", stacklevel=2)
+    n_heads, head_dim = model.adapter.n_heads, model.adapter.head_dim
+    trace_kw = {"remote": remote} if remote else {}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        got, out = _trace(wrapper, call, trace_kw, plan, pos, n_heads, head_dim, output)
+    cap = Capture(got, output=out, positions=pos, n_layers=model.n_layers)
+    missing = [p.name for p in points if p.name not in dict.keys(cap)]
+    if missing:
+        raise RuntimeError(f"hooks {missing} did not fire during the forward (no images in the inputs?)")
+    return cap
+
+
+def _trace(wrapper: Any, call: dict[str, Any], trace_kw: dict[str, Any], plan: list, pos: torch.Tensor | None,
+           n_heads: int, head_dim: int, want_output: bool) -> tuple[dict[str, torch.Tensor], Any]:
+    # The block below is what nnsight ships to a remote server: it uses only torch and the captured
+    # locals (envoys, tensors, ints), never haltrace code, so the server needs nothing but nnsight.
+    import nnsight
+
+    with wrapper.trace(**call, **trace_kw):
+        got = {}
+        rows = None if pos is None else torch.arange(pos.shape[0], device=pos.device).unsqueeze(1)
+        for envoy, what, names in plan:
+            raw = envoy.input if what == "input" else envoy.output
+            for name, kind in names:
+                if kind == "attn_pattern":
+                    x = raw[1] if isinstance(raw, tuple) else None
+                    if x is None:
+                        raise RuntimeError(f"{name}: the attention module returned no weights; load the model "
+                                           "with attn_implementation=\"eager\"")
+                else:
+                    x = raw[0] if isinstance(raw, (tuple, list)) else raw
+                if rows is not None and kind not in ("vision_out", "projector_out"):
+                    if kind == "attn_pattern":  # [B, H, T, T]: select query positions
+                        x = x.movedim(2, 1)[rows, pos.to(x.device)].movedim(1, 2)
+                    else:
+                        x = x[rows, pos.to(x.device)]
+                if kind == "head_out":
+                    x = x.reshape(*x.shape[:2], n_heads, head_dim)
+                got[name] = x.detach().clone()
+        got = nnsight.save(got)
+        out = wrapper.output.save() if want_output else None
+    return got, out
