@@ -141,7 +141,7 @@ def attention_to_image(
     ``positions`` as in :func:`~haltrace.trace.capture.resolve_positions` (default: the last prompt token).
 
     >>> air = attention_to_image(model, inputs)        # doctest: +SKIP
-    >>> air.per_layer[0, 0]                            # row 0, last token: mean over heads per layer
+    >>> air.per_layer[0, 0]  # row 0, last token: mean over heads per layer  # doctest: +SKIP
     """
     ids = inputs.get("input_ids")
     if ids is None:

@@ -10,6 +10,7 @@ Examples::
 ``--model`` defaults to the shipped organism ``shapes-llava``; any hub id or local folder works too.
 """
 
+# ruff: noqa: B008  (typer.Option in defaults is how typer declares options)
 from __future__ import annotations
 
 import json
@@ -130,7 +131,7 @@ def _air_table(air: Any) -> Table:
     for col in ("layer", "mean over heads", "max head", "uniform baseline"):
         table.add_column(col, justify="right")
     ratio, baseline = air.ratio[0, -1], float(air.baseline[0, -1])
-    for layer, row in zip(air.layers, ratio):
+    for layer, row in zip(air.layers, ratio, strict=True):
         table.add_row(f"layer {layer}", f"{row.mean():.4f}", f"{row.max():.4f} (h{int(row.argmax())})",
                       f"{baseline:.4f}")
     return table

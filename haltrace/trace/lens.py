@@ -81,7 +81,7 @@ class LensResult:
         """
         ids = self.top_ids[layer, row, pos].tolist()
         probs = self.top_logprobs[layer, row, pos].exp().tolist()
-        return list(zip(tokenizer.convert_ids_to_tokens(ids), probs))
+        return list(zip(tokenizer.convert_ids_to_tokens(ids), probs, strict=True))
 
 
 # --- targets -----------------------------------------------------------------------------------------------
@@ -126,6 +126,11 @@ def _softcap(model: Model) -> float | None:
     return None
 
 
+def _device_of(module: torch.nn.Module, default: torch.device) -> torch.device:
+    param = next(module.parameters(), None)
+    return param.device if param is not None else default
+
+
 def project(
     model: Model,
     resid: torch.Tensor,
@@ -155,7 +160,7 @@ def project(
     vocab = weight.shape[0]
     k = min(top_k, vocab)
     ids, pieces = target_token_ids(model.tokenizer, list(targets)) if targets else ([], [])
-    bad = [t for t, i in zip(targets, ids) if i >= vocab]
+    bad = [t for t, i in zip(targets, ids, strict=True) if i >= vocab]
     if bad:
         raise ValueError(f"targets {bad} map to ids beyond the unembedding ({vocab} rows)")
     tid = torch.tensor(ids, dtype=torch.long, device=weight.device)
@@ -169,9 +174,10 @@ def project(
                                                               "logits")}
     with torch.no_grad():
         for r in resid:
-            x = r.reshape(-1, r.shape[-1]).to(weight.device, weight.dtype)
-            if apply_norm:
-                x = norm(x)  # recomputed from this layer's own residual
+            x = r.reshape(-1, r.shape[-1])
+            if apply_norm:  # recomputed from this layer's own residual (device_map: the norm may sit elsewhere)
+                x = norm(x.to(_device_of(norm, x.device), weight.dtype))
+            x = x.to(weight.device, weight.dtype)
             n = x.shape[0]
             t_logit = logits_of(x, weight[tid], None if bias is None else bias[tid]) if ids else None
             lse = torch.full((n,), float("-inf"), device=x.device)
@@ -280,7 +286,7 @@ class ImageConfidence:
 
     def as_dict(self, row: int = 0) -> dict[str, float]:
         """``{word: confidence}`` for one row."""
-        return {w: float(c) for w, c in zip(self.words, self.confidence[row].tolist())}
+        return {w: float(c) for w, c in zip(self.words, self.confidence[row].tolist(), strict=True)}
 
 
 def image_token_confidence(

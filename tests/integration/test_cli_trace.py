@@ -39,8 +39,9 @@ def _no_cdn(html: str) -> None:
 
 
 def test_trace_json_safetensors_and_attention(tiny_dir, tmp_path):
-    import haltrace
     from safetensors.torch import load_file
+
+    import haltrace
 
     model_dir, image = tiny_dir
     out = tmp_path / "acts"
