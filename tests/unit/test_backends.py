@@ -106,3 +106,22 @@ def test_unknown_backend_and_bad_hook(tiny) -> None:
         llava, llava_inputs = tiny["llava"]
         text_only = {k: v for k, v in llava_inputs.items() if k != "pixel_values"}
         capture_with(llava, text_only, ["projector_out"], backend="transformer_lens")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ndif_wrapper_matches_through_remote_path(tiny, family, tmp_path, monkeypatch) -> None:
+    """The wrapper remote=True would send to NDIF (TransformersModel keyed by the checkpoint), run through
+    nnsight's remote path in-process on the same weights saved to a folder: identical hooks, also on GPT-2's
+    left-padded rows (nnsight's pipeline would otherwise substitute mask-derived position ids)."""
+    from haltrace.trace.backends import nnsight_backend
+
+    model, inputs = tiny[family]
+    model.hf.save_pretrained(tmp_path)
+    remote_model = Model.from_hf(model.hf, model.processor or model.tokenizer, name=str(tmp_path))
+    wrapper = nnsight_backend._ndif_wrapper(remote_model)
+    assert type(wrapper).__name__ == "TransformersModel" and wrapper._module is not model.hf
+    monkeypatch.setattr(nnsight_backend, "wrapper_for", lambda _model, _remote=None: wrapper)
+    monkeypatch.setattr(remote_model, "remote", "local")
+    hooks = [h for h in model.valid_hooks() if supports("nnsight", model, h.split(".")[0])]
+    got = capture_with(remote_model, inputs, hooks, "last", backend="nnsight")
+    _assert_same(got, model.capture(inputs, hooks, "last"), hooks, f"{family}/ndif-wrapper")

@@ -101,7 +101,17 @@ def _ndif_wrapper(model: Model) -> Any:
         warnings.warn(f"remote tracing needs a Hub repo id that the server hosts; got {name!r}", stacklevel=3)
     task = "image-text-to-text" if model.is_vlm else "text-generation"
     pre = {"processor": model.processor} if model.is_vlm else {"tokenizer": model.tokenizer}
-    return TransformersModel(name, revision=model.revision, task=task, **pre)
+    # the attention kernel travels with each request (nnsight sends it as env): keep the local model's, so
+    # attn_pattern works remotely exactly when it works here
+    impl = model.adapter.attn_implementation
+    extra = {"attn_implementation": impl} if impl else {}
+    return TransformersModel(name, revision=model.revision, task=task, **pre, **extra)
+
+
+def _is_pipeline_wrapper(wrapper: Any) -> bool:
+    from nnsight.modeling.transformers import TransformersModel
+
+    return isinstance(wrapper, TransformersModel)
 
 
 def _module_paths(model: Model) -> dict[int, str]:
@@ -160,7 +170,7 @@ def capture_nnsight(
     wrapper = wrapper_for(model, remote)
     plan = [(wrapper.get(path) if path else wrapper, what, names) for path, what, names in build_plan(model, points)]
     call = {**inputs, **forward_kwargs}
-    if remote and remote != "local" and "position_ids" not in call:
+    if _is_pipeline_wrapper(wrapper) and "position_ids" not in call:
         # TransformersModel re-batches text inputs and would add mask-derived positions; pin HF's default
         derived = default_position_ids(model, call)
         if derived is not None:

@@ -52,7 +52,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from haltrace.trace.backends import check_supported, check_vision_inputs, default_position_ids, select_positions
+from haltrace.trace.backends import (
+    check_supported,
+    check_vision_inputs,
+    default_position_ids,
+    select_positions,
+)
 from haltrace.trace.capture import Capture, parse_hooks, resolve_positions
 
 if TYPE_CHECKING:
