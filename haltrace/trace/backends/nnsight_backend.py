@@ -58,8 +58,9 @@ if TYPE_CHECKING:
     from haltrace.models.base import Model
     from haltrace.trace.capture import PositionSpec
 
-# hf module -> {wrapper kind -> nnsight envoy}; weak so dropping the model frees the wrappers
-_WRAPPERS: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Any]] = weakref.WeakKeyDictionary()
+# Model -> {wrapper kind -> nnsight envoy}. Keyed by the Model, not its module: a wrapper holds the module,
+# so a module key would keep itself alive through its own value and never be freed
+_WRAPPERS: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 # order in which a block's modules run: nnsight 0.8 refuses to read a value the forward already passed
 _STAGE = {"resid_pre": 0, "head_out": 1, "attn_out": 2, "attn_pattern": 2, "mlp_out": 3, "resid_post": 4}
@@ -73,7 +74,10 @@ def wrapper_for(model: Model, remote: bool | str | None = None) -> Any:
     """
     kind = "ndif" if remote is True or (isinstance(remote, str) and remote != "local") else (
         "local-remote" if remote == "local" else "local")
-    per_model = _WRAPPERS.setdefault(model.hf, {})
+    per_model = _WRAPPERS.setdefault(model, {})
+    if per_model.get("_hf") is not model.hf:  # model.hf was swapped: old wrappers trace the wrong module
+        per_model.clear()
+        per_model["_hf"] = model.hf
     if kind not in per_model:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # nnsight deprecation chatter
