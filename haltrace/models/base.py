@@ -182,16 +182,20 @@ class Model:
         return _cap.hooks(self, hooks, resolved, accumulate=accumulate)
 
     def capture(self, inputs: Mapping[str, Any], hooks: Sequence[str] | str, positions: PositionSpec = None,
-                **forward_kwargs: Any) -> Capture:
+                *, backend: str = "hooks", **forward_kwargs: Any) -> Capture:
         """One no-grad forward; returns ``Capture`` (hook name -> tensor, plus ``.output`` and ``.positions``).
 
         >>> cap = model.capture(model.prepare("a red circle"), ["resid_post.0"], positions="last")  # doctest: +SKIP
         >>> cap["resid_post.0"].shape  # doctest: +SKIP
         torch.Size([1, 1, 32])
         """
-        from haltrace.trace.capture import capture
+        if backend == "hooks":  # the default: fastest (bench/RESULTS.md), no extra packages, every adapter
+            from haltrace.trace.capture import capture
 
-        return capture(self, inputs, hooks, positions, **forward_kwargs)
+            return capture(self, inputs, hooks, positions, **forward_kwargs)
+        from haltrace.trace.backends import capture_with
+
+        return capture_with(self, inputs, hooks, positions, backend=backend, **forward_kwargs)
 
     def __repr__(self) -> str:
         kind = "VLM" if self.is_vlm else "LLM"

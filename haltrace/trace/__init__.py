@@ -15,6 +15,10 @@ _LAZY = {
     "Capture": "haltrace.trace.capture",
     "resolve_positions": "haltrace.trace.capture",
     "temporary_hooks": "haltrace.trace.capture",
+    "capture_with": "haltrace.trace.backends",
+    "logit_lens": "haltrace.trace.lens",
+    "attention_to_image": "haltrace.trace.attention",
+    "trace_generation": "haltrace.trace.generation",
 }
 
 __all__ = list(_LAZY)

@@ -291,9 +291,10 @@ def capture(
     ... # doctest: +SKIP
     """
     pos = resolve_positions(positions, inputs, model.image_token_mask)
-    with hooks(model, hooks_, pos) as cap, torch.no_grad():
+    points = parse_hooks(model, hooks_)
+    with hooks(model, [p.name for p in points], pos) as cap, torch.no_grad():
         cap.output = model.hf(**inputs, **forward_kwargs)
-    missing = [p.name for p in parse_hooks(model, hooks_) if p.name not in dict.keys(cap)]
+    missing = [p.name for p in points if p.name not in dict.keys(cap)]
     if missing:
         raise RuntimeError(f"hooks {missing} did not fire during the forward (no images in the inputs?)")
     return cap

@@ -197,11 +197,16 @@ class DecoderAdapter(Adapter):
 
     @property
     def decoder(self) -> nn.Module:
+        # cached: get_decoder() costs ~40 us and every hook lookup goes through here (bench_trace overhead)
+        cached = self.__dict__.get("_decoder")
+        if cached is not None:
+            return cached
         inner = getattr(self.hf, "model", self.hf)
         lm = getattr(inner, "language_model", None)
-        if lm is not None:
-            return lm
-        return self.hf.get_decoder() if hasattr(self.hf, "get_decoder") else inner
+        if lm is None:
+            lm = self.hf.get_decoder() if hasattr(self.hf, "get_decoder") else inner
+        self.__dict__["_decoder"] = lm
+        return lm
 
     @property
     def layers(self) -> Sequence[nn.Module]:
