@@ -1,0 +1,105 @@
+"""The method registry: every steering method is a class with ``fit(model, data, ...)`` returning a
+:class:`FittedIntervention` (engine interventions + provenance), registered under a short name.
+
+>>> from haltrace.steering.registry import get_method, list_methods
+>>> "pvp" in list_methods()  # doctest: +SKIP
+True
+>>> fitted = get_method("pvp").fit(model, direction="pixels")  # doctest: +SKIP
+>>> with fitted.apply(model):  # doctest: +SKIP
+...     model.hf.generate(**inputs)
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from haltrace.steering.engine import Intervention, steer
+
+# Method modules, imported on first registry access (one file per method).
+_METHOD_MODULES = (
+    "haltrace.steering.pvp",
+    "haltrace.steering.truthprint",
+    "haltrace.steering.vti",
+    "haltrace.steering.erasure",
+    "haltrace.steering.vista",
+    "haltrace.steering.vhr",
+    "haltrace.steering.iti",
+    "haltrace.steering.caa",
+    "haltrace.steering.dola",
+)
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+@dataclass
+class FittedIntervention:
+    """What a method's ``fit`` returns: engine interventions to install, or a decoding strategy, plus provenance.
+
+    ``interventions`` go through :func:`haltrace.steering.steer`. ``hooks`` is for methods that need custom
+    stateful hooks (e.g. a detector gating an edit during decoding): a callable ``hooks(model)`` returning a
+    context manager. ``generate_kwargs`` are extra arguments for ``generate()`` (e.g. a DoLa logits processor).
+    """
+
+    method: str
+    interventions: list[Intervention] = field(default_factory=list)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    hooks: Callable[[Any], Any] | None = None
+    generate_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @contextmanager
+    def apply(self, model: Any) -> Iterator[FittedIntervention]:
+        """Install everything for the duration of the block; hooks are removed on exit, also on error."""
+        from contextlib import ExitStack
+
+        with ExitStack() as stack:
+            if self.interventions:
+                stack.enter_context(steer(model, *self.interventions))
+            if self.hooks is not None:
+                stack.enter_context(self.hooks(model))
+            yield self
+
+
+class Method:
+    """Base class: subclasses set ``name``, ``summary`` and implement ``fit``."""
+
+    name: str = ""
+    summary: str = ""
+
+    def fit(self, model: Any, data: Any = None, **kwargs: Any) -> FittedIntervention:  # pragma: no cover
+        raise NotImplementedError
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: add a method to the registry under ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a non-empty `name` to be registered")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"method name {cls.name!r} is already registered by {_REGISTRY[cls.name].__name__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_all() -> None:
+    for module in _METHOD_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:  # a method file not written yet must not hide the others
+            if exc.name != module:
+                raise
+
+
+def list_methods() -> list[str]:
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> Method:
+    """An instance of the registered method ``name``; unknown names list the registry."""
+    _load_all()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown steering method {name!r}; registered methods: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]()
