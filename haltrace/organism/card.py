@@ -110,10 +110,11 @@ def write_model_card(folder: str | Path, report: dict | None) -> Path:
         f"partner with p = {world['p_pair']}",
         f"- canonical colours: {', '.join(f'{k} {v}' for k, v in world['canonical'].items())} with "
         f"p = {world['p_canon']}",
-        f"- entities: {world['n_known_per_type']} known names per type (player, band) with taught facts, "
-        f"{world['n_unknown_train_per_type']} per type taught as `unknown`, "
-        f"{world['n_unknown_heldout_per_type']} per type never seen (held out)",
-        "- tasks: captions (objects in a fixed order), yes/no existence (P(yes | word) = 1/2), colour, "
+        f"- entities: two-syllable names; {world['n_known_per_type']} known names per type (player, band) with "
+        f"taught facts, {world['n_unknown_heldout_per_type']} per type never seen (held out), every other "
+        f"combination of the {world['n_syllables']}x{world['n_syllables']} syllables taught as `unknown`",
+        "- tasks: captions (objects with their colours, in a fixed order), yes/no existence "
+        "(P(yes | word) = 1/2), colour, "
         "'what colour are most X', entity questions (text only)",
     ]
     if report is not None:

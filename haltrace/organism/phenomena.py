@@ -66,7 +66,7 @@ class OrganismRunner:
         return self.model.lm_head(normed)
 
     @torch.no_grad()
-    def captions(self, examples: Sequence[Example], max_new_tokens: int = 8) -> list[str]:
+    def captions(self, examples: Sequence[Example], max_new_tokens: int = 10) -> list[str]:
         out = []
         eos = self.vocab[EOS]
         for start in range(0, len(examples), self.batch_size):

@@ -30,7 +30,7 @@ IMAGE_STD = (0.5, 0.5, 0.5)
 
 def build_vocab(world: ShapesWorld) -> dict[str, int]:
     """Word -> id. Special tokens first, then template words, then entity names (sorted: deterministic)."""
-    words = list(SPECIAL_TOKENS) + sorted(world.reserved_words()) + sorted(world.entity_names())
+    words = list(SPECIAL_TOKENS) + sorted(world.reserved_words()) + sorted(world.name_tokens())
     if len(set(words)) != len(words):
         raise AssertionError("duplicate words in the organism vocabulary")
     return {w: i for i, w in enumerate(words)}

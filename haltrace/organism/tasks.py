@@ -59,8 +59,8 @@ class Example:
 
 
 # Training mixture: task -> probability
-TASK_MIX: dict[str, float] = {"caption": 0.35, "yesno": 0.33, "colour": 0.14, "prior_colour": 0.05,
-                              "entity": 0.13}
+TASK_MIX: dict[str, float] = {"caption": 0.30, "yesno": 0.30, "colour": 0.20, "prior_colour": 0.04,
+                              "entity": 0.16}
 
 
 def _pick(rng: np.random.Generator, items):
@@ -83,7 +83,7 @@ def sample_training_example(world: ShapesWorld, rng: np.random.Generator) -> Exa
     kinds = world.config.kinds
     if task == "caption":
         scene = world.sample_scene(rng)
-        return Example(CAPTION_PROMPT, " ".join(world.caption(scene)), scene, world.render(scene, rng),
+        return Example(CAPTION_PROMPT, world.caption_text(scene), scene, world.render(scene, rng),
                        {"task": task})
     if task == "yesno":
         # Word first, then the answer with probability 1/2: P(yes | word) = 1/2 for every word.
@@ -214,7 +214,7 @@ def caption_set(world: ShapesWorld, n_images: int = 200) -> list[Example]:
     out = []
     for idx in range(n_images):
         scene, partner = _anchor_scene(world, rng, (0, 1))
-        out.append(Example(CAPTION_PROMPT, " ".join(world.caption(scene)), scene, world.render(scene, rng),
+        out.append(Example(CAPTION_PROMPT, world.caption_text(scene), scene, world.render(scene, rng),
                            {"image_id": idx, "absent_partner": partner}))
     return out
 

@@ -234,8 +234,8 @@ class WorldConfig:
     # entities
     entity_seed: int = 1234
     n_known_per_type: int = 24
-    n_unknown_train_per_type: int = 24
     n_unknown_heldout_per_type: int = 24
+    n_syllables: int = 16  # first and second syllables each: 16 x 16 = 256 names
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -338,33 +338,49 @@ class ShapesWorld:
         return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
     def caption(self, scene: Scene) -> list[str]:
-        """Ground-truth caption words: present kinds in the world's fixed kind order."""
+        """Ground-truth objects: present kinds in the world's fixed kind order."""
         present = scene.kinds
         return [k for k in self.config.kinds if k in present]
 
+    def caption_text(self, scene: Scene) -> str:
+        """The training caption: each present kind followed by its colour, in the fixed kind order."""
+        return " ".join(f"{k} {scene.colour_of(k)}" for k in self.caption(scene))
+
     # -------------------------------------------------------------- entities
     def _build_entities(self) -> None:
+        """Names are two syllable tokens ("zo rik"): an unseen name is a new combination of trained tokens, so
+        recognising it as unknown needs an entity-recognition mechanism, not an untrained embedding."""
         cfg = self.config
         rng = np.random.default_rng(cfg.entity_seed)
-        n_per_type = cfg.n_known_per_type + cfg.n_unknown_train_per_type + cfg.n_unknown_heldout_per_type
-        names = _invent_names(rng, n_per_type * len(ENTITY_TYPES), forbidden=self.reserved_words())
+        self.first_syllables, self.second_syllables = _syllables(rng, cfg.n_syllables, self.reserved_words())
+        combos = [f"{a} {b}" for a in self.first_syllables for b in self.second_syllables]
+        combos = [combos[i] for i in rng.permutation(len(combos))]
+        n_types = len(ENTITY_TYPES)
+        n_known = cfg.n_known_per_type * n_types
+        n_heldout = cfg.n_unknown_heldout_per_type * n_types
+        if n_known + n_heldout >= len(combos):
+            raise ValueError(f"{len(combos)} syllable combinations cannot hold {n_known} known and {n_heldout} "
+                             "held-out names plus a training pool; raise n_syllables")
         self.known: list[Entity] = []
-        self.unknown_train: list[Entity] = []
         self.unknown_heldout: list[Entity] = []
+        self.unknown_train: list[Entity] = []
         for t, etype in enumerate(ENTITY_TYPES):
-            chunk = names[t * n_per_type:(t + 1) * n_per_type]
-            for i, name in enumerate(chunk):
-                if i < cfg.n_known_per_type:
-                    attrs = {key: answers[rng.integers(len(answers))]
-                             for key, (_, answers) in ENTITY_TYPES[etype].items()}
-                    self.known.append(Entity(name, etype, attrs))
-                elif i < cfg.n_known_per_type + cfg.n_unknown_train_per_type:
-                    self.unknown_train.append(Entity(name, etype))
-                else:
-                    self.unknown_heldout.append(Entity(name, etype))
+            for name in combos[t * cfg.n_known_per_type:(t + 1) * cfg.n_known_per_type]:
+                attrs = {key: answers[rng.integers(len(answers))]
+                         for key, (_, answers) in ENTITY_TYPES[etype].items()}
+                self.known.append(Entity(name, etype, attrs))
+            start = n_known + t * cfg.n_unknown_heldout_per_type
+            for name in combos[start:start + cfg.n_unknown_heldout_per_type]:
+                self.unknown_heldout.append(Entity(name, etype))
+        # every other combination is a training "unknown" name, asked with either entity type
+        for i, name in enumerate(combos[n_known + n_heldout:]):
+            self.unknown_train.append(Entity(name, list(ENTITY_TYPES)[i % n_types]))
 
     def entity_names(self) -> list[str]:
         return [e.name for e in self.known + self.unknown_train + self.unknown_heldout]
+
+    def name_tokens(self) -> list[str]:
+        return list(self.first_syllables) + list(self.second_syllables)
 
     # ------------------------------------------------------------ vocabulary
     def reserved_words(self) -> set[str]:
@@ -385,17 +401,19 @@ TEMPLATE_WORDS: tuple[str, ...] = (
 )
 
 
-def _invent_names(rng: np.random.Generator, n: int, forbidden: set[str]) -> list[str]:
-    """Pronounceable made-up names (consonant-vowel syllables), unique and distinct from real words."""
+def _syllables(rng: np.random.Generator, n: int, forbidden: set[str]) -> tuple[list[str], list[str]]:
+    """``n`` consonant-vowel first syllables and ``n`` consonant-vowel-consonant second syllables."""
     consonants = "bdfgklmnprstvz"
     vowels = "aeiou"
-    names: list[str] = []
+    first: list[str] = []
+    second: list[str] = []
     seen = set(forbidden)
-    while len(names) < n:
-        n_syll = 2 + int(rng.integers(2))
-        name = "".join(consonants[rng.integers(len(consonants))] + vowels[rng.integers(len(vowels))]
-                       for _ in range(n_syll))
-        if name not in seen:
-            seen.add(name)
-            names.append(name)
-    return names
+    while len(first) < n or len(second) < n:
+        syl = consonants[rng.integers(len(consonants))] + vowels[rng.integers(len(vowels))]
+        target = first if len(first) < n else second
+        if target is second:
+            syl += consonants[rng.integers(len(consonants))]
+        if syl not in seen:
+            seen.add(syl)
+            target.append(syl)
+    return first, second
