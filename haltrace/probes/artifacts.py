@@ -136,8 +136,13 @@ def run_probe(model: Any, pset: ProbeSet, *, out: str | Path, hook: str = "resid
     counts, _ = bag_of_tokens(ids)
     bot = fit_probes(counts[None], labels, groups, n_folds=n_folds, inner_folds=inner_folds, Cs=Cs,
                      max_dim=max_dim, seed=seed)
-    timings["probe_s"] = time.perf_counter() - t0
     best = int(torch.nan_to_num(sweep.auroc, nan=0).argmax())
+    # control task: the best layer with labels shuffled across groups (a probe that reads anything but the
+    # label should drop to ~0.5 here)
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    control = fit_probes(_Layers(store, [hooks[best]]), labels[perm], groups, n_folds=n_folds,
+                         inner_folds=inner_folds, Cs=Cs, max_dim=max_dim, seed=seed)
+    timings["probe_s"] = time.perf_counter() - t0
     metrics = {str(x): {"logreg": {"auroc": float(sweep.auroc[i]), "accuracy": float(sweep.accuracy[i]),
                                    "C": float(sweep.C[i]), "fold_C": sweep.fold_C[i].tolist()},
                         "mass_mean": {"auroc": float(sweep.mm_auroc[i]), "accuracy": float(sweep.mm_accuracy[i])}}
@@ -153,7 +158,9 @@ def run_probe(model: Any, pset: ProbeSet, *, out: str | Path, hook: str = "resid
         "metrics": metrics, "best_layer": layer_ids[best], "best_auroc": float(sweep.auroc[best]),
         "baselines": {"bag_of_tokens": {"auroc": float(bot.auroc[0]), "accuracy": float(bot.accuracy[0]),
                                         "n_token_types": int(counts.shape[1])},
-                      "majority": majority_baseline(pset.labels, groups, n_folds=n_folds, seed=seed)},
+                      "majority": majority_baseline(pset.labels, groups, n_folds=n_folds, seed=seed),
+                      "shuffled_labels": {"auroc": float(control.auroc[0]), "accuracy": float(control.accuracy[0]),
+                                          "layer": layer_ids[best]}},
         "protocol": (f"{n_folds}-fold stratified group CV (held-out metrics, out-of-fold scores); C from "
                      f"{list(Cs)} by {inner_folds}-fold group CV inside each training part; standardised on "
                      f"training rows only; L2 logistic regression (batched Newton"

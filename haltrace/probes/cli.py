@@ -42,7 +42,8 @@ def _summary(manifest: dict[str, Any]) -> Any:
         table.add_row(str(x), f"{m['logreg']['auroc']:.3f}", f"{m['logreg']['accuracy']:.3f}",
                       f"{m['logreg']['C']:g}", f"{m['mass_mean']['auroc']:.3f}", style=style)
     base = manifest["baselines"]
-    table.caption = (f"bag-of-tokens baseline AUROC {base['bag_of_tokens']['auroc']:.3f}, majority accuracy "
+    table.caption = (f"bag-of-tokens baseline AUROC {base['bag_of_tokens']['auroc']:.3f}, shuffled-label control "
+                     f"{base['shuffled_labels']['auroc']:.3f}, majority accuracy "
                      f"{base['majority']['accuracy']:.3f}; n={manifest['n']} {manifest['counts']}, "
                      f"{manifest['n_groups']} groups; {manifest['timings']['total_s']:.1f} s")
     return table

@@ -67,6 +67,8 @@ def write_probe_report(manifest: dict[str, Any], path: str | Path) -> Path:
         "bag-of-tokens baseline": f"AUROC {base['bag_of_tokens']['auroc']:.3f}" if base.get("bag_of_tokens")
         else "n/a",
         "majority baseline": f"accuracy {base['majority']['accuracy']:.3f}",
+        "shuffled-label control": (f"AUROC {base['shuffled_labels']['auroc']:.3f} at layer "
+                                   f"{base['shuffled_labels']['layer']}") if base.get("shuffled_labels") else "n/a",
         "protocol": manifest["protocol"], "layer convention": manifest["layer_convention"],
     }
     info = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())

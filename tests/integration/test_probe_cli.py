@@ -38,7 +38,7 @@ def test_entity_probe_writes_artifacts_and_reuses_store(organism, tmp_path):
     manifest = json.loads(result.stdout)
     assert manifest["task"] == "entity" and manifest["layers"] == [0, 1]
     assert manifest["label_names"] == {"0": "known", "1": "unknown"} and manifest["n_groups"] == 144
-    assert set(manifest["baselines"]) == {"bag_of_tokens", "majority"}
+    assert set(manifest["baselines"]) == {"bag_of_tokens", "majority", "shuffled_labels"}
     assert 0.0 <= manifest["metrics"]["1"]["logreg"]["auroc"] <= 1.0
     assert "output of block i" in manifest["layer_convention"]
     for name in ("probes.json", "probes.safetensors", "report.html", "vectors/probe.safetensors",
