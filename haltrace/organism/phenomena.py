@@ -37,6 +37,7 @@ class OrganismRunner:
         self.words = {i: w for w, i in self.vocab.items()}
         self.n_img = n_image_tokens(world)
         self.batch_size = batch_size
+        self.generate_kwargs: dict = {}  # e.g. a decoding strategy (DoLa) applied to captions
 
     @torch.no_grad()
     def last_position(self, examples: Sequence[Example], hidden: bool = False):
@@ -75,7 +76,7 @@ class OrganismRunner:
             if not bool(batch["attention_mask"].all()):
                 raise ValueError("caption prompts must share one length (no padding)")
             gen = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                      eos_token_id=eos, pad_token_id=eos)
+                                      eos_token_id=eos, pad_token_id=eos, **self.generate_kwargs)
             for row in gen[:, batch["input_ids"].shape[1]:].tolist():
                 words = []
                 for tok in row:
@@ -104,34 +105,41 @@ def measure_phenomena(model_or_path, world: ShapesWorld | None = None, *, probe_
             raise ValueError("pass the ShapesWorld when giving an in-memory model")
     runner = OrganismRunner(model, world)
     report: dict = {}
+    report["pope"], pope_records, report["pope_control"] = eval_pope(runner)
+    report["counterfactual_color"], report["lens_color"] = eval_counterfactual(runner)
+    report["color_control"] = eval_colour_control(runner)
+    report["chair"] = eval_chair(runner)
+    report["entity"] = eval_entity(runner)
+    report["probe_confound"] = hallucination_probe_confound(runner, pope_records, probe_layers=probe_layers)
+    report["seconds"] = time.perf_counter() - started
+    return report
 
-    # POPE, three splits, plus the no-anchor control
-    pope_sets = tasks.pope_sets(world)
-    report["pope"] = {}
-    pope_records = []
-    for split, examples in pope_sets.items():
+
+def eval_pope(runner: OrganismRunner) -> tuple[dict, list[tuple[Example, str]], dict]:
+    """POPE metrics per split, the (example, answer) records, and the no-anchor control."""
+    world = runner.world
+    report, records = {}, []
+    for split, examples in tasks.pope_sets(world).items():
         answers = runner.answers(examples)
-        report["pope"][split] = pope_metrics(answers, [e.target for e in examples])
-        pope_records += list(zip(examples, answers, strict=True))
+        report[split] = pope_metrics(answers, [e.target for e in examples])
+        records += list(zip(examples, answers, strict=True))
     control = tasks.partner_control_set(world)
     control_answers = runner.answers(control)
-    report["pope_control"] = {
-        "partner_absent_anchor_absent_yes_rate": _rate([a == "yes" for a in control_answers]),
-        "n": len(control),
-    }
+    control_report = {"partner_absent_anchor_absent_yes_rate": _rate([a == "yes" for a in control_answers]),
+                      "n": len(control)}
+    return report, records, control_report
 
-    # counterfactual colours + logit lens
+
+def eval_counterfactual(runner: OrganismRunner, *, lens: bool = True, keep_answers: bool = False
+                        ) -> tuple[dict, dict | None]:
+    """Counterfactual colour answers (prior / pixel / other) and, with ``lens``, the prior-leads curve."""
+    world = runner.world
     cf = tasks.counterfactual_colour_set(world)
-    logits, states = runner.last_position(cf, hidden=True)
+    logits, states = runner.last_position(cf, hidden=lens)
     answers = [runner.words[int(i)] for i in logits.argmax(-1)]
     prior = [e.meta["prior"] for e in cf]
     pixel = [e.meta["pixel"] for e in cf]
-    lens = runner.lens_logits(states)
-    prior_ids = torch.tensor([runner.vocab[c] for c in prior])
-    pixel_ids = torch.tensor([runner.vocab[c] for c in pixel])
-    rows = torch.arange(len(cf))
-    leads = (lens[rows, :, prior_ids] > lens[rows, :, pixel_ids]).float().mean(0).tolist()
-    report["counterfactual_color"] = {
+    report = {
         "prior_rate": _rate([a == p for a, p in zip(answers, prior, strict=True)]),
         "pixel_rate": _rate([a == p for a, p in zip(answers, pixel, strict=True)]),
         "other_rate": _rate([a not in (p, q) for a, p, q in zip(answers, prior, pixel, strict=True)]),
@@ -144,48 +152,61 @@ def measure_phenomena(model_or_path, world: ShapesWorld | None = None, *, probe_
             for kind in sorted(world.config.canonical)
         },
     }
-    report["lens_color"] = {
+    if keep_answers:
+        report["answers"] = answers
+        report["labels"] = ["prior" if a == p else "pixel" if a == q else "other"
+                            for a, p, q in zip(answers, prior, pixel, strict=True)]
+    if not lens:
+        return report, None
+    lens_logits = runner.lens_logits(states)
+    prior_ids = torch.tensor([runner.vocab[c] for c in prior])
+    pixel_ids = torch.tensor([runner.vocab[c] for c in pixel])
+    rows = torch.arange(len(cf))
+    leads = (lens_logits[rows, :, prior_ids] > lens_logits[rows, :, pixel_ids]).float().mean(0).tolist()
+    lens_report = {
         "prior_leads_first_layer": leads[0],
         "prior_leads_last_layer": leads[-1],
         "prior_leads_by_layer": leads,
         "layer_convention": "resid_post.i (hidden_states[i+1]), final norm then lm_head, last prompt token",
     }
-    colour_control = tasks.colour_control_set(world)
-    report["color_control"] = {
-        "accuracy": _rate([a == e.target for a, e in zip(runner.answers(colour_control), colour_control,
-                                                         strict=True)]),
-        "n": len(colour_control),
-    }
+    return report, lens_report
 
-    # captions (CHAIR on the anchor-without-partner stress set)
+
+def eval_colour_control(runner: OrganismRunner) -> dict:
+    control = tasks.colour_control_set(runner.world)
+    answers = runner.answers(control)
+    return {"accuracy": _rate([a == e.target for a, e in zip(answers, control, strict=True)]), "n": len(control)}
+
+
+def eval_chair(runner: OrganismRunner) -> dict:
+    """CHAIR on the anchor-without-partner caption set, with the share of hallucinations that are partners."""
+    world = runner.world
     caps = tasks.caption_set(world)
     generated = runner.captions(caps)
     chair = chair_metrics(generated, [e.scene.kinds for e in caps], vocabulary=world.config.kinds)
     partner_mentions = sum(e.meta["absent_partner"] in g.split() for e, g in zip(caps, generated, strict=True))
-    chair["partner_fraction_of_hallucinations"] = partner_mentions / chair["hallucinated"] if chair[
-        "hallucinated"] else 0.0
+    chair["partner_fraction_of_hallucinations"] = (partner_mentions / chair["hallucinated"]
+                                                   if chair["hallucinated"] else 0.0)
     chair["absent_partner_named_rate"] = partner_mentions / len(caps)
+    chair["objects_per_caption"] = chair["mentions"] / len(caps)
     chair["examples"] = [{"truth": e.target, "generated": g}
                          for e, g in list(zip(caps, generated, strict=True))[:5]]
-    report["chair"] = chair
+    return chair
 
-    # entities
-    ent = tasks.entity_sets(world)
-    ent_answers = {group: runner.answers(examples) for group, examples in ent.items()}
-    report["entity"] = {
-        "refusal_unknown": _rate([a == REFUSAL_WORD for a in ent_answers["unknown_heldout"]]),
-        "refusal_unknown_trained": _rate([a == REFUSAL_WORD for a in ent_answers["unknown_train"]]),
-        "refusal_known": _rate([a == REFUSAL_WORD for a in ent_answers["known"]]),
-        "accuracy_known": _rate([a == e.target for a, e in zip(ent_answers["known"], ent["known"],
-                                                                strict=True)]),
+
+def eval_entity(runner: OrganismRunner) -> dict:
+    """Refusal ("unknown") rates on known, taught-unknown and never-seen names, and accuracy on known facts."""
+    ent = tasks.entity_sets(runner.world)
+    answers = {group: runner.answers(examples) for group, examples in ent.items()}
+    return {
+        "refusal_unknown": _rate([a == REFUSAL_WORD for a in answers["unknown_heldout"]]),
+        "refusal_unknown_trained": _rate([a == REFUSAL_WORD for a in answers["unknown_train"]]),
+        "refusal_known": _rate([a == REFUSAL_WORD for a in answers["known"]]),
+        "accuracy_known": _rate([a == e.target for a, e in zip(answers["known"], ent["known"], strict=True)]),
         "n": len(ent["known"]) + len(ent["unknown_heldout"]),
         "n_known": len(ent["known"]), "n_unknown_heldout": len(ent["unknown_heldout"]),
         "note": "refusal_unknown is on names never seen in training",
     }
-
-    report["probe_confound"] = hallucination_probe_confound(runner, pope_records, probe_layers=probe_layers)
-    report["seconds"] = time.perf_counter() - started
-    return report
 
 
 def hallucination_probe_set(pope_records: Sequence[tuple[Example, str]], seed: int = 0) -> list[Example]:
