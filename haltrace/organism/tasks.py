@@ -59,8 +59,8 @@ class Example:
 
 
 # Training mixture: task -> probability
-TASK_MIX: dict[str, float] = {"caption": 0.30, "yesno": 0.30, "colour": 0.20, "prior_colour": 0.04,
-                              "entity": 0.16}
+TASK_MIX: dict[str, float] = {"caption": 0.30, "yesno": 0.30, "colour": 0.25, "prior_colour": 0.03,
+                              "entity": 0.12}
 
 
 def _pick(rng: np.random.Generator, items):
