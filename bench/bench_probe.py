@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--d", type=int, default=4096)
-    parser.add_argument("--max-dim", type=int, default=48)
+    parser.add_argument("--max-dim", type=int, default=32)
     parser.add_argument("--sklearn-layers", type=int, default=1, help="layers to time sklearn on (0 = skip)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()

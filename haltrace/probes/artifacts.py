@@ -91,7 +91,14 @@ class _Layers:
 def _store(model: Any, pset: ProbeSet, hooks: list[str], root: Path, batch_size: int, overwrite: bool,
            progress: bool) -> Any:
     """Harvest into ``root``; reuse a finished store that holds these hooks for this model and data."""
-    from haltrace.trace.store import MANIFEST, ActivationStore, StoreError, dataset_fingerprint, harvest, read_manifest
+    from haltrace.trace.store import (
+        MANIFEST,
+        ActivationStore,
+        StoreError,
+        dataset_fingerprint,
+        harvest,
+        read_manifest,
+    )
 
     rows = [{k: v for k, v in r.items()} for r in pset.rows]
     if (root / MANIFEST).exists() and not overwrite:
@@ -166,7 +173,7 @@ def run_probe(model: Any, pset: ProbeSet, *, out: str | Path, hook: str = "resid
                      f"training rows only; L2 logistic regression (batched Newton"
                      + (f", features projected to {sweep.info['reduced_dim']} dims per fold" if
                         sweep.info.get("reduced_dim") else "") + "); mass-mean with midpoint bias; final probe "
-                     f"refit on all rows at the C with the best out-of-fold AUROC"),
+                     "refit on all rows at the C with the best out-of-fold AUROC"),
         "timings": timings,
     }
     save_probe_artifacts(out, sweep, manifest, labels)
@@ -195,6 +202,8 @@ def save_probe_artifacts(out: str | Path, sweep: Any, manifest: dict[str, Any], 
         {k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous() for k, v in tensors.items()},
         tmp, metadata={"format": FORMAT_NAME}))
     atomic_write_text(out / "probes.json", text + "\n")
+    for name in ("probes.safetensors", "probes.json"):  # atomic temp files are created 0600
+        (out / name).chmod(0o644)
 
 
 def load_probe_artifacts(out: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

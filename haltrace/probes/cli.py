@@ -109,6 +109,7 @@ def probe(
     from haltrace.trace.store import atomic_write_text
 
     atomic_write_text(out / "probes.json", json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    (out / "probes.json").chmod(0o644)
     if as_json:
         typer.echo(json.dumps(manifest, indent=1, sort_keys=True))
     else:

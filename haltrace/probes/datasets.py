@@ -330,5 +330,11 @@ def build_task(name: str, model: Any) -> ProbeSet:
 
     world = load_world(organism_folder(model))
     pset = _BUILDERS[name](world, OrganismRunner(model.hf, world))
-    check_two_classes([r["label"] for r in pset.rows], f"task {name!r} on {model.name_or_path}")
+    labels = [r["label"] for r in pset.rows]
+    if len(set(labels)) == 1:  # the model's own behaviour decides the labels; say which behaviour was missing
+        raise ValueError(f"task {name!r} on {model.name_or_path}: all {len(labels)} examples are "
+                         f"'{pset.label_names[labels[0]]}' (none '{pset.label_names[1 - labels[0]]}'), so there is "
+                         f"nothing to separate; this model never shows the other behaviour on this task's set "
+                         f"{pset.notes or ''}".rstrip())
+    check_two_classes(labels, f"task {name!r} on {model.name_or_path}")
     return pset

@@ -129,6 +129,8 @@ class SteeringVector:
         text = json.dumps(self.manifest(), indent=1, sort_keys=True, allow_nan=False)
         atomic_write(tensor_path, lambda tmp: save_file(tensors, tmp, metadata={"haltrace": text}))
         atomic_write_text(json_path, text + "\n")
+        for p in (tensor_path, json_path):  # the atomic temp file is created 0600; a vector is meant to be shared
+            p.chmod(0o644)
         return tensor_path
 
     @classmethod

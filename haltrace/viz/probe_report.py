@@ -80,4 +80,5 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:13px}}</s
 <details><summary>manifest</summary><pre>{html.escape(json.dumps(manifest, indent=1))}</pre></details>
 </body></html>"""
     atomic_write_text(path, page)
+    Path(path).chmod(0o644)  # atomic temp files are created 0600; a report is meant to be opened by others
     return Path(path)

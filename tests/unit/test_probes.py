@@ -10,7 +10,14 @@ import torch
 
 from haltrace.probes.artifacts import layer_convention, parse_layers
 from haltrace.probes.datasets import TASKS, build_task, cut_at_word, load_jsonl, organism_folder
-from haltrace.probes.linear import _split_masks, auroc, bag_of_tokens, fit_probes, group_folds, majority_baseline
+from haltrace.probes.linear import (
+    _split_masks,
+    auroc,
+    bag_of_tokens,
+    fit_probes,
+    group_folds,
+    majority_baseline,
+)
 
 
 def _data(n=240, d=12, layers=2, seed=0):
