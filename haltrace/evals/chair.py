@@ -7,6 +7,11 @@ canonical word (through ``synonyms``) is not in the image's ground-truth set. Al
 
 >>> chair_metrics(["fork knife", "cup"], [{"fork"}, {"cup"}], vocabulary={"fork", "knife", "cup"})["chair_i"]
 0.3333333333333333
+
+Synonyms come from the original's ``data/synonyms.txt`` format (:func:`haltrace.evals.formats.read_synonyms`).
+Two-word names ("hot dog", "dining table") are merged into one token first via ``phrases`` (the original's
+``double_word_dict``); singularisation (the original's ``pattern.en.singularize``) is not applied, so
+plural mentions count only where the synonym table lists the plural.
 """
 
 from __future__ import annotations
@@ -14,16 +19,45 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 
+def default_phrases(synonyms: Mapping[str, str] | None) -> dict[str, str]:
+    """Two-word synonym entries ("dining table" -> "dining table") as a phrase table for merging.
+
+    >>> default_phrases({"hot dog": "hot dog", "dog": "dog"})
+    {'hot dog': 'hot dog'}
+    """
+    return {w: w for w in (synonyms or {}) if len(w.split()) == 2}
+
+
+def _merge_phrases(words: list[str], phrases: Mapping[str, str]) -> list[str]:
+    # greedy left-to-right, as the original merges bigrams before looking words up
+    out, i = [], 0
+    while i < len(words):
+        pair = " ".join(words[i:i + 2])
+        if i + 1 < len(words) and pair in phrases:
+            out.append(phrases[pair])
+            i += 2
+        else:
+            out.append(words[i])
+            i += 1
+    return out
+
+
 def caption_objects(caption: str, vocabulary: Iterable[str],
-                    synonyms: Mapping[str, str] | None = None) -> list[str]:
+                    synonyms: Mapping[str, str] | None = None,
+                    phrases: Mapping[str, str] | None = None) -> list[str]:
     """Canonical object words mentioned in a caption, in order, repeats kept.
 
-    Lower-cases, strips punctuation, maps each word through ``synonyms`` (word -> canonical), keeps words in
-    ``vocabulary``. (COCO's two-word compounds and singularisation live in the COCO reader, not here.)
+    Lower-cases, strips punctuation, merges two-word ``phrases`` (bigram -> token, e.g. "hot dog"), maps each
+    word through ``synonyms`` (word -> canonical), keeps words in ``vocabulary``.
+
+    >>> caption_objects("A hot dog and a puppy.", {"hot dog", "dog"}, {"puppy": "dog"}, {"hot dog": "hot dog"})
+    ['hot dog', 'dog']
     """
     vocab = set(vocabulary)
     synonyms = synonyms or {}
     words = "".join(ch if ch.isalnum() or ch.isspace() else " " for ch in caption.lower()).split()
+    if phrases:
+        words = _merge_phrases(words, phrases)
     found = []
     for word in words:
         canonical = synonyms.get(word, word)
@@ -33,8 +67,12 @@ def caption_objects(caption: str, vocabulary: Iterable[str],
 
 
 def chair_metrics(captions: Sequence[str], truths: Sequence[Iterable[str]], *, vocabulary: Iterable[str],
-                  synonyms: Mapping[str, str] | None = None) -> dict[str, float]:
-    """CHAIR_s, CHAIR_i, recall, mean length, and the hallucinated words with their counts."""
+                  synonyms: Mapping[str, str] | None = None,
+                  phrases: Mapping[str, str] | None = None) -> dict[str, float]:
+    """CHAIR_s, CHAIR_i, recall, mean length, and the hallucinated words with their counts.
+
+    Ground-truth objects are mapped through ``synonyms`` too, so "puppy" in a truth list means "dog".
+    """
     if len(captions) != len(truths):
         raise ValueError(f"{len(captions)} captions but {len(truths)} ground-truth sets")
     if not captions:
@@ -44,8 +82,8 @@ def chair_metrics(captions: Sequence[str], truths: Sequence[Iterable[str]], *, v
     words = 0
     hallucinated_words: dict[str, int] = {}
     for caption, truth in zip(captions, truths, strict=True):
-        truth = set(truth)
-        objects = caption_objects(caption, vocab, synonyms)
+        truth = {(synonyms or {}).get(t, t) for t in truth}
+        objects = caption_objects(caption, vocab, synonyms, phrases)
         bad = [o for o in objects if o not in truth]
         mentions += len(objects)
         hallucinated += len(bad)

@@ -1,0 +1,262 @@
+"""Readers and writers for the official evaluation file formats, and scoring straight from files.
+
+POPE (``RUCAIBox/POPE``)
+    questions: JSONL ``{"question_id", "image", "text", "label"}``; answers: JSONL ``{"question", "answer"}``,
+    aligned with the questions **by line order** (as the official ``evaluate.py`` does).
+CHAIR (``LisaAnne/Hallucination``)
+    synonyms: ``data/synonyms.txt``, one line per class, comma-separated, first entry = canonical name;
+    captions: LVLM JSONL ``{"image_id", "caption"}`` or the original's JSON dict with ``imgToEval``
+    (``image_id -> {"caption", ...}``); ground truth: JSON ``{image: [objects]}`` (what
+    ``haltrace organism eval --write-sets`` writes to ``chair/objects.json``).
+Counterfactual colour / entities
+    the organism's exported ``counterfactual_color.jsonl`` / ``entities.jsonl``, with answer JSONL
+    ``{"question_id", "answer"}`` (or ``{"question", "answer"}``) aligned by line order.
+
+Writers are atomic (temp file + rename), so a reader never sees a half-written file.
+
+>>> write_pope_questions("/tmp/q.jsonl", [{"question_id": 1, "image": "a.png", "text": "Is there a cat?",
+...                                          "label": "yes"}])                                  # doctest: +SKIP
+>>> score_pope_files({"random": "/tmp/q.jsonl"}, {"random": "/tmp/a.jsonl"})["random"]["f1"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from haltrace.evals.chair import chair_metrics, default_phrases
+from haltrace.evals.counterfactual import counterfactual_rates, label_answers
+from haltrace.evals.pope import pope_metrics, pope_summary
+from haltrace.evals.refusal import refusal_report
+
+POPE_QUESTION_KEYS = ("question_id", "image", "text", "label")
+
+
+class FormatError(ValueError):
+    """An evaluation file is missing, malformed or does not match its partner file."""
+
+
+def _atomic_text(path: str | Path, text: str) -> Path:
+    from haltrace.trace.store import atomic_write_text
+
+    path = Path(path)
+    atomic_write_text(path, text)
+    path.chmod(0o644)  # the temp file is created 0600; result files are meant to be shared
+    return path
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Rows of a JSONL file (blank lines skipped); errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FormatError(f"{path} not found")
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise FormatError(f"{path}:{i} is not valid JSON ({exc.msg}); expected one JSON object per line") from None
+        if not isinstance(row, dict):
+            raise FormatError(f"{path}:{i} holds a {type(row).__name__}, expected a JSON object")
+        rows.append(row)
+    return rows
+
+
+def write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
+    """Write rows as JSONL, atomically."""
+    return _atomic_text(path, "".join(json.dumps(dict(r)) + "\n" for r in rows))
+
+
+def _require(rows: Sequence[dict], keys: Sequence[str], path: str | Path, what: str) -> None:
+    for i, row in enumerate(rows, 1):
+        missing = [k for k in keys if k not in row]
+        if missing:
+            raise FormatError(f"{path}: row {i} lacks {missing}; {what} rows need {list(keys)}")
+
+
+# ------------------------------------------------------------------------------------------------ POPE
+def read_pope_questions(path: str | Path) -> list[dict]:
+    """Official POPE question JSONL; checks keys and that labels are 'yes'/'no'."""
+    rows = read_jsonl(path)
+    _require(rows, POPE_QUESTION_KEYS, path, "POPE question")
+    bad = sorted({str(r["label"]) for r in rows} - {"yes", "no"})
+    if bad:
+        raise FormatError(f"{path}: POPE labels must be 'yes' or 'no', found {bad}")
+    return rows
+
+
+def write_pope_questions(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
+    rows = [{k: r[k] for k in POPE_QUESTION_KEYS} for r in rows]
+    return write_jsonl(path, rows)
+
+
+def read_pope_answers(path: str | Path) -> list[str]:
+    """Answer strings of a POPE answer JSONL (``{"question", "answer"}``), in line order."""
+    rows = read_jsonl(path)
+    _require(rows, ("answer",), path, "POPE answer")
+    return [str(r["answer"]) for r in rows]
+
+
+def write_pope_answers(path: str | Path, questions: Sequence[Mapping[str, Any]], answers: Sequence[str]) -> Path:
+    """Answers aligned with ``questions`` by order, as ``{"question", "answer"}`` lines."""
+    if len(questions) != len(answers):
+        raise FormatError(f"{len(questions)} questions but {len(answers)} answers")
+    return write_jsonl(path, ({"question": q["text"], "answer": a} for q, a in zip(questions, answers, strict=True)))
+
+
+def score_pope_files(questions: Mapping[str, str | Path], answers: Mapping[str, str | Path], *,
+                     parser: str = "official") -> dict:
+    """POPE metrics per split from official files; ``questions``/``answers`` map split -> file.
+
+    Adds ``summary`` (mean F1/accuracy/yes-ratio over the splits) and the ``parser`` used.
+    """
+    if set(questions) != set(answers):
+        raise FormatError(f"question splits {sorted(questions)} and answer splits {sorted(answers)} differ")
+    out: dict = {}
+    for split in questions:
+        qs = read_pope_questions(questions[split])
+        ans = read_pope_answers(answers[split])
+        if len(qs) != len(ans):
+            raise FormatError(f"split {split!r}: {len(qs)} questions in {questions[split]} but {len(ans)} answers "
+                              f"in {answers[split]}; answers are aligned by line order, one per question")
+        out[split] = pope_metrics(ans, [r["label"] for r in qs], parser=parser)
+    out["summary"] = pope_summary({s: out[s] for s in questions})
+    out["parser"] = parser
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- CHAIR
+def read_synonyms(path: str | Path) -> tuple[list[str], dict[str, str]]:
+    """``data/synonyms.txt`` -> (canonical vocabulary, word -> canonical).
+
+    Entries are stripped, so the original's double-space entries ("scooter,  motor bike") match too.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FormatError(f"{path} not found; expected CHAIR's synonyms.txt (one class per line, "
+                          "comma-separated, canonical name first)")
+    vocab, inverse = [], {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        words = [w.strip().lower() for w in line.split(",") if w.strip()]
+        if not words:
+            continue
+        vocab.append(words[0])
+        for w in words:
+            inverse.setdefault(w, words[0])
+    if not vocab:
+        raise FormatError(f"{path} holds no synonym lines")
+    return vocab, inverse
+
+
+def write_synonyms(path: str | Path, classes: Mapping[str, Sequence[str]]) -> Path:
+    """``{canonical: [synonyms...]}`` -> synonyms.txt lines ``canonical, syn1, syn2``."""
+    return _atomic_text(path, "".join(", ".join([c, *[s for s in syns if s != c]]) + "\n"
+                                      for c, syns in classes.items()))
+
+
+def read_captions(path: str | Path) -> dict[str, str]:
+    """Captions keyed by image id (as a string) from LVLM JSONL or the original's ``imgToEval`` JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise FormatError(f"{path} not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = None  # JSONL: several objects, one per line
+    if isinstance(data, dict) and "imgToEval" in data:
+        return {str(k): str(v["caption"]) for k, v in data["imgToEval"].items()}
+    rows = [data] if isinstance(data, dict) else read_jsonl(path)
+    _require(rows, ("image_id", "caption"), path, "caption")
+    return {str(r["image_id"]): str(r["caption"]) for r in rows}
+
+
+def write_captions(path: str | Path, captions: Mapping[Any, str], *, style: str = "jsonl") -> Path:
+    """Write captions as LVLM JSONL (``style="jsonl"``) or the original's ``imgToEval`` dict (``"imgtoeval"``)."""
+    if style == "jsonl":
+        return write_jsonl(path, ({"image_id": k, "caption": c} for k, c in captions.items()))
+    if style == "imgtoeval":
+        data = {"overall": {}, "imgToEval": {str(k): {"image_id": k, "caption": c} for k, c in captions.items()}}
+        return _atomic_text(path, json.dumps(data, indent=1) + "\n")
+    raise ValueError(f"unknown caption style {style!r}; choose 'jsonl' or 'imgtoeval'")
+
+
+def read_objects(path: str | Path) -> dict[str, list[str]]:
+    """Per-image ground-truth objects, JSON ``{image: [objects]}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FormatError(f"{path} not found; expected JSON {{image: [objects]}}")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
+        raise FormatError(f"{path}: expected a JSON object mapping each image to a list of objects")
+    return {str(k): [str(o) for o in v] for k, v in data.items()}
+
+
+def write_objects(path: str | Path, objects: Mapping[Any, Iterable[str]]) -> Path:
+    return _atomic_text(path, json.dumps({str(k): sorted(v) for k, v in objects.items()}, indent=1) + "\n")
+
+
+def _image_key(key: str, objects: Mapping[str, Any]) -> str | None:
+    # captions may be keyed by numeric id while objects are keyed by file name (caption_0007.png)
+    if key in objects:
+        return key
+    if key.isdigit():
+        hits = [k for k in objects if "".join(ch for ch in Path(k).stem if ch.isdigit()).lstrip("0") ==
+                (key.lstrip("0") or "0")]
+        if len(hits) == 1:
+            return hits[0]
+    return None
+
+
+def score_chair_files(captions: str | Path, objects: str | Path, synonyms: str | Path | None = None) -> dict:
+    """CHAIR from files. Without ``synonyms`` the vocabulary is every object in the ground truth."""
+    caps = read_captions(captions)
+    truth = read_objects(objects)
+    if synonyms is not None:
+        vocab, inverse = read_synonyms(synonyms)
+    else:
+        vocab, inverse = sorted({o for objs in truth.values() for o in objs}), {}
+    keys, missing = [], []
+    for k in caps:
+        match = _image_key(k, truth)
+        (keys.append((k, match)) if match is not None else missing.append(k))
+    if missing:
+        raise FormatError(f"{len(missing)} captioned images have no ground truth in {objects} "
+                          f"(first: {missing[:3]}); caption image ids must match its keys")
+    out = chair_metrics([caps[k] for k, _ in keys], [truth[m] for _, m in keys], vocabulary=vocab,
+                        synonyms=inverse, phrases=default_phrases(inverse))
+    out["synonyms"] = str(synonyms) if synonyms is not None else None
+    return out
+
+
+# ------------------------------------------------------------------------------- counterfactual / refusal
+def _answers_by_order(path: str | Path, n: int, partner: str | Path) -> list[str]:
+    rows = read_jsonl(path)
+    _require(rows, ("answer",), path, "answer")
+    if len(rows) != n:
+        raise FormatError(f"{n} items in {partner} but {len(rows)} answers in {path}; aligned by line order")
+    return [str(r["answer"]) for r in rows]
+
+
+def score_counterfactual_files(items: str | Path, answers: str | Path) -> dict:
+    """Prior/pixel/other rates (and per-item ``labels``) from ``counterfactual_color.jsonl`` + answers."""
+    rows = read_jsonl(items)
+    _require(rows, ("prior", "pixel"), items, "counterfactual")
+    labels = label_answers(_answers_by_order(answers, len(rows), items), [r["prior"] for r in rows],
+                           [r["pixel"] for r in rows])
+    return counterfactual_rates(labels) | {"labels": labels}
+
+
+def score_refusal_files(items: str | Path, answers: str | Path, detector: str = "organism") -> dict:
+    """Refusal rate per ``group`` from ``entities.jsonl`` + answers, with the detector's rule recorded."""
+    rows = read_jsonl(items)
+    _require(rows, ("group",), items, "entity")
+    texts = _answers_by_order(answers, len(rows), items)
+    groups: dict[str, list[str]] = {}
+    for row, text in zip(rows, texts, strict=True):
+        groups.setdefault(str(row["group"]), []).append(text)
+    return refusal_report(groups, detector)
