@@ -1,0 +1,303 @@
+"""``haltrace steer`` and ``haltrace eval``: fit a steering method, measure before/after, save it; baselines.
+
+Examples::
+
+    haltrace eval --model shapes-llava --eval pope,chair                    # baseline on the organism
+    haltrace eval --pope-questions q/pope_adversarial.jsonl --pope-answers a/pope_adversarial.jsonl
+    haltrace eval --captions caps.jsonl --objects chair/objects.json --synonyms synonyms.txt --json
+    haltrace steer --method pvp --model shapes-llava --eval pope,counterfactual --alpha 4 --out runs/pvp
+    haltrace steer --method vti --opt positions=last --opt n_pairs=64 --json
+    haltrace steer --method all --results artifacts/results/organism.md    # every registered method
+
+``--opt key=value`` values are read as JSON when they parse (``4``, ``true``, ``[1,2]``), else as strings.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+app = typer.Typer(help="Steer a model with a registered method and measure it.", no_args_is_help=True)
+
+DEFAULT_EVALS = "pope,chair,counterfactual,refusal"
+DEFAULT_RESULTS = "artifacts/results/organism.md"
+
+
+def _console(quiet: bool):
+    from rich.console import Console
+
+    # progress goes to stderr so that --json leaves stdout as exactly one object
+    return Console(stderr=True, quiet=quiet)
+
+
+def _stdout():
+    from rich.console import Console
+
+    return Console()
+
+
+def _parse_evals(text: str) -> list[str]:
+    from haltrace.evals.suite import EVALS
+
+    names = [e.strip() for e in text.split(",") if e.strip()]
+    bad = [e for e in names if e not in EVALS]
+    if bad or not names:
+        raise typer.BadParameter(f"unknown evaluation(s) {bad or '(none given)'}; choose from "
+                                 f"{', '.join(EVALS)} (comma-separated)", param_hint="--eval")
+    return names
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _parse_opts(opts: list[str], alpha: float | None, layer: int | None) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    for opt in opts:
+        key, sep, value = opt.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"{opt!r} is not key=value (e.g. --opt positions=last)", param_hint="--opt")
+        kwargs[key.strip()] = _parse_value(value)
+    if alpha is not None:
+        kwargs["alpha"] = alpha
+    if layer is not None:
+        kwargs["layer"] = layer
+    return kwargs
+
+
+def _load(model: str, console) -> Any:
+    import haltrace
+
+    with console.status(f"loading {model} ..."):
+        try:
+            return haltrace.load(model)
+        except (FileNotFoundError, OSError, ValueError) as exc:
+            raise typer.BadParameter(f"cannot load {model!r}: {exc}", param_hint="--model") from None
+
+
+def _evaluate(model: Any, evals: list[str], console, label: str, fitted: Any = None) -> dict:
+    from haltrace.evals.suite import evaluate
+
+    with console.status(f"evaluating {label} on {', '.join(evals)} ..."):
+        try:
+            return evaluate(model, evals, fitted=fitted, keep_answers=True)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--model") from None
+
+
+def _strip(report: dict) -> dict:
+    """The report without per-item answers (kept in memory for flip rates, too long to print)."""
+    out = json.loads(json.dumps(report, default=str))
+    out.get("counterfactual", {}).pop("answers", None)
+    out.get("counterfactual", {}).pop("labels", None)
+    return out
+
+
+def _fmt(value: float | None, rel: bool = False) -> str:
+    if value is None:
+        return "–"
+    return f"{value:+.1%}" if rel else f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+
+
+def _print_comparison(console, rows: list[dict], title: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col, justify in (("metric", "left"), ("before", "right"), ("after", "right"), ("change", "right"),
+                         ("relative", "right")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for row in rows:
+        change = row["change"]
+        style = "" if abs(change) < 1e-9 else "bold"
+        table.add_row(row["metric"], _fmt(row["before"]), _fmt(row["after"]), f"{change:+.3f}",
+                      _fmt(row["relative"], rel=True), style=style)
+    console.print(table)
+
+
+def _print_metrics(console, metrics: dict[str, float], title: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, _fmt(value))
+    console.print(table)
+
+
+@app.command("steer")
+def steer_cmd(
+    method: str = typer.Option(..., "--method", "-m", help="Registered method name, or 'all' for the results "
+                                                           "table of every registered method."),
+    model: str = typer.Option("shapes-llava", "--model", help="Organism name or folder (the built-in "
+                                                              "evaluations need a ShapesWorld organism)."),
+    evals: str = typer.Option(DEFAULT_EVALS, "--eval", help="Comma-separated: pope, chair, counterfactual, "
+                                                            "refusal, colour_control."),
+    out: Path | None = typer.Option(None, "--out", help="Folder for intervention.safetensors + "
+                                                        "intervention.json (+ report.json); with --method all, "
+                                                        "one subfolder per method."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+    alpha: float | None = typer.Option(None, "--alpha", help="Passed to the method's fit as alpha=."),
+    layer: int | None = typer.Option(None, "--layer", help="Passed to the method's fit as layer= "
+                                                           "(resid_post.<layer> = output of block layer)."),
+    opt: list[str] = typer.Option([], "--opt", help="Extra fit option key=value (repeatable)."),
+    results: Path | None = typer.Option(None, "--results", help=f"With --method all: the Markdown table to "
+                                                                f"write (default {DEFAULT_RESULTS}); a .json "
+                                                                "twin is written next to it."),
+) -> None:
+    """Fit a steering method, evaluate before and after, print the change, and save the intervention."""
+    from haltrace.steering.registry import get_method, list_methods
+
+    eval_names = _parse_evals(evals)
+    kwargs = _parse_opts(opt, alpha, layer)
+    console = _console(as_json)
+    if method == "all":
+        _steer_all(model, eval_names, kwargs, out, results or Path(DEFAULT_RESULTS), as_json, console)
+        return
+    try:
+        impl = get_method(method)
+    except ValueError as exc:  # lists the registry
+        raise typer.BadParameter(str(exc), param_hint="--method") from None
+    if results is not None:
+        raise typer.BadParameter("--results goes with --method all; for one method use --out/--json",
+                                 param_hint="--results")
+    hf_model = _load(model, console)
+    before = _evaluate(hf_model, eval_names, console, "baseline")
+    started = time.perf_counter()
+    with console.status(f"fitting {method} ..."):
+        try:
+            fitted = impl.fit(hf_model, **kwargs)
+        except TypeError as exc:  # usually an option the method does not take
+            raise typer.BadParameter(f"{method}.fit rejected the options {sorted(kwargs)}: {exc}",
+                                     param_hint="--opt") from None
+    fit_seconds = time.perf_counter() - started
+    after = _evaluate(hf_model, eval_names, console, method, fitted)
+
+    from haltrace.evals.counterfactual import flip_rates
+    from haltrace.steering.results import _jsonable, compare, save_fitted
+
+    flips = (flip_rates(before["counterfactual"]["labels"], after["counterfactual"]["labels"])
+             if "counterfactual" in eval_names else None)
+    rows = compare(before, after, flips)
+    payload = {"method": method, "model": model, "evals": eval_names, "options": kwargs,
+               "fit_seconds": fit_seconds, "comparison": rows, "flips": flips,
+               "before": _strip(before), "after": _strip(after),
+               "provenance": _jsonable(dict(fitted.provenance), {}, "provenance"),
+               "registered_methods": list_methods()}
+    if out is not None:
+        saved = save_fitted(fitted, out, extra={"model": model, "options": kwargs})
+        from haltrace.trace.store import atomic_write_text
+
+        report_path = Path(out) / "report.json"
+        atomic_write_text(report_path, json.dumps(payload, indent=1, default=str) + "\n")
+        payload["saved"] = {k: str(v) for k, v in saved.items()} | {"report": str(report_path)}
+    if as_json:
+        typer.echo(json.dumps(payload, default=str))
+        return
+    out_console = _stdout()  # tables go to stdout
+    _print_comparison(out_console, rows, f"{method} on {model} (fit {fit_seconds:.1f} s)")
+    if out is not None:
+        out_console.print(f"saved {payload['saved']['safetensors']} and {payload['saved']['json']}")
+
+
+def _steer_all(model: str, evals: list[str], kwargs: dict, out: Path | None, results: Path, as_json: bool,
+               console) -> None:
+    from haltrace.steering.results import results_json, run_methods, save_fitted, write_results
+
+    hf_model = _load(model, console)
+    with console.status("baseline ...") as status:
+        try:
+            run = run_methods(hf_model, evals, on_step=lambda name: status.update(f"{name}: fitting and "
+                                                                                  "evaluating ..."),
+                              fit_kwargs=None if not kwargs else _broadcast(kwargs))
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--model") from None
+    command = "haltrace " + " ".join(sys.argv[1:]) if sys.argv[1:] else "haltrace steer --method all"
+    paths = write_results(results, run, command=command)
+    if out is not None:
+        for row in run["rows"]:
+            if "fitted" in row:
+                save_fitted(row["fitted"], Path(out) / row["method"], extra={"model": model})
+    if as_json:
+        typer.echo(json.dumps(results_json(run) | {"written": {k: str(v) for k, v in paths.items()}}))
+        return
+    out_console = _stdout()
+    out_console.print(paths["markdown"].read_text())
+    out_console.print(f"wrote {paths['markdown']} and {paths['json']}")
+
+
+def _broadcast(kwargs: dict) -> dict:
+    from haltrace.steering.registry import list_methods
+
+    return {name: kwargs for name in list_methods()}
+
+
+def _split_files(values: list[str], flag: str) -> dict[str, str]:
+    """``split=path`` or a bare path whose name holds the split (``pope_adversarial.jsonl``)."""
+    from haltrace.evals.pope import SPLITS
+
+    out = {}
+    for value in values:
+        split, sep, path = value.partition("=")
+        if not sep:
+            path = value
+            found = [s for s in SPLITS if s in Path(value).name]
+            split = found[0] if len(found) == 1 else Path(value).stem
+        out[split] = path
+    if len(out) != len(values):
+        raise typer.BadParameter(f"two {flag} files for the same split; use split=path", param_hint=flag)
+    return out
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str | None = typer.Option(None, "--model", help="Organism name or folder (default shapes-llava "
+                                                           "when no files are given)."),
+    evals: str = typer.Option(DEFAULT_EVALS, "--eval", help="Comma-separated organism evaluations."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    pope_questions: list[str] = typer.Option([], "--pope-questions", help="Official POPE question JSONL "
+                                                                          "([split=]path, repeatable)."),
+    pope_answers: list[str] = typer.Option([], "--pope-answers", help="POPE answer JSONL {question, answer}, "
+                                                                      "aligned by line ([split=]path)."),
+    parser: str = typer.Option("official", "--parser", help="POPE answer parser: official or lvlm-lp."),
+    captions: Path | None = typer.Option(None, "--captions", help="CHAIR captions: JSONL {image_id, caption} "
+                                                                  "or the original's imgToEval JSON."),
+    objects: Path | None = typer.Option(None, "--objects", help="CHAIR ground truth JSON {image: [objects]}."),
+    synonyms: Path | None = typer.Option(None, "--synonyms", help="CHAIR synonyms.txt (canonical first)."),
+) -> None:
+    """Baseline evaluation: the organism's held-out sets, or official POPE/CHAIR files (no model needed)."""
+    from haltrace.evals import formats
+    from haltrace.steering.results import flatten_metrics
+
+    console = _console(as_json)
+    files = bool(pope_questions or pope_answers or captions or objects)
+    report: dict[str, Any] = {}
+    try:
+        if pope_questions or pope_answers:
+            report["pope"] = formats.score_pope_files(_split_files(pope_questions, "--pope-questions"),
+                                                      _split_files(pope_answers, "--pope-answers"), parser=parser)
+        if captions or objects:
+            if not (captions and objects):
+                raise typer.BadParameter("CHAIR needs both --captions and --objects", param_hint="--captions")
+            report["chair"] = formats.score_chair_files(captions, objects, synonyms)
+    except (formats.FormatError, ValueError) as exc:
+        if isinstance(exc, typer.BadParameter):
+            raise
+        raise typer.BadParameter(str(exc)) from None
+    if model is not None or not files:
+        name = model or "shapes-llava"
+        eval_names = _parse_evals(evals)
+        report.update(_strip(_evaluate(_load(name, console), eval_names, console, name)))
+    metrics = flatten_metrics(report)
+    if as_json:
+        typer.echo(json.dumps({"model": model, "metrics": metrics, "report": report}, default=str))
+        return
+    _print_metrics(_stdout(), metrics, f"baseline: {model or 'files'}")

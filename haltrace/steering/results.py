@@ -1,0 +1,324 @@
+"""Before/after comparisons, saved interventions, and the all-methods results table on the organism.
+
+>>> import haltrace
+>>> from haltrace.steering.results import run_methods, write_results
+>>> model = haltrace.load("shapes-llava")                                       # doctest: +SKIP
+>>> run = run_methods(model, ["pope", "chair", "counterfactual", "refusal"])    # doctest: +SKIP
+>>> write_results("artifacts/results/organism.md", run, command="haltrace steer --method all")  # doctest: +SKIP
+
+A saved intervention is ``DIR/intervention.safetensors`` (every tensor of its engine interventions and of its
+provenance) plus ``DIR/intervention.json`` (method, provenance, and each intervention's type, hook, positions,
+phase and scalars, naming its tensors). :func:`load_fitted` rebuilds the engine interventions from them.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_NAME = "haltrace.fitted_intervention"
+FORMAT_VERSION = 1
+
+# (flat key, label, rate?) -- the headline metrics of the results table, in column order
+HEADLINE: list[tuple[str, str, bool]] = [
+    ("pope.adversarial.false_yes_rate", "POPE adv false-yes", True),
+    ("pope.adversarial.recall", "POPE adv recall", True),
+    ("chair.chair_i", "CHAIR_i", True),
+    ("chair.mean_length", "caption length", False),
+    ("counterfactual.pixel_rate", "CF pixel rate", True),
+    ("counterfactual.prior_to_pixel", "CF flip prior->pixel", True),
+    ("counterfactual.pixel_to_prior", "CF flip pixel->prior", True),
+    ("refusal.refusal_unknown", "refusal (unknown)", True),
+    ("refusal.refusal_known", "refusal (known)", True),
+]
+_SKIP = {"n", "tp", "fp", "tn", "fn", "mentions", "hallucinated", "n_known", "n_unknown_heldout",
+         "n_prior", "n_pixel"}
+
+
+# ------------------------------------------------------------------------------------------ flattening
+def flatten_metrics(report: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a :func:`haltrace.evals.suite.evaluate` report as ``{"pope.adversarial.f1": 0.8}``.
+
+    Counts, per-item lists and examples are left out; ``pope.mean_f1`` is added when POPE splits are present.
+
+    >>> flatten_metrics({"chair": {"chair_i": 0.2, "n": 5, "examples": []}})
+    {'chair.chair_i': 0.2}
+    """
+    out: dict[str, float] = {}
+    for key, value in report.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            if key in ("hallucinated_words", "by_kind"):
+                continue
+            out.update(flatten_metrics(value, name + "."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key not in _SKIP:
+            out[name] = float(value)
+    if not prefix and isinstance(report.get("pope"), Mapping):
+        f1 = [v["f1"] for v in report["pope"].values() if isinstance(v, Mapping) and "f1" in v]
+        if f1:
+            out["pope.mean_f1"] = sum(f1) / len(f1)
+    return out
+
+
+def compare(before: Mapping[str, Any], after: Mapping[str, Any],
+            flips: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Rows ``{metric, before, after, change, relative}`` for every metric in both reports.
+
+    ``relative`` is ``change / before`` (None when before is 0). ``flips`` (from
+    :func:`haltrace.evals.counterfactual.flip_rates`) adds the flip rates as after-only rows.
+    """
+    b, a = flatten_metrics(before), flatten_metrics(after)
+    rows = []
+    for key in [k for k in b if k in a]:
+        change = a[key] - b[key]
+        rows.append({"metric": key, "before": b[key], "after": a[key], "change": change,
+                     "relative": change / b[key] if b[key] else None})
+    for key in ("prior_to_pixel", "pixel_to_prior"):
+        if flips and flips.get(key) is not None:
+            rows.append({"metric": f"counterfactual.{key}", "before": 0.0, "after": float(flips[key]),
+                         "change": float(flips[key]), "relative": None})
+    return rows
+
+
+# ------------------------------------------------------------------------------- saving interventions
+def _jsonable(value: Any, tensors: dict[str, torch.Tensor], key: str) -> Any:
+    """JSON-safe copy of ``value``; tensors/arrays go to ``tensors`` and are replaced by a reference."""
+    if isinstance(value, torch.Tensor) or type(value).__module__ == "numpy" and hasattr(value, "shape"):
+        t = torch.as_tensor(value).detach().cpu().contiguous()
+        if t.dim() == 0:
+            return t.item()
+        tensors[key] = t
+        return {"tensor": key, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v, tensors, f"{key}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, tensors, f"{key}.{i}") for i, v in enumerate(value)]
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else str(value)
+    return repr(value)  # callables, configs...: recorded, not restorable
+
+
+def _describe(item: Any, i: int, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    from haltrace.steering.engine import Add, Project, ScaleHeads
+
+    positions = item.positions if isinstance(item.positions, str) else [int(p) for p in item.positions]
+    row: dict[str, Any] = {"type": type(item).__name__, "hook": item.hook, "positions": positions,
+                           "phase": item.phase}
+    if isinstance(item, Add):
+        tensors[f"interventions.{i}.vector"] = item.vector.float().contiguous()
+        row.update(alpha=float(item.alpha), vector=f"interventions.{i}.vector")
+    elif isinstance(item, Project):
+        tensors[f"interventions.{i}.directions"] = item.directions.float().contiguous()
+        row.update(weight=float(item.weight), directions=f"interventions.{i}.directions")
+    elif isinstance(item, ScaleHeads):
+        row.update(heads=list(item.heads), factor=float(item.factor))
+    return row
+
+
+def save_fitted(fitted: Any, out: str | Path, *, extra: Mapping[str, Any] | None = None) -> dict[str, Path]:
+    """Write ``out/intervention.safetensors`` + ``out/intervention.json`` atomically; returns both paths.
+
+    Custom ``hooks`` and ``generate_kwargs`` cannot be stored as tensors: the JSON records that they exist
+    (``restorable: false``) so nobody mistakes the file for the whole method.
+    """
+    from safetensors.torch import save_file
+
+    from haltrace.trace.store import atomic_write, atomic_write_text
+
+    out = Path(out)
+    tensors: dict[str, torch.Tensor] = {}
+    items = [_describe(item, i, tensors) for i, item in enumerate(fitted.interventions)]
+    manifest = {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "method": fitted.method,
+        "interventions": items,
+        "provenance": _jsonable(dict(fitted.provenance), tensors, "provenance"),
+        "custom_hooks": fitted.hooks is not None,
+        "generate_kwargs": _jsonable(dict(fitted.generate_kwargs), tensors, "generate_kwargs"),
+        "restorable": fitted.hooks is None and not fitted.generate_kwargs,
+        "layer_convention": "resid_post.i = output of block i (haltrace.conventions)",
+    }
+    if extra:
+        manifest.update(_jsonable(dict(extra), tensors, "extra"))
+    text = json.dumps(manifest, indent=1, sort_keys=True, allow_nan=False)
+    paths = {"safetensors": out / "intervention.safetensors", "json": out / "intervention.json"}
+    if not tensors:  # safetensors refuses an empty dict; keep the pair of files anyway
+        tensors["empty"] = torch.zeros(0)
+    atomic_write(paths["safetensors"], lambda tmp: save_file(tensors, tmp, metadata={"haltrace": text}))
+    atomic_write_text(paths["json"], text + "\n")
+    for p in paths.values():
+        p.chmod(0o644)
+    return paths
+
+
+def load_fitted(folder: str | Path) -> Any:
+    """Rebuild a :class:`FittedIntervention` (engine interventions + provenance) from :func:`save_fitted` files."""
+    from safetensors.torch import load_file
+
+    from haltrace.steering.engine import Add, NormPreservingAdd, Project, ScaleHeads
+    from haltrace.steering.registry import FittedIntervention
+
+    folder = Path(folder)
+    json_path, tensor_path = folder / "intervention.json", folder / "intervention.safetensors"
+    if not json_path.is_file() or not tensor_path.is_file():
+        raise FileNotFoundError(f"{folder} lacks intervention.json / intervention.safetensors; "
+                                "write them with `haltrace steer --out DIR`")
+    manifest = json.loads(json_path.read_text())
+    if manifest.get("format") != FORMAT_NAME:
+        raise ValueError(f"{json_path} is not a haltrace fitted intervention (format={manifest.get('format')!r})")
+    tensors = load_file(str(tensor_path))
+    kinds = {"Add": Add, "NormPreservingAdd": NormPreservingAdd, "Project": Project, "ScaleHeads": ScaleHeads}
+    items = []
+    for row in manifest["interventions"]:
+        cls = kinds.get(row["type"])
+        if cls is None:
+            raise ValueError(f"unknown intervention type {row['type']!r} in {json_path}")
+        common = {"positions": row["positions"], "phase": row["phase"]}
+        if cls is ScaleHeads:
+            items.append(cls(row["hook"], heads=row["heads"], factor=row["factor"], **common))
+        elif cls is Project:
+            items.append(cls(row["hook"], directions=tensors[row["directions"]], weight=row["weight"], **common))
+        else:
+            items.append(cls(row["hook"], vector=tensors[row["vector"]], alpha=row["alpha"], **common))
+    return FittedIntervention(manifest["method"], items, manifest.get("provenance", {}))
+
+
+# ------------------------------------------------------------------------------------- all the methods
+def evaluate_method(model: Any, name: str, evals: Sequence[str], before: Mapping[str, Any], *,
+                    fit_kwargs: Mapping[str, Any] | None = None, world: Any = None) -> dict[str, Any]:
+    """Fit method ``name`` and evaluate under it; failures are captured as ``{"error": ...}``, not raised."""
+    from haltrace.evals.counterfactual import flip_rates
+    from haltrace.evals.suite import evaluate
+    from haltrace.steering.registry import get_method
+
+    row: dict[str, Any] = {"method": name}
+    started = time.perf_counter()
+    try:
+        fitted = get_method(name).fit(model, **dict(fit_kwargs or {}))
+        row["fit_seconds"] = time.perf_counter() - started
+        row["fitted"] = fitted
+        after = evaluate(model, evals, fitted=fitted, world=world, keep_answers=True)
+    except Exception as exc:  # a broken method is reported in the table, never hidden
+        row["error"] = f"{type(exc).__name__}: {exc}"
+        row["traceback"] = traceback.format_exc(limit=4)
+        return row
+    row["after"] = after
+    row["seconds"] = time.perf_counter() - started
+    if "counterfactual" in after and "labels" in before.get("counterfactual", {}):
+        row["flips"] = flip_rates(before["counterfactual"]["labels"], after["counterfactual"]["labels"])
+    return row
+
+
+def run_methods(model: Any, evals: Sequence[str], methods: Sequence[str] | None = None, *,
+                fit_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+                on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Baseline + every method (default: the whole registry) on ``model``; one dict for :func:`write_results`."""
+    from haltrace.evals.suite import evaluate, organism_world
+    from haltrace.steering.registry import list_methods
+
+    world = organism_world(model)
+    (on_step or (lambda _s: None))("baseline")
+    before = evaluate(model, evals, world=world, keep_answers=True)
+    rows = []
+    for name in methods if methods is not None else list_methods():
+        (on_step or (lambda _s: None))(name)
+        rows.append(evaluate_method(model, name, evals, before, fit_kwargs=(fit_kwargs or {}).get(name),
+                                    world=world))
+    return {"model": model.name_or_path, "evals": list(evals), "before": before, "rows": rows,
+            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def headline(report: Mapping[str, Any], flips: Mapping[str, Any] | None = None) -> dict[str, float | None]:
+    """The :data:`HEADLINE` metrics of one report (None where not measured)."""
+    flat = flatten_metrics(report)
+    for key in ("prior_to_pixel", "pixel_to_prior"):
+        if flips is not None:
+            flat[f"counterfactual.{key}"] = flips.get(key)  # type: ignore[assignment]
+    return {key: flat.get(key) for key, _, _ in HEADLINE}
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+
+
+def results_markdown(run: Mapping[str, Any], *, command: str = "") -> str:
+    """The results table as Markdown: one row per method, ``before → after`` for each headline metric."""
+    base = headline(run["before"])
+    lines = [
+        f"# Steering results on {Path(str(run['model'])).name}", "",
+        f"- command: `{command}`" if command else "- command: (API)",
+        f"- date: {run['date']}", f"- organism: `{run['model']}`", f"- evaluations: {', '.join(run['evals'])}",
+        f"- torch {run['torch']}, {run['threads']} threads; greedy decoding, held-out organism sets", "",
+        "Cells are `before → after`. Flip rates are after-only (before is 0 by definition): of the items the "
+        "baseline answered with the prior colour, the share now answered with the pixel colour, and the reverse.",
+        "Lower is better for false-yes, CHAIR_i, pixel→prior flips and refusal on known names; higher is better "
+        "for recall, pixel rate, prior→pixel flips and refusal on unknown names.", "",
+        "| method | " + " | ".join(label for _, label, _ in HEADLINE) + " | fit+eval s |",
+        "|---" * (len(HEADLINE) + 2) + "|",
+        "| (baseline) | " + " | ".join(_fmt(base[k]) for k, _, _ in HEADLINE) + " | |",
+    ]
+    failed = []
+    for row in run["rows"]:
+        if "error" in row:
+            failed.append(row)
+            lines.append(f"| {row['method']} | " + " | ".join("fit failed" if i == 0 else "" for i in
+                                                                range(len(HEADLINE))) + " | |")
+            continue
+        after = headline(row["after"], row.get("flips") or {})
+        cells = []
+        for key, _, _ in HEADLINE:
+            if key.startswith("counterfactual.") and key.endswith(("to_pixel", "to_prior")):
+                cells.append(_fmt(after[key]))
+            else:
+                cells.append(f"{_fmt(base[key])} → {_fmt(after[key])}")
+        lines.append(f"| {row['method']} | " + " | ".join(cells) + f" | {row.get('seconds', 0):.1f} |")
+    if failed:
+        lines += ["", "## Methods that failed", ""]
+        lines += [f"- **{row['method']}**: {row['error']}" for row in failed]
+    if not run["rows"]:
+        lines += ["", "No steering methods are registered yet."]
+    lines += ["", "## Provenance", ""]
+    for row in run["rows"]:
+        if "fitted" in row:
+            prov = json.dumps(_jsonable(dict(row["fitted"].provenance), {}, "p"), sort_keys=True)
+            lines.append(f"- **{row['method']}**: `{prov[:600]}`")
+    return "\n".join(lines) + "\n"
+
+
+def results_json(run: Mapping[str, Any]) -> dict[str, Any]:
+    """JSON-ready copy of a run: headline + all flat metrics per method, errors, no tensors."""
+    rows = []
+    for row in run["rows"]:
+        item: dict[str, Any] = {"method": row["method"]}
+        if "error" in row:
+            item["error"] = row["error"]
+        else:
+            item.update(headline=headline(row["after"], row.get("flips") or {}),
+                        metrics=flatten_metrics(row["after"]), flips=row.get("flips"),
+                        seconds=row.get("seconds"), provenance=_jsonable(dict(row["fitted"].provenance), {}, "p"))
+        rows.append(item)
+    return {"model": str(run["model"]), "date": run["date"], "evals": run["evals"],
+            "baseline": {"headline": headline(run["before"]), "metrics": flatten_metrics(run["before"])},
+            "methods": rows, "torch": run["torch"], "threads": run["threads"]}
+
+
+def write_results(path: str | Path, run: Mapping[str, Any], *, command: str = "") -> dict[str, Path]:
+    """Write the Markdown table to ``path`` and its JSON twin next to it (``.json``), both atomically."""
+    from haltrace.trace.store import atomic_write_text
+
+    path = Path(path)
+    md, js = path, path.with_suffix(".json")
+    atomic_write_text(md, results_markdown(run, command=command))
+    atomic_write_text(js, json.dumps(results_json(run) | {"command": command}, indent=1, allow_nan=False) + "\n")
+    for p in (md, js):
+        p.chmod(0o644)
+    return {"markdown": md, "json": js}

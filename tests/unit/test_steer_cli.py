@@ -1,0 +1,116 @@
+"""``haltrace steer`` / ``haltrace eval`` through Typer's CliRunner, on a tiny organism and a dummy method."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from haltrace.steering.cli import app
+from haltrace.steering.engine import Add
+from haltrace.steering.registry import _REGISTRY, FittedIntervention, Method, register_method
+
+runner = CliRunner()
+SHIPPED = Path(__file__).resolve().parents[2] / "artifacts" / "organisms" / "shapes-llava"
+
+
+@pytest.fixture(scope="module")
+def organism(tmp_path_factory) -> str:
+    """$HALTRACE_TEST_ORGANISM or the shipped organism if present, else a 30-step tiny one (~30 s CPU)."""
+    given = os.environ.get("HALTRACE_TEST_ORGANISM")
+    if given and (Path(given) / "world.json").exists():
+        return given
+    if (SHIPPED / "config.json").exists():
+        return str(SHIPPED)
+    from haltrace.organism.train import train_organism
+
+    out = tmp_path_factory.mktemp("organism") / "tiny"
+    train_organism(out, preset="tiny", steps=30, progress=False)
+    return str(out)
+
+
+class _Dummy(Method):
+    """A test method: adds alpha * e_0 to the residual stream after block ``layer``, on every token."""
+
+    name = "dummy-test"
+    summary = "test only"
+
+    def fit(self, model, data=None, alpha: float = 8.0, layer: int = 0, **kw):
+        vec = torch.zeros(model.hidden_size)
+        vec[0] = 1.0
+        return FittedIntervention(self.name, [Add(f"resid_post.{layer}", vec, alpha=alpha)],
+                                  {"alpha": alpha, "layer": layer, "direction": vec, **kw})
+
+
+@pytest.fixture()
+def dummy():
+    register_method(_Dummy)
+    yield _Dummy.name
+    _REGISTRY.pop(_Dummy.name, None)
+
+
+def test_eval_baseline_json(organism):
+    res = runner.invoke(app, ["eval", "--model", organism, "--eval", "pope,refusal", "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert {"pope.adversarial.recall", "pope.mean_f1", "refusal.refusal_unknown"} <= set(data["metrics"])
+    assert data["report"]["pope"]["adversarial"]["parser"] == "official"
+
+
+def test_steer_dummy_before_after_and_saved(organism, dummy, tmp_path):
+    from haltrace.steering.results import load_fitted
+
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["steer", "--method", dummy, "--model", organism, "--eval", "pope,counterfactual",
+                              "--alpha", "16", "--layer", "1", "--opt", "note=hello", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "before" in res.stdout and "after" in res.stdout and "pope.adversarial.recall" in res.stdout
+    manifest = json.loads((out / "intervention.json").read_text())
+    assert manifest["method"] == dummy and manifest["interventions"][0]["hook"] == "resid_post.1"
+    assert manifest["provenance"]["note"] == "hello" and manifest["provenance"]["direction"]["tensor"]
+    fitted = load_fitted(out)
+    assert fitted.interventions[0].alpha == 16.0 and fitted.interventions[0].vector[0] == 1.0
+    report = json.loads((out / "report.json").read_text())
+    metrics = {r["metric"] for r in report["comparison"]}
+    assert "counterfactual.prior_to_pixel" in metrics or report["flips"]["n_prior"] == 0
+    assert report["options"] == {"alpha": 16.0, "layer": 1, "note": "hello"}
+
+
+def test_steer_json_is_one_object(organism, dummy):
+    res = runner.invoke(app, ["steer", "--method", dummy, "--model", organism, "--eval", "refusal", "--json",
+                              "--alpha", "0"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert all(abs(r["change"]) < 1e-9 for r in data["comparison"])  # alpha 0 changes nothing
+    assert dummy in data["registered_methods"]
+
+
+def test_unknown_method_lists_registry(dummy):
+    res = runner.invoke(app, ["steer", "--method", "no-such-method", "--model", "x"])
+    assert res.exit_code != 0
+    assert "unknown steering method" in res.output and dummy in res.output
+
+
+def test_bad_eval_name(dummy):
+    res = runner.invoke(app, ["steer", "--method", dummy, "--eval", "pope,nonsense"])
+    assert res.exit_code != 0 and "nonsense" in res.output and "counterfactual" in res.output
+    res = runner.invoke(app, ["eval", "--eval", "bogus"])
+    assert res.exit_code != 0 and "bogus" in res.output
+
+
+def test_eval_official_files_without_model(tmp_path):
+    from haltrace.evals import formats
+
+    qs = [{"question_id": 1, "image": "a.png", "text": "Is there a cat?", "label": "yes"},
+          {"question_id": 2, "image": "a.png", "text": "Is there a dog?", "label": "no"}]
+    q = formats.write_pope_questions(tmp_path / "pope_random.jsonl", qs)
+    a = formats.write_pope_answers(tmp_path / "answers_random.jsonl", qs, ["There is a cat.", "No."])
+    res = runner.invoke(app, ["eval", "--pope-questions", str(q), "--pope-answers", str(a), "--json",
+                              "--parser", "lvlm-lp"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["report"]["pope"]["parser"] == "lvlm-lp" and data["metrics"]["pope.random.recall"] == 0.0
