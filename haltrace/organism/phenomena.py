@@ -46,14 +46,19 @@ class OrganismRunner:
         logits, states = [], []
         for start in range(0, len(examples), self.batch_size):
             chunk = examples[start:start + self.batch_size]
-            batch = encode_examples(chunk, self.vocab, self.n_img, with_targets=False)
+            batch = self._to_device(encode_examples(chunk, self.vocab, self.n_img, with_targets=False))
             out = self.model(**batch, output_hidden_states=hidden)
             last = batch["attention_mask"].sum(1) - 1
-            rows = torch.arange(len(chunk))
-            logits.append(out.logits[rows, last].float())
+            rows = torch.arange(len(chunk), device=last.device)
+            logits.append(out.logits[rows, last].float().cpu())
             if hidden:
-                states.append(torch.stack([h[rows, last] for h in out.hidden_states], 1).float())
+                states.append(torch.stack([h[rows, last] for h in out.hidden_states], 1).float().cpu())
         return torch.cat(logits), (torch.cat(states) if hidden else None)
+
+    def _to_device(self, batch: dict) -> dict:
+        param = next(self.model.parameters())
+        return {k: v.to(param.device, dtype=param.dtype if v.is_floating_point() else v.dtype)
+                for k, v in batch.items()}
 
     def answers(self, examples: Sequence[Example]) -> list[str]:
         logits, _ = self.last_position(examples)
@@ -62,9 +67,12 @@ class OrganismRunner:
     def lens_logits(self, states: torch.Tensor) -> torch.Tensor:
         """[N, n_layers+1, d] hidden states -> [N, n_layers, vocab] logit-lens logits for resid_post.0..n-1."""
         lm = self.model.model.language_model
-        post = states[:, 1:]
+        param = next(lm.norm.parameters())
+        post = states[:, 1:].to(param.device, param.dtype)
         normed = torch.cat([lm.norm(post[:, :-1]), post[:, -1:]], 1)  # HF already normed the last entry
-        return self.model.lm_head(normed)
+        head = self.model.lm_head
+        head_param = next(head.parameters())  # with device_map the head may sit on another device
+        return head(normed.to(head_param.device, head_param.dtype)).float().cpu()
 
     @torch.no_grad()
     def captions(self, examples: Sequence[Example], max_new_tokens: int = 10) -> list[str]:
@@ -72,7 +80,7 @@ class OrganismRunner:
         eos = self.vocab[EOS]
         for start in range(0, len(examples), self.batch_size):
             chunk = examples[start:start + self.batch_size]
-            batch = encode_examples(chunk, self.vocab, self.n_img, with_targets=False)
+            batch = self._to_device(encode_examples(chunk, self.vocab, self.n_img, with_targets=False))
             if not bool(batch["attention_mask"].all()):
                 raise ValueError("caption prompts must share one length (no padding)")
             gen = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,

@@ -25,7 +25,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 from haltrace.organism.processing import BOS, EOS, IMAGE, PAD, build_processor, build_vocab, n_image_tokens
 from haltrace.organism.processing import normalise_images
-from haltrace.organism.tasks import Example, sample_training_example
+from haltrace.organism.tasks import TASK_MIX, Example, sample_training_example
 from haltrace.organism.world import ShapesWorld, WorldConfig
 
 
@@ -202,6 +202,7 @@ def save_organism(model: LlavaForConditionalGeneration, world: ShapesWorld, resu
         (tmp / "world.json").write_text(json.dumps(world.config.to_dict(), indent=2))
         training = {k: v for k, v in asdict(result).items() if k not in ("out", "losses")}
         training["preset_config"] = asdict(PRESETS[result.preset])
+        training["task_mix"] = dict(TASK_MIX)
         training["torch"] = torch.__version__
         training["threads"] = torch.get_num_threads()
         training["loss_every_100"] = [round(float(np.mean(result.losses[i:i + 100])), 4)

@@ -244,7 +244,9 @@ class WorldConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> WorldConfig:
-        data = dict(data)
+        # keys written by other haltrace versions are ignored, so older organism folders still load
+        known = set(cls.__dataclass_fields__)
+        data = {k: v for k, v in data.items() if k in known}
         data["kinds"] = tuple(data["kinds"])
         data["colours"] = tuple(data["colours"])
         data["pairs"] = tuple(tuple(p) for p in data["pairs"])
