@@ -324,7 +324,7 @@ def _build_training_sae(arch: str, d_in: int, d_sae: int, k: int | None, l1: flo
     raise SAEError(f"unknown SAE architecture {arch!r}; use 'relu' (L1-penalised ReLU) or 'topk'")
 
 
-def train_sae(stores: Any, hook: str, d_sae: int, *, arch: str = "relu", k: int | None = None,
+def train_sae(stores: Any, hook: str, d_sae: int, *, arch: str = "topk", k: int | None = 16,
               l1_coefficient: float = 5.0, lr: float = 1e-3, batch_size: int = 256, steps: int | None = None,
               samples: int | None = None, heldout_every: int = 10, seed: int = 0,
               out: str | os.PathLike | None = None, overwrite: bool = False, progress: bool = True,
@@ -334,9 +334,10 @@ def train_sae(stores: Any, hook: str, d_sae: int, *, arch: str = "relu", k: int 
     Args:
         stores: a store folder, an :class:`ActivationStore`, or a list of them (same model).
         hook: haltrace hook name, e.g. ``"resid_post.2"``; every store must hold it.
-        d_sae: number of latents. arch: ``"relu"`` (L1 on decoder-norm-weighted activations) or ``"topk"``
-            (with ``k`` active latents). l1_coefficient: ReLU sparsity weight, on inputs scaled to norm
-            sqrt(d_in). lr, batch_size: Adam learning rate, rows per step.
+        d_sae: number of latents. arch: ``"topk"`` (exactly ``k`` active latents per row; the default, as it
+            needs no sparsity tuning) or ``"relu"`` (L1 on decoder-norm-weighted activations, weight
+            ``l1_coefficient`` on inputs scaled to norm sqrt(d_in); L0 swings strongly with it).
+            lr, batch_size: Adam learning rate, rows per step.
         steps / samples: training length (default: 10 passes over the training rows, clamped to 300..3000
             steps). heldout_every: every n-th example of each store is held out for the metrics.
         out: save folder (written atomically); ``overwrite`` replaces an existing one.

@@ -3,7 +3,7 @@
 Examples::
 
     haltrace sae train --store acts/entity --store acts/pope --hook resid_post.2 --d-sae 1024 --out saes/l2
-    haltrace sae train --store acts/entity --hook resid_post.2 --d-sae 1024 --arch topk --k 16 --out saes/k16 --json
+    haltrace sae train --store acts/entity --hook resid_post.2 --d-sae 1024 --arch relu --l1 3 --out saes/r --json
     haltrace sae latents --sae saes/l2 --task entity --top 5 --vectors vectors/ --refusal
 """
 
@@ -29,8 +29,8 @@ def train(
     hook: str = typer.Option(..., "--hook", help="Hook to train on, e.g. resid_post.2 (must be in every store)."),
     d_sae: int = typer.Option(..., "--d-sae", help="Number of latents."),
     out: Path = typer.Option(..., "--out", help="Folder to save the SAE to (SAELens format)."),  # noqa: B008
-    arch: str = typer.Option("relu", "--arch", help="relu (L1-penalised) or topk."),
-    k: int | None = typer.Option(None, "--k", help="Active latents per row for --arch topk."),
+    arch: str = typer.Option("topk", "--arch", help="topk (k active latents per row) or relu (L1-penalised)."),
+    k: int = typer.Option(16, "--k", help="Active latents per row for --arch topk."),
     l1: float = typer.Option(5.0, "--l1", help="L1 coefficient for --arch relu (inputs scaled to norm sqrt(d))."),
     lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate."),
     batch_size: int = typer.Option(256, "--batch-size", help="Rows per training step."),
@@ -46,8 +46,6 @@ def train(
     from haltrace.probes.sae import SAEError, train_sae
     from haltrace.trace.store import StoreError
 
-    if arch == "topk" and k is None:
-        raise typer.BadParameter("--arch topk needs --k", param_hint="--k")
     try:
         _, report = train_sae([str(s) for s in store], hook, d_sae, arch=arch, k=k, l1_coefficient=l1, lr=lr,
                               batch_size=batch_size, steps=steps, samples=samples, heldout_every=heldout_every,
@@ -99,8 +97,10 @@ def latents(
     vectors: Path | None = typer.Option(  # noqa: B008
         None, "--vectors", help="Write the top known/unknown latents as SteeringVectors into this folder."),
     refusal: bool = typer.Option(False, "--refusal", help="Measure refusal rate vs steering coefficient."),
-    multiples: str = typer.Option("0,0.5,1,2,4", "--coefs", help="Coefficients as multiples of each latent's "
-                                                                 "typical activation (comma-separated)."),
+    multiples: str = typer.Option("0,0.25,0.5,1,2", "--coefs", help="Steering coefficients, comma-separated, "
+                                                                   "as multiples of --coef-unit."),
+    unit: str = typer.Option("norm", "--coef-unit", help="norm (mean residual norm at the entity token) or "
+                                                         "scale (each latent's typical activation)."),
     n_random: int = typer.Option(5, "--random", help="Random directions for the refusal baseline."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:
@@ -129,7 +129,7 @@ def latents(
         result = score_entity_latents(sae, model, world, store=store, unknown=unknown, top=top,
                                       progress=not as_json)
         experiment = entity_refusal_experiment(
-            sae, model, result, multiples=[float(x) for x in multiples.split(",")], n_random=n_random,
+            sae, model, result, multiples=[float(x) for x in multiples.split(",")], unit=unit, n_random=n_random,
             refusal_word=world_refusal_word()) if refusal else None
     except (SAEError, ValueError) as err:
         _fail(str(err))

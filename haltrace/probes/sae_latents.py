@@ -273,6 +273,38 @@ def random_directions(d: int, n: int, seed: int = 0) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ the whole task
+def _entity_dataset(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    # one fixed layout, so the SAE-training harvest and the scoring harvest share a store (same fingerprint)
+    return [{"prompt": r["prompt"], "group": r["group"], "name": r["name"], "etype": r["etype"], "key": r["key"]}
+            for r in rows]
+
+
+def harvest_organism_sae_data(model: Any, world: Any, hook: str, root: str | Path, *,
+                              progress: bool = False) -> list[Any]:
+    """Stores to train an organism SAE on, every token position of: the 288 entity questions (text) and
+    ~1,000 image questions (POPE random split: 300 images x 2 questions; 200 counterfactual-colour and 200
+    caption prompts). Returns ``[entity_store, image_store]`` under ``root/entity`` and ``root/image``.
+
+    Image tokens precede the question, so each image is used by few prompts: more images, fewer repeats.
+
+    >>> stores = harvest_organism_sae_data(model, world, "resid_post.2", "acts/")   # doctest: +SKIP
+    """
+    from PIL import Image
+
+    import haltrace
+    from haltrace.organism import tasks
+
+    root = Path(root)
+    entity = haltrace.harvest(model, _entity_dataset(entity_rows(world)), [hook], positions="all",
+                              out=root / "entity", progress=progress)
+    examples = (tasks.pope_sets(world)["random"] + tasks.counterfactual_colour_set(world)
+                + tasks.caption_set(world))
+    images = [{"prompt": ex.full_prompt, "image": Image.fromarray(ex.image)} for ex in examples]
+    image = haltrace.harvest(model, images, [hook], positions="all", out=root / "image", batch_size=64,
+                             progress=progress)
+    return [entity, image]
+
+
 def score_entity_latents(sae: SAE, model: Any, world: Any, *, store: str | Path, unknown: str = "unknown_train",
                          top: int = 10, progress: bool = False) -> dict[str, Any]:
     """Harvest (or reuse) entity-token activations, encode them and rank latents; JSON-ready result.
@@ -285,10 +317,10 @@ def score_entity_latents(sae: SAE, model: Any, world: Any, *, store: str | Path,
     hook = check_sae_fits(sae, model)
     rows = entity_rows(world)
     positions = entity_positions(model.tokenizer, [r["prompt"] for r in rows], [r["name"] for r in rows])
-    data = [{"prompt": r["prompt"], "group": r["group"], "name": r["name"], "etype": r["etype"], "key": r["key"]}
-            for r in rows]
-    store_obj = haltrace.harvest(model, data, [hook], positions="all", out=store, progress=progress)
-    acts = encode(sae, entity_activations(store_obj, hook, positions))
+    store_obj = haltrace.harvest(model, _entity_dataset(rows), [hook], positions="all", out=store,
+                                 progress=progress)
+    resid = entity_activations(store_obj, hook, positions)
+    acts = encode(sae, resid)
     groups = {"unknown_train": ("unknown_train",), "unknown_heldout": ("unknown_heldout",),
               "both": ("unknown_train", "unknown_heldout")}
     if unknown not in groups:
@@ -300,23 +332,33 @@ def score_entity_latents(sae: SAE, model: Any, world: Any, *, store: str | Path,
     return {"hook": hook, "sae_hook_name": sae.cfg.metadata.get("hook_name"), "store": str(store),
             "n_known": sum(r["known"] for r in kept), "n_unknown": sum(not r["known"] for r in kept),
             "unknown_group": unknown, "types": scores["types"],
+            "entity_token_norm": float(resid.norm(dim=-1).mean()),  # for scale: coefficients vs ||x||
             "known": top_latents(scores, "known", top, norms), "unknown": top_latents(scores, "unknown", top, norms),
             "_acts": acts, "_rows": rows, "_positions": positions}
 
 
 def entity_refusal_experiment(sae: SAE, model: Any, result: dict[str, Any], *,
-                              multiples: Sequence[float] = (0, 0.5, 1, 2, 4), n_random: int = 5,
-                              refusal_word: str = "unknown", seed: int = 0) -> dict[str, Any]:
+                              multiples: Sequence[float] = (0, 0.25, 0.5, 1, 2), unit: str = "norm",
+                              n_random: int = 5, refusal_word: str = "unknown", seed: int = 0) -> dict[str, Any]:
     """Steer with the top latents of :func:`score_entity_latents` and measure refusal rates.
 
     The known latent's direction is added on held-out unknown entities (refusal should fall), the unknown
-    latent's on known entities (refusal should rise), at coefficients ``multiples x scale`` (``scale`` from
-    :func:`top_latents`); ``n_random`` random unit directions at the same coefficients are the baseline.
+    latent's on known entities (refusal should rise), at coefficients ``multiples x unit``: ``unit="norm"``
+    is the mean residual norm at the entity token (the same coefficients for every latent), ``"scale"`` the
+    latent's own suggested scale. ``n_random`` random unit directions at the same coefficients are the
+    baseline (same norm as the unit latent direction).
+
+    >>> exp = entity_refusal_experiment(sae, model, result)                   # doctest: +SKIP
+    >>> exp["unknown_latent_on_known"]["refusal"]                             # doctest: +SKIP
+    [0.0, 0.02, 0.4, 0.97, 1.0]
     """
+    if unit not in ("norm", "scale"):
+        raise ValueError(f"unit must be 'norm' or 'scale', got {unit!r}")
     rows, positions = result["_rows"], result["_positions"]
     hook = result["hook"]
     out: dict[str, Any] = {"hook": hook, "positions": "entity_last_to_end (prompt pass only)",
-                           "refusal_word": refusal_word, "multiples": list(multiples)}
+                           "refusal_word": refusal_word, "multiples": list(multiples), "unit": unit,
+                           "entity_token_norm": result["entity_token_norm"]}
     for which, target in (("known", "unknown_heldout"), ("unknown", "known")):
         if not result[which]:
             continue
@@ -324,7 +366,8 @@ def entity_refusal_experiment(sae: SAE, model: Any, result: dict[str, Any], *,
         sign = -1.0 if which == "known" else 1.0
         idx = [i for i, r in enumerate(rows) if r["group"] == target]
         prompts, pos = [rows[i]["prompt"] for i in idx], [positions[i] for i in idx]
-        coefs = [m * best["scale"] for m in multiples]
+        base = result["entity_token_norm"] if unit == "norm" else best["scale"]
+        coefs = [m * base for m in multiples]
         curve = refusal_curve(model, prompts, pos, hook, latent_direction(sae, best["latent"]), coefs,
                               refusal_word=refusal_word)
         rand = torch.tensor([refusal_curve(model, prompts, pos, hook, d, coefs, refusal_word=refusal_word)

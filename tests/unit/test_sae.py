@@ -28,8 +28,8 @@ def trained(store_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("sae-out") / "sae"
     # one thread: the matrices are tiny, and on a shared CPU more threads only contend
-    sae, report = train_sae(store_dir, "resid_post.1", d_sae=64, steps=300, batch_size=64, out=out,
-                            progress=False, num_threads=1)
+    sae, report = train_sae(store_dir, "resid_post.1", d_sae=64, arch="relu", l1_coefficient=1.0, steps=300,
+                            batch_size=64, out=out, progress=False, num_threads=1)
     return sae, report, out
 
 
@@ -210,7 +210,7 @@ def test_cli_train_json_and_errors(store_dir, tmp_path):
                                  "--arch", "topk", "--k", "4", "--steps", "40", "--batch-size", "32",
                                  "--threads", "1", "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output.strip().splitlines()[-1])
+    report = json.loads(next(line for line in result.output.splitlines() if line.startswith("{")))
     assert report["arch"] == "topk" and report["l0"] == pytest.approx(4.0)
     assert (out / "cfg.json").is_file()
     bad = runner.invoke(app, ["train", "--store", str(store_dir), "--hook", "mlp_out.0", "--d-sae", "8",
