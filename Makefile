@@ -28,8 +28,13 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
+DEMO_OUT ?= out/demo
+
 demo: install
 	PIP_NO_INDEX=1 $(BIN)/haltrace organism eval
+	PIP_NO_INDEX=1 $(BIN)/haltrace lens --task counterfactual-color --html $(DEMO_OUT)/lens-prior-vs-pixel.html
+	PIP_NO_INDEX=1 $(BIN)/haltrace probe --model shapes-llava --task entity --hook resid_post --layers all \
+		--out $(DEMO_OUT)/probe-entity --overwrite
 
 test: install-dev
 	PIP_NO_INDEX=1 $(BIN)/python -m pytest -q
