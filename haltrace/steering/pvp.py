@@ -1,0 +1,295 @@
+"""PvP — Pixels versus Priors (Golovanevsky, Rudman et al., arXiv 2505.17127, EMNLP 2025).
+
+A steering vector from the *same counterfactual image* under two prompts: ``"what colour is the X"`` (the
+visual question) and ``"what colour are most X"`` (the world-knowledge question). Per layer,
+``v_L = mean_n(h_L^this(n) - h_L^most(n))`` at the last prompt token; adding ``+alpha * v_L`` at the last
+prompt position steers answers towards the pixels, ``-alpha * v_L`` towards the prior.
+
+Layer convention (``haltrace.conventions``): the vector is read at ``resid_post.L`` (output of block ``L`` ==
+HF ``hidden_states[L+1]``) and added to the same point, ``resid_post.L``. The official code builds the vector
+from ``hidden_states[l]`` but adds it to the output of ``layers[l]`` (== ``hidden_states[l+1]``): an
+off-by-one we do not copy (methods-vlm.md §1 pitfall 1). In the paper's capture index our layer ``L`` is
+``hidden_states[L+1]``; in its injection index (``--target_layers``) it is ``L``.
+
+Layer and strength are chosen by the data: the fit items are split in two halves, a vector is built on one
+half for every layer and every ``alpha`` in a grid, and the other half is answered under steering; the
+``(layer, alpha)`` with the best held-out target rate (plus ordinary colour accuracy, for steering towards
+pixels) wins, ties going to the smaller ``alpha`` and the earlier layer. The final vector is the mean over all
+fit items. The paper adds with scale 1 and no selection rule (its layers come from the CLI).
+
+>>> import haltrace
+>>> from haltrace.steering.registry import get_method
+>>> model = haltrace.load("shapes-llava")                                     # doctest: +SKIP
+>>> fitted = get_method("pvp").fit(model, direction="pixels")                   # doctest: +SKIP
+>>> fitted.provenance["layers"]                                                 # doctest: +SKIP
+{'haltrace': 'resid_post.2', ...}
+
+This module also holds small helpers shared by the other VLM methods (last-token states without padding,
+answers under steering, data fingerprints, the organism's fit data built from its world with its own seed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from haltrace.steering.engine import Add, steer
+from haltrace.steering.registry import FittedIntervention, Method, register_method
+
+PAPER = ("Golovanevsky, Rudman et al., 'Pixels Versus Priors: Controlling Knowledge Priors in Vision-Language "
+         "Models through Visual Counterfacts', arXiv 2505.17127 (EMNLP 2025); code rsinghlab/pixels_vs_priors@52d8ae0")
+#: seed of the fit data drawn from an organism's world; the held-out eval sets use tasks.EVAL_SEED
+FIT_SEED = 12345
+
+
+# --------------------------------------------------------------------------------------- shared helpers
+
+def fingerprint(prompts: Sequence[str], images: Sequence[Any] | None = None, extra: Any = None) -> str:
+    """sha256 (16 hex) over prompts, image bytes and any JSON-able ``extra`` (recorded in provenance)."""
+    h = hashlib.sha256()
+    for p in prompts:
+        h.update(p.encode() + b"\0")
+    for im in images or ():
+        arr = np.asarray(im)
+        h.update(str(arr.shape).encode() + arr.tobytes())
+    if extra is not None:
+        h.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def _groups_by_length(model: Any, prompts: Sequence[str], batch_size: int) -> list[list[int]]:
+    """Indices grouped by token length (then chunked): batches without padding, so RoPE positions match an
+    unpadded forward whatever the padding side."""
+    lengths = [len(model.tokenizer(p)["input_ids"]) for p in prompts]
+    groups: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        groups.setdefault(n, []).append(i)
+    out = []
+    for idx in groups.values():
+        out += [idx[s:s + batch_size] for s in range(0, len(idx), batch_size)]
+    return out
+
+
+def _prepare(model: Any, prompts: Sequence[str], images: Sequence[Any] | None, idx: Sequence[int]) -> Any:
+    return model.prepare([prompts[i] for i in idx], None if images is None else [images[i] for i in idx])
+
+
+@torch.no_grad()
+def last_token_states(model: Any, prompts: Sequence[str], images: Sequence[Any] | None = None, *,
+                      hooks: Sequence[str] | None = None, batch_size: int = 64) -> torch.Tensor:
+    """``[N, len(hooks), d]`` float32 activations at each prompt's last token (default: every ``resid_post``).
+
+    >>> states = last_token_states(model, ["<image> what colour is the cup ? answer :"], [img])  # doctest: +SKIP
+    """
+    hooks = list(hooks) if hooks is not None else [f"resid_post.{i}" for i in range(model.n_layers)]
+    if images is not None and len(images) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
+    out = torch.empty(len(prompts), len(hooks), model.hidden_size)
+    for idx in _groups_by_length(model, prompts, batch_size):
+        cap = model.capture(_prepare(model, prompts, images, idx), hooks, positions="last")
+        out[idx] = torch.stack([cap[h][:, -1].float().cpu() for h in hooks], 1)
+    return out
+
+
+@torch.no_grad()
+def next_words(model: Any, prompts: Sequence[str], images: Sequence[Any] | None = None, *,
+               interventions: Sequence[Any] = (), batch_size: int = 64) -> list[str]:
+    """Greedy next word after each prompt (the organism answers in one word), under ``interventions``."""
+    answers: list[str] = [""] * len(prompts)
+    for idx in _groups_by_length(model, prompts, batch_size):
+        inputs = _prepare(model, prompts, images, idx)
+        if interventions:
+            with steer(model, *interventions):
+                logits = model.hf(**inputs).logits[:, -1]
+        else:
+            logits = model.hf(**inputs).logits[:, -1]
+        for i, tok in zip(idx, logits.argmax(-1).tolist(), strict=True):
+            answers[i] = model.tokenizer.decode([tok]).strip()
+    return answers
+
+
+def organism_world_of(model: Any) -> Any:
+    """The ShapesWorld of an organism model, with a clear error for other models."""
+    from haltrace.evals.suite import organism_world
+
+    return organism_world(model)
+
+
+def layer_record(hook: str, paper_index: str) -> dict[str, str]:
+    """Provenance entry for a layer: the haltrace hook, its HF hidden_states index, and the paper's index."""
+    from haltrace.conventions import hidden_states_index, parse_hook
+
+    point = parse_hook(hook)
+    rec = {"haltrace": point.name, "paper": paper_index}
+    if point.kind in ("resid_pre", "resid_post"):
+        rec["hf_hidden_states_index"] = str(hidden_states_index(point))
+    return rec
+
+
+# --------------------------------------------------------------------------------------- PvP data
+
+@dataclass
+class PvPItem:
+    """One counterfactual image with the visual ("this") and prior ("most") prompts; ``prior``/``pixel`` are
+    the two colour answers when known (needed for choosing the layer by flip rate)."""
+
+    image: Any
+    this_prompt: str
+    most_prompt: str
+    prior: str | None = None
+    pixel: str | None = None
+    meta: dict = field(default_factory=dict)
+
+
+def organism_pvp_items(world: Any, n: int = 64, seed: int = FIT_SEED) -> list[PvPItem]:
+    """Fit items from the organism's world with our own seed (never the eval sets): a canonical-colour kind
+    painted another colour, plus 0-2 plain objects, as in ``tasks.counterfactual_colour_set``."""
+    from haltrace.organism import tasks
+
+    rng = np.random.default_rng(seed)
+    cfg = world.config
+    canon = sorted(cfg.canonical)
+    plain = [k for k in cfg.kinds if k not in cfg.canonical]
+    items = []
+    for i in range(n):
+        kind = canon[i % len(canon)]
+        prior = cfg.canonical[kind]
+        pixel = str(rng.choice([c for c in cfg.colours if c != prior]))
+        others = [str(k) for k in rng.permutation(plain)[: int(rng.integers(0, 3))]]
+        scene = world.make_scene([kind] + others, rng, colours={kind: pixel})
+        items.append(PvPItem(world.render(scene, rng), tasks.IMAGE_PREFIX + tasks.colour_prompt(kind),
+                             tasks.IMAGE_PREFIX + tasks.prior_colour_prompt(kind), prior, pixel, {"kind": kind}))
+    return items
+
+
+def organism_colour_control(world: Any, n: int = 48, seed: int = FIT_SEED + 1) -> list[tuple[str, Any, str]]:
+    """(prompt, image, colour) for kinds without a colour prior: does steering keep ordinary colour answers?"""
+    from haltrace.organism import tasks
+
+    rng = np.random.default_rng(seed)
+    plain = [k for k in world.config.kinds if k not in world.config.canonical]
+    out = []
+    for _ in range(n):
+        scene = world.make_scene([str(k) for k in rng.permutation(plain)[: int(rng.integers(1, 4))]], rng)
+        obj = scene.objects[int(rng.integers(len(scene.objects)))]
+        out.append((tasks.IMAGE_PREFIX + tasks.colour_prompt(obj.kind), world.render(scene, rng), obj.colour))
+    return out
+
+
+# --------------------------------------------------------------------------------------- the method
+
+def _rate(answers: Sequence[str], targets: Sequence[str]) -> float:
+    return float(np.mean([a == t for a, t in zip(answers, targets, strict=True)])) if targets else 0.0
+
+
+@register_method
+class PvP(Method):
+    """Pixels-vs-priors steering: ``±alpha * mean(h_this - h_most)`` at the last prompt token of one layer.
+
+    >>> fitted = PvP().fit(model, direction="priors")                  # doctest: +SKIP
+    >>> with fitted.apply(model):                                       # doctest: +SKIP
+    ...     model.hf(**inputs)
+    """
+
+    name = "pvp"
+    summary = "Pixels vs priors: mean(this - most) difference at the last prompt token, +/- towards pixels/priors"
+
+    def fit(self, model: Any, data: Sequence[PvPItem] | None = None, *, direction: str = "pixels",
+            layer: int | None = None, alpha: float | None = None, alphas: Sequence[float] = (1.0, 2.0, 4.0, 8.0),
+            control: Sequence[tuple[str, Any, str]] | None = None, steer_generated: bool = True,
+            n_items: int = 64, seed: int = FIT_SEED) -> FittedIntervention:
+        """Build the vector from ``data`` (default: organism items drawn with ``seed``) and choose the layer and
+        ``alpha`` on a held-out half unless given.
+
+        ``steer_generated=True`` also adds the vector to every generated token, as the official code does
+        (it wraps the layer and adds at the last position of every forward); one-word answers are unaffected.
+        """
+        if direction not in ("pixels", "priors"):
+            raise ValueError(f"direction must be 'pixels' or 'priors', got {direction!r}")
+        if not model.is_vlm:
+            raise ValueError("PvP needs a vision-language model (the contrast is on the same image)")
+        described = "user-supplied PvP items"
+        if data is None:
+            world = organism_world_of(model)
+            data = organism_pvp_items(world, n_items, seed)
+            control = control if control is not None else organism_colour_control(world, seed=seed + 1)
+            described = (f"{len(data)} organism counterfactual images (canonical kind painted another colour), "
+                         f"numpy seed {seed}; {len(control)} colour-control images, seed {seed + 1}")
+        data = list(data)
+        if len(data) < 2:
+            raise ValueError(f"PvP needs at least 2 items, got {len(data)}")
+        if layer is not None and not -model.n_layers <= layer < model.n_layers:
+            raise ValueError(f"layer {layer} out of range; this model has layers 0..{model.n_layers - 1}")
+        images = [d.image for d in data]
+        this = last_token_states(model, [d.this_prompt for d in data], images)
+        most = last_token_states(model, [d.most_prompt for d in data], images)
+        diffs = this - most  # [N, L, d]
+        sign = 1.0 if direction == "pixels" else -1.0
+
+        selection: list[dict] = []
+        layers = [layer % model.n_layers] if layer is not None else list(range(model.n_layers))
+        grid = [float(alpha)] if alpha is not None else [float(a) for a in alphas]
+        labelled = all(d.prior and d.pixel for d in data)
+        if len(layers) * len(grid) > 1:
+            if not labelled:
+                raise ValueError("choosing the layer/alpha needs items with prior and pixel answers; pass "
+                                 "layer= and alpha= for unlabelled data")
+            selection = self._select(model, data, diffs, layers, grid, sign, direction, control)
+            best = max(selection, key=lambda r: (round(r["score"], 6), -r["alpha"], -r["layer"]))
+            chosen_layer, chosen_alpha = best["layer"], best["alpha"]
+        else:
+            chosen_layer, chosen_alpha = layers[0], grid[0]
+
+        vector = diffs[:, chosen_layer].mean(0)
+        hook = f"resid_post.{chosen_layer}"
+        interventions = [Add(hook, vector, alpha=sign * chosen_alpha, positions="last", phase="prompt")]
+        if steer_generated:
+            interventions.append(Add(hook, vector, alpha=sign * chosen_alpha, positions="all", phase="generation"))
+        prompts = [d.this_prompt for d in data] + [d.most_prompt for d in data]
+        provenance = {
+            "method": self.name, "paper": PAPER, "direction": direction,
+            "layers": layer_record(hook, f"capture hidden_states[{chosen_layer + 1}], inject --target_layers "
+                                         f"{chosen_layer} (official code: capture hidden_states[l], inject layers[l])"),
+            "alpha": sign * chosen_alpha, "alpha_grid": grid, "vector_norm": float(vector.norm()),
+            "vector_norm_by_layer": [float(v) for v in diffs.mean(0).norm(dim=-1)],
+            "positions": "last prompt token" + (" + every generated token" if steer_generated else ""),
+            "phase": "prompt" + ("+generation" if steer_generated else ""),
+            "selection": selection, "selection_rule": "max held-out target rate (+ colour-control accuracy "
+                                                      "for pixels) on a 50/50 split of the fit items; ties: "
+                                                      "smaller alpha, earlier layer",
+            "data": {"description": described, "n": len(data),
+                     "fingerprint": fingerprint(prompts, images, [(d.prior, d.pixel) for d in data])},
+        }
+        return FittedIntervention(self.name, interventions, provenance)
+
+    @staticmethod
+    def _select(model: Any, data: list[PvPItem], diffs: torch.Tensor, layers: list[int], grid: list[float],
+                sign: float, direction: str, control: Sequence[tuple[str, Any, str]] | None) -> list[dict]:
+        """Held-out target rate for every (layer, alpha): vector from half A, answers on half B."""
+        n = len(data)
+        half_a = list(range(0, n, 2))
+        half_b = list(range(1, n, 2))
+        prompts = [data[i].this_prompt for i in half_b]
+        images = [data[i].image for i in half_b]
+        targets = [data[i].pixel if direction == "pixels" else data[i].prior for i in half_b]
+        use_control = bool(control) and direction == "pixels"
+        rows = []
+        for layer in layers:
+            vec = diffs[half_a, layer].mean(0)
+            for a in grid:
+                add = [Add(f"resid_post.{layer}", vec, alpha=sign * a, positions="last", phase="prompt")]
+                rate = _rate(next_words(model, prompts, images, interventions=add), targets)
+                row = {"layer": layer, "alpha": a, "target_rate": rate, "score": rate}
+                if use_control:
+                    acc = _rate(next_words(model, [c[0] for c in control], [c[1] for c in control],
+                                           interventions=add), [c[2] for c in control])
+                    row["control_accuracy"] = acc
+                    row["score"] = rate + acc
+                rows.append(row)
+        return rows

@@ -1,0 +1,178 @@
+"""VISTA — Visual Information Steering with Token-logit Augmentation (Li et al., arXiv 2502.03628, ICML 2025).
+
+Two parts, both computed per input (no demonstration set):
+
+* **VSV** (visual steering vector): for each prompt, the last-prompt-token state at every layer with the image
+  minus the same text without the image tokens, ``v_l = F_l(X_p) - F_l(X_n)``. While generating, every
+  layer's **MLP output** ``x`` (every token, prefill and decoding; the official code's site, not the paper's
+  "residual stream") becomes ``normalize(normalize(x) + lam * lam_sim * normalize(v_l)) * ||x||`` with
+  ``lam_sim = 1 + max(0, cos(x, -v_l))`` per token (:func:`haltrace.steering.vti.rotate_towards`).
+  Deviation: the official code adds the PC1 of a single-sample "PCA" (an implementation-defined unit vector,
+  methods-vlm.md §5 pitfall 2); we use ``diff`` itself.
+* **SLA** (self-logits augmentation): ``logits = (1 - gamma) * logits + gamma * mean_l lm_head(h_l)`` over a
+  window of late layers, without the final norm as in the code (``sla_norm=True`` applies it).
+
+Layer convention: ``v_l`` is read at ``resid_post.l`` (HF ``hidden_states[l+1]``; the code's forward hook on
+``layers[l]``) and applied at ``mlp_out.l``. The code's SLA window ``--logits-layers 25,30`` indexes
+``hidden_states[1:]``, i.e. ``resid_post.25..30`` of 32 layers (ending one block before the last); the
+default here keeps that shape: ``resid_post.{n-1-w}..{n-2}`` with ``w = max(2, round(6 n / 32))``.
+
+Defaults: ``lam = 0.01`` for yes/no questions (the code's POPE setting) and ``0.17`` for captions
+(``task="caption"``), ``gamma = 0.3``.
+
+>>> from haltrace.steering.registry import get_method
+>>> fitted = get_method("vista").fit(model, task="pope")          # doctest: +SKIP
+>>> with fitted.apply(model):                                       # doctest: +SKIP
+...     model.hf(**inputs)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from haltrace.models.adapters.base import first_tensor
+from haltrace.steering.erasure import image_forward_inputs
+from haltrace.steering.pvp import layer_record
+from haltrace.steering.registry import FittedIntervention, Method, register_method
+from haltrace.steering.vti import rotate_towards
+from haltrace.trace.capture import temporary_hooks
+
+PAPER = ("Li et al., 'The Hidden Life of Tokens: Reducing Hallucination of Large Vision-Language Models via "
+         "Visual Information Steering' (VISTA), arXiv 2502.03628 (ICML 2025); code LzVv123456/VISTA@dc62252")
+LAMBDA_DEFAULTS = {"pope": 0.01, "caption": 0.17}
+
+
+def default_sla_layers(n_layers: int) -> list[int]:
+    """The code's window shape (6 of 32 layers ending one block before the last), at least 2 layers."""
+    w = max(2, round(6 * n_layers / 32))
+    return list(range(max(0, n_layers - 1 - w), max(1, n_layers - 1)))
+
+
+def _drop_image_tokens(model: Any, inputs: dict) -> dict:
+    """The same prompts without their image tokens (the negative context ``[X_s, X_q]``), text only."""
+    ids = inputs["input_ids"]
+    keep = ~model.image_token_mask(ids)
+    counts = keep.sum(1)
+    if len(set(counts.tolist())) != 1:
+        raise ValueError("VISTA: rows hold different numbers of image tokens; run one row at a time")
+    out = {"input_ids": ids[keep].view(ids.shape[0], -1)}
+    if "attention_mask" in inputs:
+        out["attention_mask"] = inputs["attention_mask"][keep].view(ids.shape[0], -1)
+    return out
+
+
+@torch.no_grad()
+def steering_vectors(model: Any, inputs: dict) -> torch.Tensor:
+    """``[B, n_layers, d]``: last-prompt-token ``resid_post`` with the image minus without it."""
+    hooks = [f"resid_post.{i}" for i in range(model.n_layers)]
+    pos = model.capture(inputs, hooks, positions="last")
+    neg = model.capture(_drop_image_tokens(model, inputs), hooks, positions="last")
+    return torch.stack([pos[h][:, -1] - neg[h][:, -1] for h in hooks], 1)
+
+
+def vista_hooks(lam: float, gamma: float, sla_layers: Sequence[int], *, adaptive: bool = True,
+                sla_norm: bool = False):
+    """``hooks(model)`` context manager installing VSV (per row, recomputed on every prefill with images)
+    and SLA. Hooks are always removed (``temporary_hooks``)."""
+
+    @contextmanager
+    def install(model: Any) -> Iterator[None]:
+        bad = [i for i in sla_layers if not 0 <= i < model.n_layers]
+        if bad:
+            raise ValueError(f"SLA layers {bad} out of range 0..{model.n_layers - 1}")
+        state: dict[str, Any] = {"busy": False, "vsv": None, "late": {}}
+
+        def on_forward(_m: Any, args: tuple, kwargs: dict) -> None:
+            if state["busy"]:
+                return
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if ids is None or not bool(model.image_token_mask(ids).any()):
+                return  # decoding step (or text-only prompt): keep the rows' vectors from the prefill
+            state["busy"] = True
+            try:
+                state["vsv"] = steering_vectors(model, image_forward_inputs(ids, kwargs))
+            finally:
+                state["busy"] = False
+
+        forward = []
+        if lam:
+            for layer in range(model.n_layers):
+                def vsv_hook(_m: Any, _a: tuple, out: Any, _l: int = layer) -> Any:
+                    if state["busy"] or state["vsv"] is None:
+                        return None
+                    x = first_tensor(out)
+                    v = state["vsv"][:, _l].to(x.device)
+                    if v.shape[0] != x.shape[0]:
+                        raise ValueError(f"VISTA: {v.shape[0]} steering vectors for a batch of {x.shape[0]}")
+                    y = rotate_towards(x, v[:, None, :], lam, adaptive=adaptive)
+                    return y if isinstance(out, torch.Tensor) else (y, *tuple(out)[1:])
+                forward.append((model.adapter.mlp(layer), vsv_hook))
+        if gamma:
+            for layer in sla_layers:
+                def keep(_m: Any, _a: tuple, out: Any, _l: int = layer) -> None:
+                    if not state["busy"]:
+                        state["late"][_l] = first_tensor(out)
+                forward.append((model.adapter.layers[layer], keep))
+
+            def mix(module: Any, args: tuple, out: torch.Tensor) -> Any:
+                if state["busy"] or len(state["late"]) != len(sla_layers):
+                    return None
+                n = args[0].shape[1]  # lm_head may see only the last positions (logits_to_keep)
+                aug = []
+                for layer in sla_layers:
+                    h = state["late"][layer][:, -n:]
+                    h = model.adapter.final_norm(h) if sla_norm else h
+                    # the head's own weights, not module(h): calling it would re-enter this hook
+                    aug.append(torch.nn.functional.linear(h, module.weight, getattr(module, "bias", None)))
+                state["late"] = {}
+                return (1 - gamma) * out + gamma * torch.stack(aug).mean(0).to(out.dtype)
+            forward.append((model.adapter.unembed, mix))
+        with temporary_hooks(forward=forward, pre=[]):
+            with temporary_hooks(pre=[(model.hf, on_forward)], with_kwargs=True):
+                yield
+
+    return install
+
+
+@register_method
+class VISTA(Method):
+    """Per-input visual steering vector on MLP outputs plus self-logits augmentation.
+
+    >>> fitted = VISTA().fit(model, task="caption", gamma=0.3)     # doctest: +SKIP
+    """
+
+    name = "vista"
+    summary = "VISTA: per-image (with - without image) steering of MLP outputs + late-layer logit mixing"
+
+    def fit(self, model: Any, data: Any = None, *, task: str = "pope", lam: float | None = None,
+            gamma: float = 0.3, sla_layers: Sequence[int] | None = None, adaptive: bool = True,
+            sla_norm: bool = False) -> FittedIntervention:
+        """Nothing is learnt (the vector is computed per input at inference); ``data`` is unused."""
+        if not model.is_vlm:
+            raise ValueError("VISTA contrasts prompts with and without the image: it needs a VLM")
+        if task not in LAMBDA_DEFAULTS:
+            raise ValueError(f"task must be one of {sorted(LAMBDA_DEFAULTS)}, got {task!r}")
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+        lam = LAMBDA_DEFAULTS[task] if lam is None else float(lam)
+        sla = list(sla_layers) if sla_layers is not None else default_sla_layers(model.n_layers)
+        bad = [i for i in sla if not 0 <= i < model.n_layers]
+        if bad:
+            raise ValueError(f"SLA layers {bad} out of range 0..{model.n_layers - 1}")
+        hooks = vista_hooks(lam, gamma, sla, adaptive=adaptive, sla_norm=sla_norm)
+        provenance = {
+            "method": self.name, "paper": PAPER, "task": task,
+            "layers": {"vsv": [layer_record(f"mlp_out.{i}", f"vector from layers[{i}] output "
+                                            f"(hidden_states[{i + 1}]), applied to layers[{i}].mlp")
+                               for i in range(model.n_layers)],
+                       "sla": [layer_record(f"resid_post.{i}", f"--logits-layers index {i}") for i in sla]},
+            "lambda": lam, "gamma": gamma, "adaptive_lambda_sim": adaptive, "sla_final_norm": sla_norm,
+            "positions": "all (every token of every forward)", "phase": "both",
+            "data": {"description": "none: the steering vector is computed per input (with vs without its image)",
+                     "n": 0, "fingerprint": None},
+        }
+        return FittedIntervention(self.name, [], provenance, hooks=hooks)

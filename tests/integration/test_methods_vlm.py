@@ -1,0 +1,119 @@
+"""PvP, ProjectAway, VTI and VISTA on the shipped organism, asserting the issue's acceptance margins.
+
+Each fit runs on data drawn from the organism's world with its own seeds (never the held-out sets) and each
+evaluation runs once per module. The measured numbers are printed (``pytest -s``), never hard-coded.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def organism():
+    import haltrace
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: a second thread only adds contention for a 1M-parameter model
+    try:
+        yield haltrace.load("shapes-llava")
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def baseline(organism):
+    from haltrace.evals.suite import evaluate
+
+    return evaluate(organism, ["pope", "chair", "counterfactual", "colour_control"], keep_answers=True)
+
+
+def _provenance_ok(fitted, *keys: str) -> None:
+    prov = fitted.provenance
+    for key in ("method", "paper", "layers", "positions", "phase", "data", *keys):
+        assert key in prov, f"provenance lacks {key!r}"
+    assert "fingerprint" in prov["data"] and "description" in prov["data"]
+
+
+@pytest.fixture(scope="module")
+def pvp_runs(organism):
+    from haltrace.evals.suite import evaluate
+    from haltrace.steering.registry import get_method
+
+    runs = {}
+    for direction in ("pixels", "priors"):
+        fitted = get_method("pvp").fit(organism, direction=direction)
+        runs[direction] = (fitted, evaluate(organism, ["counterfactual", "colour_control"], fitted=fitted,
+                                            keep_answers=True))
+    return runs
+
+
+def test_pvp_towards_pixels(baseline, pvp_runs):
+    from haltrace.evals.suite import flip_rates
+
+    fitted, after = pvp_runs["pixels"]
+    _provenance_ok(fitted, "alpha")
+    flips = flip_rates(baseline["counterfactual"]["labels"], after["counterfactual"]["labels"])
+    print(f"\nPvP pixels {fitted.provenance['layers']} alpha {fitted.provenance['alpha']}: {flips}; colour control "
+          f"{baseline['colour_control']['accuracy']:.3f} -> {after['colour_control']['accuracy']:.3f}")
+    assert flips["n_prior"] > 0
+    assert flips["prior_to_pixel"] >= 0.70
+
+
+def test_pvp_towards_priors(baseline, pvp_runs):
+    from haltrace.evals.suite import flip_rates
+
+    fitted, after = pvp_runs["priors"]
+    flips = flip_rates(baseline["counterfactual"]["labels"], after["counterfactual"]["labels"])
+    print(f"\nPvP priors {fitted.provenance['layers']} alpha {fitted.provenance['alpha']}: {flips}; colour control "
+          f"{baseline['colour_control']['accuracy']:.3f} -> {after['colour_control']['accuracy']:.3f}")
+    assert flips["n_pixel"] > 0, "no counterfactual item is answered with the pixel colour before steering"
+    assert flips["pixel_to_prior"] >= 0.50
+
+
+def test_erasure_reduces_chair(organism, baseline):
+    from haltrace.evals.suite import evaluate
+    from haltrace.steering.registry import get_method
+
+    fitted = get_method("erasure").fit(organism)
+    _provenance_ok(fitted, "weight", "threshold")
+    after = evaluate(organism, ["chair"], fitted=fitted)["chair"]
+    before = baseline["chair"]
+    print(f"\nProjectAway {fitted.provenance['layers']} w={fitted.provenance['weight']} "
+          f"thr={fitted.provenance['threshold']:.4g}: CHAIR_i {before['chair_i']:.3f} -> {after['chair_i']:.3f}, "
+          f"recall {before['recall']:.3f} -> {after['recall']:.3f}, length {before['mean_length']:.2f} -> "
+          f"{after['mean_length']:.2f}")
+    assert after["chair_i"] <= 0.8 * before["chair_i"]
+
+
+def test_vti_reduces_adversarial_false_yes(organism, baseline):
+    from haltrace.evals.suite import evaluate
+    from haltrace.steering.registry import get_method
+
+    fitted = get_method("vti").fit(organism)
+    _provenance_ok(fitted, "alpha_text", "alpha_image")
+    after = evaluate(organism, ["pope"], fitted=fitted)["pope"]["adversarial"]
+    before = baseline["pope"]["adversarial"]
+    print(f"\nVTI alpha_text {fitted.provenance['alpha_text']} alpha_image {fitted.provenance['alpha_image']}: "
+          f"adversarial false-yes {before['false_yes_rate']:.3f} -> {after['false_yes_rate']:.3f}, recall "
+          f"{before['recall']:.3f} -> {after['recall']:.3f}")
+    assert after["false_yes_rate"] <= 0.8 * before["false_yes_rate"]
+    assert after["recall"] >= before["recall"] - 0.05
+
+
+def test_vista_reports_numbers(organism, baseline):
+    from haltrace.evals.suite import evaluate
+    from haltrace.steering.registry import get_method
+
+    fitted = get_method("vista").fit(organism, task="pope")
+    _provenance_ok(fitted, "lambda", "gamma")
+    after = evaluate(organism, ["pope", "chair"], fitted=fitted)
+    adv, before = after["pope"]["adversarial"], baseline["pope"]["adversarial"]
+    print(f"\nVISTA lambda {fitted.provenance['lambda']} gamma {fitted.provenance['gamma']}: adversarial false-yes "
+          f"{before['false_yes_rate']:.3f} -> {adv['false_yes_rate']:.3f}, recall {before['recall']:.3f} -> "
+          f"{adv['recall']:.3f}, CHAIR_i {baseline['chair']['chair_i']:.3f} -> {after['chair']['chair_i']:.3f}")
+    for value in (adv["false_yes_rate"], adv["recall"], after["chair"]["chair_i"]):
+        assert 0.0 <= value <= 1.0
