@@ -103,6 +103,9 @@ def write_model_card(folder: str | Path, report: dict | None) -> Path:
         f"(warmup {spec['warmup']}, cosine), seed {training['seed']}",
         f"- wall time: **{training['seconds']:.0f} s** on {training['threads']} CPU threads (torch {training['torch']})",
         f"- loss: {training['loss_first']:.3f} (first 20 steps) -> {training['loss_last']:.3f} (last 50 steps)",
+        *([f"- note: {training['note']}"] if training.get("note") else []),
+        *([f"- task mix: {', '.join(f'{k} {v}' for k, v in training['task_mix'].items())}"]
+          if training.get("task_mix") else []),
         "## World and built-in priors",
         f"- {len(world['kinds'])} kinds ({', '.join(world['kinds'])}), {len(world['colours'])} colours, "
         f"{world['image_size']}x{world['image_size']} px, 2x2 grid, 12 px glyphs at fixed offsets",

@@ -59,7 +59,7 @@ class Example:
 
 
 # Training mixture: task -> probability
-TASK_MIX: dict[str, float] = {"caption": 0.25, "yesno": 0.38, "colour": 0.22, "prior_colour": 0.03,
+TASK_MIX: dict[str, float] = {"caption": 0.30, "yesno": 0.30, "colour": 0.25, "prior_colour": 0.03,
                               "entity": 0.12}
 
 

@@ -139,10 +139,13 @@ def train_organism(
     world_config: WorldConfig | None = None,
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    threads: int | None = 1,
 ) -> TrainResult:
     """Train an organism and save it (model + processor + world config) to ``out`` with ``save_pretrained``.
 
     The folder is written to a temporary sibling and renamed, so ``out`` never holds a half-written model.
+    ``threads`` fixes torch's intra-op threads (the shipped organism used 1): float sums depend on it, so the
+    same seed reproduces the same weights only with the same thread count.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -151,9 +154,18 @@ def train_organism(
     if total < 1:
         raise ValueError(f"steps must be >= 1, got {total}")
     world = ShapesWorld(world_config)
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _train(out, world, spec, preset, seed, total, progress, on_step)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train(out, world, spec, preset, seed, total, progress, on_step) -> TrainResult:
     vocab = build_vocab(world)
     n_img = n_image_tokens(world)
-
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(build_model_config(world, spec))
     model.train()
