@@ -77,18 +77,24 @@ def test_generation_phase_is_correct_under_kv_cache(llama):
 def test_prompt_phase_leaves_decoding_steps_alone(llama):
     model, inputs = llama
     v = torch.randn(model.hidden_size) * 3
-    calls = []
-
-    def spy(_m, _a, out):
-        calls.append(out.shape[1])
-
+    outs = []
     with steer(model, Add("resid_post.0", v, phase="prompt")) as handle:
-        state_mask = []
-        with temporary_hooks(forward=[(model.adapter.layers[0], spy)]):
-            model.hf.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        with temporary_hooks(forward=[(model.adapter.layers[0], lambda m, a, o: outs.append(o.detach()))]):
+            gen = model.hf.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
         assert handle.active
-    assert calls[0] == inputs["input_ids"].shape[1] and calls[1:] == [1, 1]
     assert not handle.active
+    prompt_len = inputs["input_ids"].shape[1]
+    assert [o.shape[1] for o in outs] == [prompt_len, 1, 1]
+    # layer 0's output at a decode step depends only on (unsteered) embeddings, so with prompt-phase steering
+    # it must equal an unsteered recompute; the prefill output carries +v
+    mask = torch.cat([inputs["attention_mask"], torch.ones(gen.shape[0], 2, dtype=torch.long)], 1)
+    ref = []
+    with temporary_hooks(forward=[(model.adapter.layers[0], lambda m, a, o: ref.append(o.detach()))]), \
+            torch.no_grad():
+        model.hf(input_ids=gen[:, :-1], attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0))
+    for step, out in enumerate(outs[1:], start=1):
+        assert torch.allclose(out[:, 0], ref[0][:, prompt_len + step - 1], atol=1e-4)
+    assert torch.allclose(outs[0][:, -1] - v, ref[0][:, prompt_len - 1], atol=1e-4)
 
 
 def test_project_removes_the_component(llama):
