@@ -245,8 +245,8 @@ def hallucination_probe_set(pope_records: Sequence[tuple[Example, str]], seed: i
 def hallucination_probe_confound(runner: OrganismRunner, pope_records, probe_layers: bool = True) -> dict:
     """AUROC of a question-only baseline on the balanced hallucination-probe set (and of per-layer probes)."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
     probe_set = hallucination_probe_set(pope_records)
     labels = np.array([e.meta["label"] for e in probe_set])

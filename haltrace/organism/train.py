@@ -23,8 +23,16 @@ import numpy as np
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from haltrace.organism.processing import BOS, EOS, IMAGE, PAD, build_processor, build_vocab, n_image_tokens
-from haltrace.organism.processing import normalise_images
+from haltrace.organism.processing import (
+    BOS,
+    EOS,
+    IMAGE,
+    PAD,
+    build_processor,
+    build_vocab,
+    n_image_tokens,
+    normalise_images,
+)
 from haltrace.organism.tasks import TASK_MIX, Example, sample_training_example
 from haltrace.organism.world import ShapesWorld, WorldConfig
 
@@ -242,8 +250,14 @@ def _progress_bar(enabled: bool, total: int, preset: str):
         from contextlib import nullcontext
 
         return nullcontext(None)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.progress import TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(TextColumn(f"[bold]{preset}[/] {{task.description}}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
