@@ -53,3 +53,15 @@ def tiny_llama(tiny_model):
 @pytest.fixture(scope="session")
 def tiny_gpt2(tiny_model):
     return tiny_model("gpt2")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """One intra-op thread: these models are tiny, and on a shared 2-core machine a second thread mostly adds
+    contention (a forward measured 15x slower with two threads under load)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
