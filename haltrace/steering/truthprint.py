@@ -4,10 +4,12 @@ truthful-direction shift of the hidden state *before* the token is produced ("pr
 No official code exists (``jinhaoduan/TruthPrInt`` holds only a README), so every knob below is our choice,
 recorded in the provenance (see ``shared/research/methods-vlm.md`` §2 and ``methods-llm-eval.md`` §3.5):
 
-* **Detector**: logistic regression (standardised features) on ``resid_post.L`` at the position that *produces*
-  an answer token (the paper's "token immediately preceding" the object word, a one-step early warning).
-  Training states are the model's own "yes" answers on fit questions, labelled hallucinated when the object is
-  absent (the organism's ground truth). ``L`` = the layer with the best AUROC on a held-out split of the fit data.
+* **Detector**: logistic regression (standardised features) on ``resid_post`` states at the position that
+  *produces* an answer token (the paper's "token immediately preceding" the object word, a one-step early
+  warning). Training states are the model's own "yes" answers on fit questions, labelled hallucinated when the
+  object is absent (the organism's ground truth). The blocks read (one block, or a run of blocks ending at the
+  last one, concatenated) and the L2 strength ``C`` are chosen by AUROC on a held-out split of the fit data; the
+  shift happens at the deepest block read, ``resid_post.L``.
 * **Truthful direction** (``direction="truthful_answer"``, default): mean state of absent objects the model
   correctly answers "no" minus mean state of absent objects it answers "yes" (same ground truth, truthful vs
   hallucinated decoding). ``"real_minus_hallucinated"`` (real vs hallucinated "yes" states) and ``"probe"``
@@ -146,26 +148,30 @@ def _auroc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 # ----------------------------------------------------------------------------- the gated hook
 class TruthfulGate:
-    """Stateful gated pre-intervention at ``resid_post.layer``; call ``gate(model)`` for a context manager.
+    """Stateful gated pre-intervention; call ``gate(model)`` for a context manager.
 
-    At every forward it reads the state at the token-producing position, scores
-    ``p = sigmoid(((h - mean) / scale) . weight + bias)`` and, where ``p > threshold``, adds ``alpha * direction``
-    there. ``stats`` counts gated positions (``steps``) and shifts (``fired``) since the last reset.
+    ``layers`` are the ``resid_post`` blocks the detector reads (their token-producing states, concatenated in
+    order); the shift happens at the last of them, ``resid_post.{layers[-1]}``, before later blocks run. At every
+    forward it scores ``p = sigmoid(((h - mean) / scale) . weight + bias)`` and, where ``p > threshold``, adds
+    ``alpha * direction`` at the token-producing position. ``stats`` counts gated positions (``steps``) and
+    shifts (``fired``) since the last :meth:`reset`.
 
-    >>> gate = TruthfulGate(1, mean, scale, weight, 0.0, direction, alpha=1.0, threshold=0.5)  # doctest: +SKIP
-    >>> with gate(model):                                                                  # doctest: +SKIP
+    >>> gate = TruthfulGate([2, 3], mean, scale, weight, 0.0, direction, alpha=1.0, threshold=0.5)  # doctest: +SKIP
+    >>> with gate(model):                                                                       # doctest: +SKIP
     ...     model.hf.generate(**inputs, max_new_tokens=4)
     """
 
-    def __init__(self, layer: int, mean: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, bias: float,
-                 direction: torch.Tensor, *, alpha: float, threshold: float):
-        tensors = {"mean": mean, "scale": scale, "weight": weight, "direction": direction}
-        width = {name: torch.as_tensor(t).numel() for name, t in tensors.items()}
-        if len(set(width.values())) != 1:
-            raise ValueError(f"mean/scale/weight/direction must share one width, got {width}")
-        self.layer = int(layer)
+    def __init__(self, layers: int | Sequence[int], mean: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor,
+                 bias: float, direction: torch.Tensor, *, alpha: float, threshold: float):
+        self.layers = [int(layers)] if isinstance(layers, int) else [int(x) for x in layers]
+        if not self.layers or sorted(set(self.layers)) != self.layers:
+            raise ValueError(f"detector layers must be a non-empty increasing list, got {layers}")
         self.mean, self.scale, self.weight, self.direction = (
-            torch.as_tensor(t, dtype=torch.float32).reshape(-1).clone() for t in tensors.values())
+            torch.as_tensor(t, dtype=torch.float32).reshape(-1).clone() for t in (mean, scale, weight, direction))
+        width = {"mean": self.mean.numel(), "scale": self.scale.numel(), "weight": self.weight.numel(),
+                 "direction x layers": self.direction.numel() * len(self.layers)}
+        if len(set(width.values())) != 1:
+            raise ValueError(f"mean/scale/weight must have len(layers) * direction width values, got {width}")
         if not all(bool(torch.isfinite(t).all()) for t in (self.mean, self.scale, self.weight, self.direction)):
             raise ValueError("TruthfulGate parameters contain NaN or inf")
         if bool((self.scale <= 0).any()):
@@ -175,8 +181,13 @@ class TruthfulGate:
         self.bias, self.alpha, self.threshold = float(bias), float(alpha), float(threshold)
         self.stats = {"steps": 0, "fired": 0}
 
+    @property
+    def layer(self) -> int:
+        """The block whose output is shifted (``resid_post.layer``)."""
+        return self.layers[-1]
+
     def probability(self, h: torch.Tensor) -> torch.Tensor:
-        """Detector probability that the token produced from state ``h`` ([..., d]) is hallucinated."""
+        """Detector probability that the token produced from features ``h`` ([..., len(layers)*d]) is hallucinated."""
         z = ((h.float() - self.mean.to(h.device)) / self.scale.to(h.device)) @ self.weight.to(h.device)
         return torch.sigmoid(z + self.bias)
 
@@ -187,11 +198,12 @@ class TruthfulGate:
     def _attached(self, model: Any) -> Iterator[TruthfulGate]:
         from haltrace.trace.capture import temporary_hooks
 
-        if not 0 <= self.layer < model.n_layers:
-            raise ValueError(f"gate layer {self.layer} out of range: the model has layers 0..{model.n_layers - 1}")
+        bad = [x for x in self.layers if not 0 <= x < model.n_layers]
+        if bad:
+            raise ValueError(f"gate layers {bad} out of range: the model has layers 0..{model.n_layers - 1}")
         if self.direction.numel() != model.hidden_size:
             raise ValueError(f"gate width {self.direction.numel()} != model hidden size {model.hidden_size}")
-        producing: dict[str, torch.Tensor | None] = {"last": None}
+        state: dict[str, Any] = {"last": None, "feats": {}}
 
         def on_forward(_m: Any, args: tuple, kwargs: dict) -> None:
             current = kwargs.get("input_ids", args[0] if args else None)
@@ -208,25 +220,30 @@ class TruthfulGate:
                 last = length - 1 - torch.flip(mask.to(torch.long), dims=[1]).argmax(dim=1)
             else:  # no mask, or a decoding step: the newest token produces the next one
                 last = torch.full((batch,), length - 1, dtype=torch.long)
-            producing["last"] = last
+            state["last"], state["feats"] = last, {}
 
-        def on_layer(_m: Any, _args: tuple, _kwargs: dict, output: Any) -> Any:
-            h = output if isinstance(output, torch.Tensor) else output[0]
-            last = producing["last"]
-            if last is None:  # the layer ran outside a top-level forward: nothing to gate
-                return output
-            rows = torch.arange(h.shape[0], device=h.device)
-            last = last.to(h.device)
-            fire = self.probability(h[rows, last]) > self.threshold
-            self.stats["steps"] += int(h.shape[0])
-            self.stats["fired"] += int(fire.sum())
-            if bool(fire.any()):
-                h = h.clone()  # never edit a tensor HF may reuse
-                h[rows[fire], last[fire]] += (self.alpha * self.direction).to(h.device, h.dtype)
-            return h if isinstance(output, torch.Tensor) else (h, *output[1:])
+        def reader(layer: int) -> Any:
+            def on_layer(_m: Any, _args: tuple, _kwargs: dict, output: Any) -> Any:
+                if state["last"] is None:  # the block ran outside a top-level forward: nothing to gate
+                    return output
+                h = output if isinstance(output, torch.Tensor) else output[0]
+                rows = torch.arange(h.shape[0], device=h.device)
+                last = state["last"].to(h.device)
+                state["feats"][layer] = h[rows, last]
+                if layer != self.layer:
+                    return output
+                feats = torch.cat([state["feats"][x] for x in self.layers], dim=-1)
+                fire = self.probability(feats) > self.threshold
+                self.stats["steps"] += int(h.shape[0])
+                self.stats["fired"] += int(fire.sum())
+                if bool(fire.any()):
+                    h = h.clone()  # never edit a tensor HF may reuse
+                    h[rows[fire], last[fire]] += (self.alpha * self.direction).to(h.device, h.dtype)
+                return h if isinstance(output, torch.Tensor) else (h, *output[1:])
+            return on_layer
 
-        with temporary_hooks(forward=[(model.adapter.layers[self.layer], on_layer)],
-                             pre=[(model.hf, on_forward)], with_kwargs=True):
+        forward = [(model.adapter.layers[x], reader(x)) for x in self.layers]
+        with temporary_hooks(forward=forward, pre=[(model.hf, on_forward)], with_kwargs=True):
             yield self
 
     def reset(self) -> None:
@@ -250,9 +267,11 @@ class TruthPrInt(Method):
     summary = ("per-token hallucination probe on resid_post gates a truthful-direction pre-intervention at the "
                "token-producing position (prompt answer token and every generated token)")
 
-    def fit(self, model: Any, data: Any = None, *, world: Any = None, n_images: int = 400, seed: int = FIT_SEED,
-            layer: int | None = None, direction: str = "truthful_answer", probe_c: float = 0.1,
-            thresholds: Sequence[float] = (0.5, 0.6, 0.7, 0.8, 0.9), alphas: Sequence[float] = (0.25, 0.5, 1.0),
+    def fit(self, model: Any, data: Any = None, *, world: Any = None, n_images: int = 1000, seed: int = FIT_SEED,
+            layers: Sequence[int] | None = None, direction: str = "truthful_answer",
+            probe_cs: Sequence[float] = (0.1, 1.0),
+            thresholds: Sequence[float] = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95),
+            alphas: Sequence[float] = (0.25, 0.5, 0.75, 1.0, 1.5),
             max_recall_drop: float = 0.03, **kw: Any) -> FittedIntervention:
         """Fit the detector and direction, then choose (threshold, alpha) on the held-out fit split.
 
@@ -285,14 +304,26 @@ class TruthPrInt(Method):
         if y[train].sum() < 5 or (1 - y[train]).sum() < 5 or y[val].sum() < 2:
             raise ValueError(f"too few hallucinated 'yes' answers to fit a detector ({int(y[yes_rows].sum())} "
                              f"of {int(yes_rows.sum())} 'yes' answers); pass more data or n_images")
-        layer_auroc = {}
-        for i in range(model.n_layers):
-            x = acts[f"resid_post.{i}"].numpy()
-            m, s, w, b = _fit_probe(x[train], y[train], probe_c)
-            layer_auroc[i] = _auroc(((x[val] - m) / s) @ w + b, y[val])
-        chosen = layer if layer is not None else max(layer_auroc, key=lambda i: layer_auroc[i])
+        # detector candidates: each single block, and each run of blocks ending at the last one (the gate reads
+        # their states at the producing position and shifts at the deepest); C from probe_cs; best held-out AUROC
+        n = model.n_layers
+        feats = {i: acts[f"resid_post.{i}"].numpy() for i in range(n)}
+        if layers is not None:
+            candidates_l = [sorted({int(x) for x in layers})]
+        else:
+            candidates_l = [[i] for i in range(n)] + [list(range(i, n)) for i in range(n - 1)]
+        scores_l = []
+        for cand in candidates_l:
+            xc = np.concatenate([feats[i] for i in cand], 1)
+            for c in probe_cs:
+                m_, s_, w_, b_ = _fit_probe(xc[train], y[train], c)
+                scores_l.append({"layers": cand, "C": c, "val_auroc": _auroc(((xc[val] - m_) / s_) @ w_ + b_, y[val])})
+        pick = max(scores_l, key=lambda r: (r["val_auroc"], -len(r["layers"]), -r["C"]))
+        det_layers, probe_c = pick["layers"], pick["C"]
+        chosen = det_layers[-1]
+        xdet = np.concatenate([feats[i] for i in det_layers], 1)
+        mean, scale, weight, bias = _fit_probe(xdet[train], y[train], probe_c)
         x = acts[f"resid_post.{chosen}"]
-        mean, scale, weight, bias = _fit_probe(x.numpy()[train], y[train], probe_c)
 
         fit_rows = torch.from_numpy(~held)
         halluc = torch.from_numpy(says_yes & ~present) & fit_rows
@@ -304,7 +335,8 @@ class TruthPrInt(Method):
             "truthful_answer": x[truthful_no].mean(0) - x[halluc].mean(0),
             "real_minus_hallucinated": x[real].mean(0) - x[halluc].mean(0),
         }
-        w_res = torch.as_tensor(weight / scale, dtype=torch.float32)  # detector weight in residual coordinates
+        # detector weight on the shifted block, in residual coordinates
+        w_res = torch.as_tensor((weight / scale)[-model.hidden_size:], dtype=torch.float32)
         candidates["probe"] = -w_res / w_res.norm() * candidates["truthful_answer"].norm()
         d = candidates[direction]
         cosines = {f"{a}~{b}": float(torch.nn.functional.cosine_similarity(candidates[a], candidates[b], dim=0))
@@ -319,25 +351,30 @@ class TruthPrInt(Method):
         if not val_partner.any():
             val_partner = ~val_present  # no partner questions given: all absent objects
         base_yes = says_yes[held]
+        # Exact and cheap: questions are independent and the detector reads states the shift cannot change, so
+        # one forward per alpha with the gate always open gives every threshold's answers (fired -> shifted).
+        p_val = TruthfulGate(det_layers, mean, scale, weight, bias, d, alpha=0.0, threshold=0.0).probability(
+            torch.from_numpy(xdet[held])).numpy()
+        shifted = {}
+        for a in alphas:
+            with TruthfulGate(det_layers, mean, scale, weight, bias, d, alpha=a, threshold=0.0)(model):
+                lg, _ = last_token_activations(model, world, val_q, [])
+            shifted[a] = (lg[:, yes_id] > lg[:, no_id]).numpy()
         grid = []
         for t in thresholds:
             for a in alphas:
-                gate = TruthfulGate(chosen, mean, scale, weight, bias, d, alpha=a, threshold=t)
-                with gate(model):
-                    lg, _ = last_token_activations(model, world, val_q, [])
-                yes = (lg[:, yes_id] > lg[:, no_id]).numpy()
+                yes = np.where(p_val > t, shifted[a], base_yes)
                 grid.append({"threshold": t, "alpha": a, "false_yes_partner": float(yes[val_partner].mean()),
                              "false_yes_absent": float(yes[~val_present].mean()),
-                             "recall": float(yes[val_present].mean()),
-                             "fired": gate.stats["fired"] / max(1, gate.stats["steps"])})
+                             "recall": float(yes[val_present].mean()), "fired": float((p_val > t).mean())})
         base = {"false_yes_partner": float(base_yes[val_partner].mean()),
                 "false_yes_absent": float(base_yes[~val_present].mean()), "recall": float(base_yes[val_present].mean())}
         ok = [g for g in grid if base["recall"] - g["recall"] <= max_recall_drop]
         best = min(ok, key=lambda g: (g["false_yes_partner"], -g["recall"], g["alpha"])) if ok else None
         if best is None:  # nothing keeps recall: take the mildest setting, and say so in the provenance
             best = max(grid, key=lambda g: (g["recall"], -g["false_yes_partner"]))
-        gate = TruthfulGate(chosen, mean, scale, weight, bias, d, alpha=best["alpha"], threshold=best["threshold"])
-        spec = {"n_images": n_images, "seed": seed, "layer": chosen, "direction": direction, "probe_c": probe_c,
+        gate = TruthfulGate(det_layers, mean, scale, weight, bias, d, alpha=best["alpha"], threshold=best["threshold"])
+        spec = {"n_images": n_images, "seed": seed, "layers": det_layers, "direction": direction, "probe_c": probe_c,
                 "threshold": best["threshold"], "alpha": best["alpha"]}
         provenance = {
             "method": self.name,
@@ -346,10 +383,11 @@ class TruthPrInt(Method):
                              "no backtracking, no ComnHallu alignment"),
             "layer": {"haltrace": f"resid_post.{chosen}", "hf_hidden_states_index": chosen + 1,
                       "paper": "not released (an unofficial 13B reproduction used layer 20 of 40)"},
-            "detector": {"type": "logistic regression on standardised resid_post", "C": probe_c,
+            "detector": {"type": "logistic regression on standardised resid_post (concatenated blocks)",
+                         "layers": [f"resid_post.{i}" for i in det_layers], "C": probe_c,
                          "labels": "model's 'yes' answers; 1 = object absent (hallucinated)",
-                         "val_auroc_by_layer": {f"resid_post.{i}": v for i, v in layer_auroc.items()},
-                         "layer_selection": "best held-out AUROC" if layer is None else "given"},
+                         "val_auroc": pick["val_auroc"], "candidates": scores_l,
+                         "selection": "best held-out AUROC" if layers is None else "layers given"},
             "direction": {"kind": direction, "norm": float(d.norm()), "cosines": cosines,
                           "definition": {"truthful_answer": "mean(absent, says no) - mean(absent, says yes)",
                                          "real_minus_hallucinated": "mean(present, says yes) - mean(absent, says yes)",

@@ -52,8 +52,11 @@ def test_registered():
 # ------------------------------------------------------------------ TruthPrInt gate
 def test_gate_validation(tiny_llama):
     d = tiny_llama.hidden_size
-    with pytest.raises(ValueError, match="share one width"):
+    with pytest.raises(ValueError, match="len\\(layers\\) \\* direction width"):
         TruthfulGate(0, torch.zeros(d), torch.ones(d), torch.zeros(d + 1), 0.0, torch.zeros(d), alpha=1, threshold=.5)
+    with pytest.raises(ValueError, match="increasing"):
+        TruthfulGate([1, 0], torch.zeros(2 * d), torch.ones(2 * d), torch.zeros(2 * d), 0.0, torch.zeros(d),
+                     alpha=1, threshold=.5)
     with pytest.raises(ValueError, match="probability"):
         TruthfulGate(0, torch.zeros(d), torch.ones(d), torch.zeros(d), 0.0, torch.zeros(d), alpha=1, threshold=2)
     with pytest.raises(ValueError, match="NaN"):
@@ -77,6 +80,20 @@ def test_gate_edits_only_the_producing_position(tiny_llama, tiny_inputs):
     assert not torch.allclose(base[:, -1], steered[:, -1])
     with torch.no_grad(), _gate(tiny_llama, threshold=1.0)(tiny_llama):  # never fires: identity
         assert torch.allclose(base, tiny_llama.hf(**inputs).logits)
+
+
+def test_multi_layer_gate_reads_every_block(tiny_llama, tiny_inputs):
+    inputs = tiny_inputs("llama")
+    d = tiny_llama.hidden_size
+    weight = torch.zeros(2 * d)
+    weight[0] = 1.0  # only block 0's first feature decides
+    gate = TruthfulGate([0, 1], torch.zeros(2 * d), torch.ones(2 * d), weight, 0.0, torch.ones(d), alpha=3.0,
+                        threshold=0.5)
+    with torch.no_grad():
+        h0 = tiny_llama.capture(inputs, ["resid_post.0"], positions="last")["resid_post.0"][:, 0, 0]
+        with gate(tiny_llama):
+            tiny_llama.hf(**inputs)
+    assert gate.layer == 1 and gate.stats["fired"] == int((h0 > 0).sum())
 
 
 def test_gate_under_generation_and_removal(tiny_llava, tiny_inputs):
