@@ -82,6 +82,10 @@ class Add(Intervention):
 
     vector: torch.Tensor = field(default=None)  # type: ignore[assignment]
     alpha: float = 1.0
+    #: at ``head_out.L`` only: add a ``head_dim`` vector to this head's slice of the o_proj input;
+    #: without it the vector must span the whole o_proj input (``n_heads * head_dim``)
+    head: int | None = field(default=None, kw_only=True)
+    _head_slice: slice | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -93,15 +97,32 @@ class Add(Intervention):
 
     def validate(self, model: Any) -> HookPoint:
         point = self.point(model)
-        expect = self.width(model, point)
+        if self.head is not None and point.kind != "head_out":
+            raise ValueError(f"head= only applies at head_out.<layer>, not {point.name!r}")
+        if point.kind == "head_out" and self.head is not None:
+            if not 0 <= self.head < model.n_heads:
+                raise ValueError(f"head {self.head} invalid: this model has heads 0..{model.n_heads - 1}")
+            expect, what = model.head_dim, "head"
+            self._head_slice = slice(self.head * model.head_dim, (self.head + 1) * model.head_dim)
+        elif point.kind == "head_out":
+            expect, what = model.n_heads * model.head_dim, "o_proj input (n_heads * head_dim)"
+        else:
+            expect, what = model.hidden_size, "hidden"
         if self.vector.dim() != 1 or self.vector.shape[0] != expect:
             raise ValueError(f"vector for {point.name} has shape {tuple(self.vector.shape)} but the model's "
-                             f"{'head' if point.kind == 'head_out' else 'hidden'} size is {expect}: "
-                             f"vector size {self.vector.shape[-1]} != model size {expect}")
+                             f"{what} size is {expect}: vector size {self.vector.shape[-1]} != model size {expect}")
         return point
 
-    def edit(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def _delta(self, x: torch.Tensor) -> torch.Tensor:
         delta = (self.alpha * self.vector).to(device=x.device, dtype=x.dtype)
+        if self._head_slice is None:
+            return delta
+        full = torch.zeros(x.shape[-1], device=x.device, dtype=x.dtype)
+        full[self._head_slice] = delta
+        return full
+
+    def edit(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        delta = self._delta(x)
         return x + delta if mask is None else x + mask.to(x.dtype) * delta
 
 

@@ -155,7 +155,21 @@ def test_image_positions_only_touch_image_tokens(tiny_llava, tiny_inputs):
     assert torch.equal(diff, image)
 
 
+def test_add_to_one_head_equals_attn_out_shift(llama):
+    model, inputs = llama
+    head, v = 1, torch.randn(model.head_dim)
+    with steer(model, Add("head_out.0", v, alpha=2.0, head=head)):
+        got = _logits(model, inputs)
+    weight = model.adapter.o_proj(0).weight  # o_proj is linear: a head-slice shift = W_O[:, slice] @ shift
+    shift = weight[:, head * model.head_dim:(head + 1) * model.head_dim] @ (2.0 * v)
+    with steer(model, Add("attn_out.0", shift.detach())):
+        expected = _logits(model, inputs)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
 @pytest.mark.parametrize("bad,match", [
+    (lambda m: Add("head_out.0", torch.randn(m.head_dim)), r"o_proj input"),
+    (lambda m: Add("resid_post.0", torch.randn(m.hidden_size), head=0), "head= only applies"),
     (lambda m: Add("resid_post.0", torch.randn(m.hidden_size + 3)), r"size \d+ != model size \d+"),
     (lambda m: Add("resid_post.99", torch.randn(m.hidden_size)), r"layers 0\.\.\d"),
     (lambda m: Add("resid_post.0", torch.full((m.hidden_size,), float("nan"))), "NaN or inf"),
