@@ -202,9 +202,11 @@ def evaluate_method(model: Any, name: str, evals: Sequence[str], before: Mapping
     row: dict[str, Any] = {"method": name}
     started = time.perf_counter()
     try:
+        row["stage"] = "fit"
         fitted = get_method(name).fit(model, **dict(fit_kwargs or {}))
         row["fit_seconds"] = time.perf_counter() - started
         row["fitted"] = fitted
+        row["stage"] = "evaluate"
         after = evaluate(model, evals, fitted=fitted, world=world, keep_answers=True)
     except Exception as exc:  # a broken method is reported in the table, never hidden
         row["error"] = f"{type(exc).__name__}: {exc}"
@@ -233,7 +235,7 @@ def run_methods(model: Any, evals: Sequence[str], methods: Sequence[str] | None 
         rows.append(evaluate_method(model, name, evals, before, fit_kwargs=(fit_kwargs or {}).get(name),
                                     world=world))
     return {"model": model.name_or_path, "evals": list(evals), "before": before, "rows": rows,
-            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
@@ -270,7 +272,8 @@ def results_markdown(run: Mapping[str, Any], *, command: str = "") -> str:
     for row in run["rows"]:
         if "error" in row:
             failed.append(row)
-            lines.append(f"| {row['method']} | " + " | ".join("fit failed" if i == 0 else "" for i in
+            failed_cell = "fit failed" if row.get("stage") == "fit" else "failed under evaluation"
+            lines.append(f"| {row['method']} | " + " | ".join(failed_cell if i == 0 else "" for i in
                                                                 range(len(HEADLINE))) + " | |")
             continue
         after = headline(row["after"], row.get("flips") or {})
@@ -283,7 +286,7 @@ def results_markdown(run: Mapping[str, Any], *, command: str = "") -> str:
         lines.append(f"| {row['method']} | " + " | ".join(cells) + f" | {row.get('seconds', 0):.1f} |")
     if failed:
         lines += ["", "## Methods that failed", ""]
-        lines += [f"- **{row['method']}**: {row['error']}" for row in failed]
+        lines += [f"- **{row['method']}** ({row.get('stage', 'fit')}): {row['error']}" for row in failed]
     if not run["rows"]:
         lines += ["", "No steering methods are registered yet."]
     lines += ["", "## Provenance", ""]
@@ -300,7 +303,7 @@ def results_json(run: Mapping[str, Any]) -> dict[str, Any]:
     for row in run["rows"]:
         item: dict[str, Any] = {"method": row["method"]}
         if "error" in row:
-            item["error"] = row["error"]
+            item.update(error=row["error"], stage=row.get("stage"))
         else:
             item.update(headline=headline(row["after"], row.get("flips") or {}),
                         metrics=flatten_metrics(row["after"]), flips=row.get("flips"),
