@@ -114,16 +114,25 @@ class Add(Intervention):
         return point
 
     def _delta(self, x: torch.Tensor) -> torch.Tensor:
-        delta = (self.alpha * self.vector).to(device=x.device, dtype=x.dtype)
-        if self._head_slice is None:
-            return delta
-        full = torch.zeros(x.shape[-1], device=x.device, dtype=x.dtype)
-        full[self._head_slice] = delta
-        return full
+        """``alpha * vector`` (placed in its head's slice with ``head=``) on x's device and dtype, cached:
+        during decoding, rebuilding it costs more than the add itself (bench_steer). The key holds alpha and
+        the vector's version counter, so in-place changes are picked up."""
+        key = (x.device, x.dtype, x.shape[-1], float(self.alpha), id(self.vector), self.vector._version)
+        cache = self.__dict__.setdefault("_delta_cache", {})
+        delta = cache.get(key)
+        if delta is None:
+            delta = (self.alpha * self.vector).to(device=x.device, dtype=x.dtype)
+            if self._head_slice is not None:
+                full = torch.zeros(x.shape[-1], device=x.device, dtype=x.dtype)
+                full[self._head_slice] = delta
+                delta = full
+            cache.clear()
+            cache[key] = delta
+        return delta
 
     def edit(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         delta = self._delta(x)
-        return x + delta if mask is None else x + mask.to(x.dtype) * delta
+        return x + delta if mask is None else torch.addcmul(x, mask.to(x.dtype), delta)
 
 
 @dataclass
@@ -248,21 +257,23 @@ class _SequenceState:
 
     def mask(self, positions: PositionRule, phase: Phase, device: torch.device) -> torch.Tensor | None | bool:
         """[B, T, 1] float mask for the current forward, None for "every token", False for "no token"."""
+        if phase == "both" and isinstance(positions, str) and positions == "all":
+            return None  # the common case: no tensor work, no lookups
         key = (positions if isinstance(positions, str) else tuple(positions), phase)
         if key in self._masks:
             return self._masks[key]
         prompt_len = self.prompt_length if self.prompt_length is not None else self.offset + self.length
-        absolute = torch.arange(self.offset, self.offset + self.length, device=device)
-        in_prompt = absolute < prompt_len
-        if phase == "prompt" and not bool(in_prompt.any()):
+        # the current tokens sit at absolute positions offset .. offset+length-1: decide phase membership with
+        # ints, so the no-op and every-token cases launch no kernel and never sync
+        all_prompt = self.offset + self.length <= prompt_len
+        no_prompt = self.offset >= prompt_len
+        if (phase == "prompt" and no_prompt) or (phase == "generation" and all_prompt):
             result: torch.Tensor | None | bool = False
-        elif phase == "generation" and bool(in_prompt.all()):
-            result = False
-        elif positions == "all" and (phase == "both" or (phase == "prompt" and bool(in_prompt.all()))
-                                     or (phase == "generation" and not bool(in_prompt.any()))):
+        elif positions == "all" and ((phase == "prompt" and all_prompt) or (phase == "generation" and no_prompt)):
             result = None
         else:
-            result = self._build(positions, phase, absolute, in_prompt, prompt_len, device)
+            absolute = torch.arange(self.offset, self.offset + self.length, device=device)
+            result = self._build(positions, phase, absolute, absolute < prompt_len, prompt_len, device)
         self._masks[key] = result
         return result
 

@@ -184,13 +184,14 @@ def test_entity_positions_and_steering(tiny_gpt2, trained, tmp_path):
     ids = [tiny_gpt2.tokenizer(p)["input_ids"] for p in prompts]
     assert tiny_gpt2.tokenizer.convert_ids_to_tokens(ids[0][pos[0]]) == "france"
     assert tiny_gpt2.tokenizer.convert_ids_to_tokens(ids[1][pos[1]]) == "capital"
+    hooks_before = tuple(tiny_gpt2.adapter.layers[1]._forward_hooks)  # transformers may own permanent ones
     plain = steered_answers(tiny_gpt2, prompts, pos, "resid_post.1", None)
     logits = tiny_gpt2.hf(**tiny_gpt2.prepare(prompts)).logits[:, -1].argmax(-1)
     assert plain == [tiny_gpt2.tokenizer.decode([int(t)]).strip() for t in logits]
     d = random_directions(32, 1)[0]
     pushed = steered_answers(tiny_gpt2, prompts, pos, "resid_post.1", d, 1e4)
     assert pushed[0] == pushed[1]  # a huge push decides the answer on its own
-    assert not tiny_gpt2.adapter.layers[1]._forward_hooks  # hooks removed
+    assert tuple(tiny_gpt2.adapter.layers[1]._forward_hooks) == hooks_before  # our hooks removed
     sae, _, _ = trained
     vec = latent_vector(sae, 3, scale=2.5, model=tiny_gpt2)
     back = SteeringVector.load(vec.save(tmp_path / "v"), model=tiny_gpt2)

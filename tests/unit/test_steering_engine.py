@@ -9,9 +9,10 @@ from haltrace.steering.engine import Add, NormPreservingAdd, Project, ScaleHeads
 from haltrace.trace.capture import temporary_hooks
 
 
-def _no_user_hooks(model) -> bool:
-    return all(not m._forward_pre_hooks and not m._forward_hooks for m in model.hf.modules()
-               if not type(m).__name__.endswith("Model") or m is model.hf)
+def _hook_snapshot(model) -> dict:
+    """Every hook id on every module. transformers 5 installs its own permanent output-capturing hooks the first
+    time output_hidden_states is used, so "no haltrace hook left" means "same hooks as before"."""
+    return {name: (tuple(m._forward_pre_hooks), tuple(m._forward_hooks)) for name, m in model.hf.named_modules()}
 
 
 @pytest.fixture()
@@ -80,7 +81,8 @@ def test_prompt_phase_leaves_decoding_steps_alone(llama):
     outs = []
     with steer(model, Add("resid_post.0", v, phase="prompt")) as handle:
         with temporary_hooks(forward=[(model.adapter.layers[0], lambda m, a, o: outs.append(o.detach()))]):
-            gen = model.hf.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
+            gen = model.hf.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                                    pad_token_id=0)
         assert handle.active
     assert not handle.active
     prompt_len = inputs["input_ids"].shape[1]
@@ -179,17 +181,19 @@ def test_add_to_one_head_equals_attn_out_shift(llama):
 ])
 def test_bad_interventions_are_clear_errors(llama, bad, match):
     model, _ = llama
+    before = _hook_snapshot(model)
     with pytest.raises(ValueError, match=match):
         attach(model, bad(model))
-    assert _no_user_hooks(model)
+    assert _hook_snapshot(model) == before
 
 
 def test_exception_inside_steering_leaves_model_pristine(llama):
     model, inputs = llama
     before = _logits(model, inputs)
+    hooks_before = _hook_snapshot(model)
     with pytest.raises(RuntimeError, match="boom"):
         with steer(model, Add("resid_post.0", torch.randn(model.hidden_size), alpha=10.0)):
             _logits(model, inputs)
             raise RuntimeError("boom")
     assert torch.equal(_logits(model, inputs), before)
-    assert _no_user_hooks(model)
+    assert _hook_snapshot(model) == hooks_before
