@@ -88,7 +88,10 @@ def test_cli_latents_reuses_the_store_and_writes_vectors(run):
     out = CliRunner().invoke(app, ["latents", "--sae", str(root / "sae"), "--store", str(root / "acts" / "entity"),
                                    "--top", "3", "--vectors", str(root / "vectors"), "--json"])
     assert out.exit_code == 0, out.output
-    payload = json.loads(next(line for line in out.output.splitlines() if line.startswith("{")))
+    # stdout only: transformers' weight-loading progress bar goes to stderr without a newline
+    line = next((line for line in out.stdout.splitlines() if line.startswith("{")), None)
+    assert line is not None, f"no JSON object in the output:\n{out.output[-3000:]}"
+    payload = json.loads(line)
     assert payload["known"][0]["latent"] == result["known"][0]["latent"]
     vec = SteeringVector.load(payload["vectors"]["unknown"])
     assert vec.method == "sae" and vec.layers == [int(HOOK.split(".")[1])]
