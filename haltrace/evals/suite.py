@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Any
 
+from haltrace.evals.counterfactual import flip_rates  # noqa: F401  (re-exported: methods' tests use it)
+
 EVALS = ("pope", "chair", "counterfactual", "refusal", "colour_control")
 
 
@@ -61,18 +63,3 @@ def evaluate(model: Any, evals: Sequence[str] = EVALS, *, fitted: Any = None, wo
         if "colour_control" in evals:
             out["colour_control"] = phenomena.eval_colour_control(runner)
     return out
-
-
-def flip_rates(before_labels: Sequence[str], after_labels: Sequence[str]) -> dict:
-    """Counterfactual flip rates: of items answered with the prior, the share now answered with the pixel
-    colour (and vice versa)."""
-    if len(before_labels) != len(after_labels):
-        raise ValueError("before and after must label the same items")
-    pairs = list(zip(before_labels, after_labels, strict=True))
-    prior = [a for b, a in pairs if b == "prior"]
-    pixel = [a for b, a in pairs if b == "pixel"]
-    return {
-        "prior_to_pixel": sum(a == "pixel" for a in prior) / len(prior) if prior else None,
-        "pixel_to_prior": sum(a == "prior" for a in pixel) / len(pixel) if pixel else None,
-        "n_prior": len(prior), "n_pixel": len(pixel),
-    }
