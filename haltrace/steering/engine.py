@@ -322,9 +322,8 @@ def _flatten(interventions: Sequence[Any]) -> list[Intervention]:
     for item in interventions:
         if isinstance(item, Intervention):
             out.append(item)
-        elif hasattr(item, "interventions"):
-            out.extend(_flatten(item.interventions(item.model) if callable(item.interventions) else
-                                item.interventions))
+        elif hasattr(item, "interventions"):  # e.g. a FittedIntervention
+            out.extend(_flatten(item.interventions))
         elif isinstance(item, (list, tuple)):
             out.extend(_flatten(item))
         else:
