@@ -24,7 +24,9 @@ output, so it differs from ``hidden_states[-1]`` there. The logit lens applies t
 
 External conventions map to ours as follows (see ``../shared/research/methods-llm-eval.md`` §0):
 TransformerLens ``blocks.L.hook_resid_post`` == ``resid_post.L``; repeng / CAA "layer L" == ``resid_post.L``;
-llama.cpp control vector ``direction.N`` is added to the output of block ``N-1`` == ``resid_post.{N-1}``.
+llama.cpp control vector ``direction.N`` is added to the output of block ``N`` (``build_cvec(cur, il)`` after
+the FFN residual add of block ``il``; ``shared/research/ecosystem.md`` §1c) == ``resid_post.N``. llama.cpp
+rejects ``direction.0``, so ``resid_post.0`` has no llama.cpp slot.
 
 Example
 -------
@@ -135,14 +137,19 @@ def hook_from_hidden_states_index(index: int) -> HookPoint:
 
 
 def llama_cpp_direction_index(resid_post_layer: int) -> int:
-    """llama.cpp adds control vector ``direction.N`` to the output of block ``N-1``: resid_post.L -> N = L+1."""
-    if resid_post_layer < 0:
-        raise ValueError(f"layer must be >= 0, got {resid_post_layer}")
-    return resid_post_layer + 1
+    """llama.cpp adds control vector ``direction.N`` at the end of block ``N``: ``resid_post.L`` -> ``N = L``.
+
+    llama.cpp rejects ``direction.0`` ("invalid (zero) direction tensor layer index"), so ``resid_post.0``
+    cannot be exported; steer ``resid_post.1`` or later instead.
+    """
+    if resid_post_layer < 1:
+        raise ValueError(f"resid_post.{resid_post_layer} has no llama.cpp control-vector slot: llama.cpp adds "
+                         "direction.N after block N and rejects direction.0; steer resid_post.1 or later")
+    return resid_post_layer
 
 
 def resid_post_layer_from_llama_cpp(direction_index: int) -> int:
     """Inverse of :func:`llama_cpp_direction_index`; llama.cpp rejects index 0."""
     if direction_index < 1:
         raise ValueError(f"llama.cpp control vectors start at direction.1, got direction.{direction_index}")
-    return direction_index - 1
+    return direction_index
