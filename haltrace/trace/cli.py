@@ -302,14 +302,12 @@ def _lens_html(m: Any, inputs: Any, res: Any, words: Sequence[str], tokens: list
 
 
 def _lens_task(model: str, n: int, batch_size: int, as_json: bool, html: Path | None, apply_norm: bool) -> None:
-    import torch
-    from PIL import Image
     from rich.progress import Progress
 
     from haltrace.organism.paths import resolve_organism
     from haltrace.organism.tasks import counterfactual_colour_set
     from haltrace.organism.train import load_world
-    from haltrace.trace.lens import logit_lens
+    from haltrace.trace.prior_pixel import prior_pixel_lens
 
     console = _console(as_json)
     try:
@@ -321,35 +319,15 @@ def _lens_task(model: str, n: int, batch_size: int, as_json: bool, html: Path | 
         _fail("--n and --batch-size must be >= 1")
     m = _load(str(folder), eager=False, console=console)
     items = counterfactual_colour_set(world, n_images=n)
-    colours = list(world.config.colours)
-    index = {c: i for i, c in enumerate(colours)}
-    prior_ranks, pixel_ranks = [], []
     with Progress(console=console, transient=True) as progress:
         bar = progress.add_task("counterfactual colour lens", total=len(items))
-        for start in range(0, len(items), batch_size):
-            batch = items[start:start + batch_size]
-            inputs = m.prepare([ex.full_prompt for ex in batch], images=[Image.fromarray(ex.image) for ex in batch])
-            try:
-                res = logit_lens(m, inputs, colours, positions="last", top_k=0, apply_norm=apply_norm)
-            except ValueError as exc:
-                _fail(str(exc))
-            ranks = res.target_ranks[:, :, 0, :]  # [L, B, C]
-            rows = torch.arange(len(batch))
-            prior_ranks.append(ranks[:, rows, [index[ex.meta["prior"]] for ex in batch]])
-            pixel_ranks.append(ranks[:, rows, [index[ex.meta["pixel"]] for ex in batch]])
-            progress.advance(bar, len(batch))
-    prior = torch.cat(prior_ranks, 1).double()  # [L, n]
-    pixel = torch.cat(pixel_ranks, 1).double()
-    layers = res.layers
-    report = {
-        "task": "counterfactual-color", "model": model, "n": len(items), "layers": layers,
-        "apply_norm": apply_norm,
-        "prior_leads_by_layer": (prior < pixel).double().mean(1).tolist(),
-        "prior_mean_rank_by_layer": prior.mean(1).tolist(),
-        "pixel_mean_rank_by_layer": pixel.mean(1).tolist(),
-        "pixel_top1_by_layer": (pixel == 0).double().mean(1).tolist(),
-        "prior_top1_by_layer": (prior == 0).double().mean(1).tolist(),
-    }
+        try:
+            stats = prior_pixel_lens(m, items, world.config.colours, batch_size=batch_size, apply_norm=apply_norm,
+                                     on_batch=lambda k: progress.advance(bar, k))
+        except ValueError as exc:
+            _fail(str(exc))
+    layers = stats["layers"]
+    report = {"task": "counterfactual-color", "model": model} | stats
     if html is not None:
         from haltrace.viz.figures import prior_pixel_figure, write_html
 
