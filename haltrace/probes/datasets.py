@@ -40,6 +40,8 @@ TASKS: dict[str, str] = {
     "hallucination": "per generated object word in captions: real (0) vs hallucinated (1), read at that word",
     "pope": "the model's 'yes' answers: correct (0) vs hallucinated (1), balanced per question word, last token",
     "entity": "known (0) vs unknown (1) entity names, read at the name's token, text only, grouped by name",
+    "entity-last": "the same known vs unknown questions, read at the last prompt token (where the model decides "
+                   "to answer or refuse)",
     "prior-vs-pixel": "counterfactual colours: answer follows the pixels (0) or the prior (1), last token",
 }
 
@@ -243,7 +245,7 @@ def _pil(image: Any) -> Any:
     return Image.fromarray(image)
 
 
-def _task_entity(world: Any, runner: Any) -> ProbeSet:
+def _entity_rows(world: Any, at_name: bool) -> list[dict[str, Any]]:
     from haltrace.organism import tasks
 
     sets = tasks.entity_sets(world)
@@ -254,11 +256,24 @@ def _task_entity(world: Any, runner: Any) -> ProbeSet:
     for group, label in (("known", 0), ("unknown_train", 1), ("unknown_heldout", 1)):
         for ex in sets[group]:
             name = ex.meta["name"]
-            rows.append({"prompt": cut_at_word(ex.prompt, name), "label": label, "group": name,
-                         "position": {"word": name}, "subset": group, "etype": ex.meta["etype"],
-                         "key": ex.meta["key"], "source_prompt": ex.prompt})
-    return ProbeSet("entity", rows, ["known", "unknown"], "entity name's token (prompt cut after the name)",
-                    "organism:entity", {"unknown": "names taught as unknown plus held-out names never seen"})
+            prompt, position = (cut_at_word(ex.prompt, name), {"word": name}) if at_name else (ex.prompt, "last")
+            rows.append({"prompt": prompt, "label": label, "group": name, "position": position, "subset": group,
+                         "etype": ex.meta["etype"], "key": ex.meta["key"], "source_prompt": ex.prompt})
+    return rows
+
+
+def _task_entity(world: Any, runner: Any) -> ProbeSet:
+    return ProbeSet("entity", _entity_rows(world, at_name=True), ["known", "unknown"],
+                    "entity name's token (prompt cut after the name)", "organism:entity",
+                    {"unknown": "names taught as unknown plus held-out names never seen"})
+
+
+def _task_entity_last(world: Any, runner: Any) -> ProbeSet:
+    # Ferrando et al. read at the entity's last token; the organism's 4 layers may only settle "do I know
+    # this name" once the question has been read, so the last prompt token is measured as well.
+    return ProbeSet("entity-last", _entity_rows(world, at_name=False), ["known", "unknown"],
+                    "last prompt token (the whole question, before the answer)", "organism:entity-last",
+                    {"unknown": "names taught as unknown plus held-out names never seen"})
 
 
 def _task_pope(world: Any, runner: Any) -> ProbeSet:
@@ -312,7 +327,7 @@ def _task_hallucination(world: Any, runner: Any, n_images: int = 400) -> ProbeSe
 
 
 _BUILDERS: dict[str, Callable[[Any, Any], ProbeSet]] = {
-    "entity": _task_entity, "pope": _task_pope, "prior-vs-pixel": _task_prior_vs_pixel,
+    "entity": _task_entity, "entity-last": _task_entity_last, "pope": _task_pope, "prior-vs-pixel": _task_prior_vs_pixel,
     "hallucination": _task_hallucination,
 }
 
