@@ -91,7 +91,11 @@ def vista_hooks(lam: float, gamma: float, sla_layers: Sequence[int], *, adaptive
                 return
             ids = kwargs.get("input_ids", args[0] if args else None)
             if ids is None or not bool(model.image_token_mask(ids).any()):
-                return  # decoding step (or text-only prompt): keep the rows' vectors from the prefill
+                past = kwargs.get("past_key_values")
+                prefill = past is None or (hasattr(past, "get_seq_length") and past.get_seq_length() == 0)
+                if prefill:  # a new text-only prompt: no image, nothing to steer (not the last batch's vectors)
+                    state["vsv"] = None
+                return  # a decoding step keeps the rows' vectors from its prefill
             state["busy"] = True
             try:
                 state["vsv"] = steering_vectors(model, image_forward_inputs(ids, kwargs))

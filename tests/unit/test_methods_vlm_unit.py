@@ -159,3 +159,15 @@ def test_vista_vectors_sla_and_identity(llava):
         VISTA().fit(model, gamma=2.0)
     with pytest.raises(ValueError, match="SLA layers"):
         VISTA().fit(model, sla_layers=[7])
+
+
+def test_vista_text_only_prompt_after_an_image_batch(llava):
+    """A text-only batch after an image batch (the refusal eval) is left unsteered, not given stale vectors."""
+    model, _, inputs = llava
+    text = model.prepare(["what color is the circle ?"] * 3)
+    before = _logits(model, text)
+    fitted = VISTA().fit(model, task="caption", gamma=0.0)  # VSV only: SLA would change text-only logits too
+    with fitted.apply(model):
+        _logits(model, inputs)  # image batch of 2 computes 2 vectors
+        after = _logits(model, text)  # batch of 3 without image: no vectors apply
+    assert torch.allclose(after, before, atol=1e-6)
