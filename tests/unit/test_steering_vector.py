@@ -56,7 +56,7 @@ def test_nan_and_foreign_files_are_rejected(tmp_path):
     with pytest.raises(VectorError, match="not a haltrace steering vector"):
         SteeringVector.load(tmp_path / "foreign")
     (tmp_path / "junk.safetensors").write_bytes(b"\x80\x04pickle")
-    with pytest.raises(VectorError, match="not a readable safetensors"):
+    with pytest.raises(VectorError, match="not a safetensors file"):
         SteeringVector.load(tmp_path / "junk")
     with pytest.raises(VectorError, match="shape"):
         SteeringVector(torch.ones(3), layers=[0], hidden_size=4)
