@@ -30,11 +30,10 @@ install-dev: $(VENV)/.installed-dev
 
 DEMO_OUT ?= out/demo
 
+# The whole pipeline on the organism: phenomena -> trace -> probe -> steer + evaluate -> export + deploy,
+# a summary table and one HTML report ($(DEMO_OUT)/report.html).
 demo: install
-	PIP_NO_INDEX=1 $(BIN)/haltrace organism eval
-	PIP_NO_INDEX=1 $(BIN)/haltrace lens --task counterfactual-color --html $(DEMO_OUT)/lens-prior-vs-pixel.html
-	PIP_NO_INDEX=1 $(BIN)/haltrace probe --model shapes-llava --task entity --hook resid_post --layers all \
-		--out $(DEMO_OUT)/probe-entity --overwrite
+	PIP_NO_INDEX=1 $(BIN)/haltrace demo --out $(DEMO_OUT)
 
 test: install-dev
 	PIP_NO_INDEX=1 $(BIN)/python -m pytest -q

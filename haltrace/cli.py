@@ -45,6 +45,7 @@ _COMMAND_MODULES: list[tuple[str, str, str | None]] = [
     ("haltrace.probes.sae_cli", "app", "sae"),
     ("haltrace.steering.cli", "app", None),
     ("haltrace.export.cli", "app", None),
+    ("haltrace.demo_cli", "app", None),
 ]
 
 for _module_name, _attr, _group in _COMMAND_MODULES:
