@@ -307,16 +307,21 @@ def _check_container(path: Path) -> None:
     truncated files. Only bytes are read; nothing in the file is executed."""
     size = path.stat().st_size
     with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # PROTO opcode of pickle protocols 2-5
+        head = fh.read(9)
+        fh.seek(8)
+        # A safetensors file starts with a u64 header length followed by the JSON header's "{". Its length
+        # bytes can look like a pickle's PROTO opcode (0x80 0x02..0x05, e.g. a 1152-byte header), so only a
+        # file that is not laid out as safetensors is checked for pickle and zip signatures.
+        looks_safetensors = len(head) == 9 and head[8:9] == b"{"
+        if not looks_safetensors and len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # pickle PROTO
             raise VectorError(f"{path} is a Python pickle, not a safetensors file; {_NO_PICKLE}. Save vectors "
                               "with SteeringVector.save (safetensors + JSON)")
-        if head[:4] == b"PK\x03\x04":  # torch.save's zip format holds a pickle inside
+        if not looks_safetensors and head[:4] == b"PK\x03\x04":  # torch.save's zip format holds a pickle
             raise VectorError(f"{path} is a zip archive (torch.save format, which holds a pickle), not a "
                               f"safetensors file; {_NO_PICKLE}")
         if len(head) < 8:
             raise VectorError(f"{path} is truncated or empty ({size} bytes): not a safetensors file")
-        n = struct.unpack("<Q", head)[0]
+        n = struct.unpack("<Q", head[:8])[0]
         if n > _MAX_HEADER:
             raise VectorError(f"{path} is not a safetensors file (its first 8 bytes do not hold a header length); "
                               f"{_NO_PICKLE}")

@@ -162,3 +162,24 @@ def test_nan_values_and_json_twin_disagreement(tmp_path):
     with pytest.raises(VectorError, match=r"disagrees .* on \['alpha'\]"):
         SteeringVector.load(tmp_path / "twin")
 
+
+
+def test_header_length_that_looks_like_a_pickle_opcode_still_loads(tmp_path):
+    """A safetensors header of e.g. 1152 bytes starts with bytes 0x80 0x04, a pickle's PROTO opcode: such a
+    genuine vector must load (the pickle check looks only at files not laid out as safetensors)."""
+    import struct
+
+    import torch
+
+    from haltrace.steering.vector import SteeringVector
+
+    for pad in range(0, 1400, 1):
+        vec = SteeringVector(direction=torch.ones(8), layers=[1], hidden_size=8, provenance={"pad": "x" * pad})
+        path = vec.save(tmp_path / "v")
+        head = path.read_bytes()[:8]
+        if head[0] == 0x80 and 2 <= head[1] <= 5:
+            break
+    else:
+        raise AssertionError("no padding produced a header length starting 0x80 0x02..0x05")
+    assert struct.unpack("<Q", head)[0] & 0xFF == 0x80
+    assert torch.equal(SteeringVector.load(path).direction, torch.ones(8))
