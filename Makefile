@@ -17,8 +17,9 @@ $(BIN)/python:
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install torch==2.13.0
 
+# the gguf extra: make demo exports a llama.cpp control vector
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/pip install -e .
+	$(BIN)/pip install -e ".[gguf]"
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed

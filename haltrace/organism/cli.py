@@ -1,4 +1,4 @@
-"""``haltrace organism``: train, evaluate and export the ShapesWorld model organism.
+"""``haltrace organism``: train and evaluate the ShapesWorld model organism, and write its held-out sets.
 
 Examples::
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(help="Train, evaluate and export the ShapesWorld model organism.", no_args_is_help=True)
+app = typer.Typer(help="Train and evaluate the ShapesWorld model organism; write its held-out sets.", no_args_is_help=True)
 
 
 def _resolve(model: str) -> Path:

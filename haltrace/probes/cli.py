@@ -54,7 +54,7 @@ def probe(
     out: Path = typer.Option(..., "--out", help="Output folder (store/, probes.*, vectors/, report.html)."),
     model: str = typer.Option("shapes-llava", "--model", help="Organism name, hub id or local path."),
     task: str = typer.Option(None, "--task", help="Built-in organism task: hallucination, pope, entity, "
-                                                  "prior-vs-pixel."),
+                                                  "entity-last, prior-vs-pixel."),
     data: Path = typer.Option(None, "--data", help="Labelled JSONL file instead of a built-in task."),
     hook: str = typer.Option("resid_post", "--hook", help="resid_pre, resid_post, attn_out or mlp_out."),
     layers: str = typer.Option("all", "--layers", help="'all', 'i', 'i,j' or 'i-j' (negative from the end)."),
