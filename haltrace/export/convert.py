@@ -77,12 +77,23 @@ def intervention_refusals(item: Any) -> list[str]:
     elif kind not in RESIDUAL:
         reasons.append(f"Add at {hook} edits the {kind} activation inside the block, not the residual stream; llama.cpp "
                        "adds control vectors only to the residual stream at the end of a block (fit at resid_post)")
-    if item.positions != "all":
-        reasons.append(f"{name} at {hook} applies only at positions={item.positions!r}; llama.cpp adds a control "
-                       "vector at every token position (it has no position masks)")
-    if item.phase != "both":
-        reasons.append(f"{name} at {hook} applies only in the {item.phase} phase; llama.cpp adds a control vector "
-                       "while reading the prompt and while generating alike")
+    return reasons + placement_refusals(f"{name} at {hook}", item.positions, item.phase)
+
+
+def placement_refusals(label: str, positions: Any, phase: str) -> list[str]:
+    """Why an add on ``positions`` in ``phase`` is not what llama.cpp does (it adds at every token, while
+    reading the prompt and while generating alike); ``label`` names the edit in the messages.
+
+    >>> placement_refusals("phase", "all", "prompt")
+    ['phase applies only in the prompt phase; llama.cpp adds a control vector while reading the prompt and while generating alike']
+    """
+    reasons = []
+    if positions != "all":
+        reasons.append(f"{label} applies only at positions={positions!r}; llama.cpp adds a control vector at every "
+                       "token position (it has no position masks)")
+    if phase != "both":
+        reasons.append(f"{label} applies only in the {phase} phase; llama.cpp adds a control vector while reading "
+                       "the prompt and while generating alike")
     return reasons
 
 

@@ -49,7 +49,7 @@ from haltrace.conventions import (
     llama_cpp_direction_index,
     resid_post_layer_from_llama_cpp,
 )
-from haltrace.export.convert import ExportError, as_vector
+from haltrace.export.convert import ExportError, as_vector, placement_refusals
 from haltrace.export.formats import ExportResult
 from haltrace.steering.vector import SteeringVector, VectorError
 
@@ -71,19 +71,13 @@ def gguf_refusals(vector: SteeringVector) -> list[str]:
 
     >>> import torch
     >>> gguf_refusals(SteeringVector(torch.ones(4), layers=[2], hidden_size=4, phase="prompt"))
-    ['phase is prompt; llama.cpp adds a control vector while reading the prompt and while generating alike']
+    ['the vector applies only in the prompt phase; llama.cpp adds a control vector while reading the prompt and while generating alike']
     """
     reasons = []
     if vector.hook not in ("resid_post", "resid_pre"):
         reasons.append(f"hook is {vector.hook}, inside a block; llama.cpp adds control vectors only to the residual "
                        "stream at the end of a block (use resid_post)")
-    if vector.positions != "all":
-        reasons.append(f"positions is {vector.positions!r}; llama.cpp adds a control vector at every token position "
-                       "(it has no position masks)")
-    if vector.phase != "both":
-        reasons.append(f"phase is {vector.phase}; llama.cpp adds a control vector while reading the prompt and "
-                       "while generating alike")
-    return reasons
+    return reasons + placement_refusals("the vector", vector.positions, vector.phase)
 
 
 def _resid_post(hook: str, layer: int) -> tuple[int, str]:
