@@ -134,6 +134,17 @@ def _anchor_scene(world: ShapesWorld, rng: np.random.Generator, n_other: tuple[i
     return world.make_scene(kinds, rng), partner
 
 
+def fit_anchor_scene(world: ShapesWorld, rng: np.random.Generator, max_other: int) -> tuple[Scene, str]:
+    """A method's fit scene: one pair member (the anchor, returned) without its partner, plus 0..``max_other``
+    unpaired objects. Same distribution as :func:`_anchor_scene`, but the draws come in another order (anchor,
+    permutation, count); the steering methods' fit data were measured with this order, so it stays."""
+    anchors = sorted(world.partner)
+    unpaired = [k for k in world.config.kinds if k not in world.partner]
+    anchor = anchors[int(rng.integers(len(anchors)))]
+    kinds = [anchor] + [str(k) for k in rng.permutation(unpaired)[: int(rng.integers(0, max_other + 1))]]
+    return world.make_scene(kinds, rng), anchor
+
+
 def pope_sets(world: ShapesWorld, n_images: int = 300) -> dict[str, list[Example]]:
     """POPE-style yes/no sets: random / popular / adversarial, one present and one absent question per image.
 

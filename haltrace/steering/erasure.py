@@ -149,14 +149,12 @@ def erasure_hooks(directions: torch.Tensor, words: Sequence[str], threshold: flo
 
 def organism_caption_fit(world: Any, n: int = 48, seed: int = FIT_SEED + 3) -> list[tuple[Any, set[str]]]:
     """(image, present kinds): anchor-without-partner images plus 0-1 unpaired objects, as the caption set."""
+    from haltrace.organism.tasks import fit_anchor_scene
+
     rng = np.random.default_rng(seed)
-    anchors = sorted(world.partner)
-    unpaired = [k for k in world.config.kinds if k not in world.partner]
     out = []
     for _ in range(n):
-        anchor = anchors[int(rng.integers(len(anchors)))]
-        kinds = [anchor] + [str(k) for k in rng.permutation(unpaired)[: int(rng.integers(0, 2))]]
-        scene = world.make_scene(kinds, rng)
+        scene, _anchor = fit_anchor_scene(world, rng, max_other=1)
         out.append((world.render(scene, rng), set(scene.kinds)))
     return out
 

@@ -60,18 +60,14 @@ def fit_questions(world: Any, n_images: int = 300, seed: int = FIT_SEED) -> list
 
     >>> qs = fit_questions(world, n_images=4)  # doctest: +SKIP
     """
-    from haltrace.organism.tasks import Example, yesno_prompt
+    from haltrace.organism.tasks import Example, fit_anchor_scene, yesno_prompt
 
     rng = np.random.default_rng(seed)
     kinds = list(world.config.kinds)
-    paired = sorted(world.partner)
-    unpaired = [k for k in kinds if k not in world.partner]
     out: list[Example] = []
     for idx in range(n_images):
         if idx % 2 == 0:
-            anchor = paired[int(rng.integers(len(paired)))]
-            others = [str(k) for k in rng.permutation(unpaired)[: int(rng.integers(0, 3))]]
-            scene = world.make_scene([anchor] + others, rng)
+            scene, _anchor = fit_anchor_scene(world, rng, max_other=2)
         else:
             scene = world.sample_scene(rng)
         image = world.render(scene, rng)

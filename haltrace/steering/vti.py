@@ -196,13 +196,9 @@ def organism_caption_pairs(world: Any, n: int = 48, seed: int = FIT_SEED) -> lis
 
     rng = np.random.default_rng(seed)
     cfg = world.config
-    anchors = sorted(world.partner)
-    unpaired = [k for k in cfg.kinds if k not in world.partner]
     out = []
     for _ in range(n):
-        anchor = anchors[int(rng.integers(len(anchors)))]
-        kinds = [anchor] + [str(k) for k in rng.permutation(unpaired)[: int(rng.integers(0, 2))]]
-        scene = world.make_scene(kinds, rng)
+        scene, anchor = tasks.fit_anchor_scene(world, rng, max_other=1)
         partner = world.partner[anchor]
         colours = {o.kind: o.colour for o in scene.objects}
         colours[partner] = str(cfg.colours[int(rng.integers(len(cfg.colours)))])
@@ -217,13 +213,9 @@ def organism_pope_fit(world: Any, n: int = 64, seed: int = FIT_SEED + 7) -> list
     from haltrace.organism import tasks
 
     rng = np.random.default_rng(seed)
-    anchors = sorted(world.partner)
-    unpaired = [k for k in world.config.kinds if k not in world.partner]
     out = []
     for _ in range(n):
-        anchor = anchors[int(rng.integers(len(anchors)))]
-        kinds = [anchor] + [str(k) for k in rng.permutation(unpaired)[: int(rng.integers(0, 3))]]
-        scene = world.make_scene(kinds, rng)
+        scene, anchor = tasks.fit_anchor_scene(world, rng, max_other=2)
         image = world.render(scene, rng)
         present = sorted(scene.kinds)[int(rng.integers(len(scene.kinds)))]
         out.append((tasks.IMAGE_PREFIX + tasks.yesno_prompt(present), image, "yes"))
