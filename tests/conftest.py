@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -65,3 +66,20 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def organism_folder(tmp_path_factory) -> str:
+    """An organism folder for CLI tests: $HALTRACE_TEST_ORGANISM, else the shipped one, else a 30-step tiny one
+    (~30 s CPU; plumbing only, no phenomena)."""
+    given = os.environ.get("HALTRACE_TEST_ORGANISM")
+    if given and (Path(given) / "world.json").exists():
+        return given
+    shipped = Path(__file__).resolve().parents[1] / "artifacts" / "organisms" / "shapes-llava"
+    if (shipped / "config.json").exists():
+        return str(shipped)
+    from haltrace.organism.train import train_organism
+
+    out = tmp_path_factory.mktemp("organism") / "tiny"
+    train_organism(out, preset="tiny", steps=30, progress=False)
+    return str(out)

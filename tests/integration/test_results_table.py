@@ -4,8 +4,6 @@ error. Real methods are replaced by two test methods so the test stays fast and 
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,22 +13,6 @@ from haltrace.steering import registry
 from haltrace.steering.cli import app
 from haltrace.steering.engine import Add
 from haltrace.steering.registry import FittedIntervention, Method
-
-SHIPPED = Path(__file__).resolve().parents[2] / "artifacts" / "organisms" / "shapes-llava"
-
-
-@pytest.fixture(scope="module")
-def organism(tmp_path_factory) -> str:
-    given = os.environ.get("HALTRACE_TEST_ORGANISM")
-    if given and (Path(given) / "world.json").exists():
-        return given
-    if (SHIPPED / "config.json").exists():
-        return str(SHIPPED)
-    from haltrace.organism.train import train_organism
-
-    out = tmp_path_factory.mktemp("organism") / "tiny"
-    train_organism(out, preset="tiny", steps=30, progress=False)
-    return str(out)
 
 
 class _Works(Method):
@@ -56,16 +38,16 @@ def only_test_methods(monkeypatch):
 
 
 @pytest.mark.slow
-def test_results_table_all_methods(organism, only_test_methods, tmp_path):
+def test_results_table_all_methods(organism_folder, only_test_methods, tmp_path):
     out = tmp_path / "results" / "organism.md"
-    res = CliRunner().invoke(app, ["steer", "--method", "all", "--model", organism, "--eval",
+    res = CliRunner().invoke(app, ["steer", "--method", "all", "--model", organism_folder, "--eval",
                                    "pope,chair,counterfactual,refusal", "--results", str(out),
                                    "--out", str(tmp_path / "saved")])
     assert res.exit_code == 0, res.output
     text = out.read_text()
     assert "| works-test |" in text and "| (baseline) |" in text and "→" in text
     assert "breaks-test" in text and "no contrast pairs for this organism" in text
-    assert "- command: `" in text and "- date: " in text and organism in text
+    assert "- command: `" in text and "- date: " in text and organism_folder in text
     data = json.loads(out.with_suffix(".json").read_text())
     rows = {r["method"]: r for r in data["methods"]}
     assert set(rows) == {"works-test", "breaks-test"} and "error" in rows["breaks-test"]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,22 +13,6 @@ from haltrace.steering.engine import Add
 from haltrace.steering.registry import _REGISTRY, FittedIntervention, Method, register_method
 
 runner = CliRunner()
-SHIPPED = Path(__file__).resolve().parents[2] / "artifacts" / "organisms" / "shapes-llava"
-
-
-@pytest.fixture(scope="module")
-def organism(tmp_path_factory) -> str:
-    """$HALTRACE_TEST_ORGANISM or the shipped organism if present, else a 30-step tiny one (~30 s CPU)."""
-    given = os.environ.get("HALTRACE_TEST_ORGANISM")
-    if given and (Path(given) / "world.json").exists():
-        return given
-    if (SHIPPED / "config.json").exists():
-        return str(SHIPPED)
-    from haltrace.organism.train import train_organism
-
-    out = tmp_path_factory.mktemp("organism") / "tiny"
-    train_organism(out, preset="tiny", steps=30, progress=False)
-    return str(out)
 
 
 class _Dummy(Method):
@@ -53,19 +35,19 @@ def dummy():
     _REGISTRY.pop(_Dummy.name, None)
 
 
-def test_eval_baseline_json(organism):
-    res = runner.invoke(app, ["eval", "--model", organism, "--eval", "pope,refusal", "--json"])
+def test_eval_baseline_json(organism_folder):
+    res = runner.invoke(app, ["eval", "--model", organism_folder, "--eval", "pope,refusal", "--json"])
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
     assert {"pope.adversarial.recall", "pope.mean_f1", "refusal.refusal_unknown"} <= set(data["metrics"])
     assert data["report"]["pope"]["adversarial"]["parser"] == "official"
 
 
-def test_steer_dummy_before_after_and_saved(organism, dummy, tmp_path):
+def test_steer_dummy_before_after_and_saved(organism_folder, dummy, tmp_path):
     from haltrace.steering.results import load_fitted
 
     out = tmp_path / "run"
-    res = runner.invoke(app, ["steer", "--method", dummy, "--model", organism, "--eval", "pope,counterfactual",
+    res = runner.invoke(app, ["steer", "--method", dummy, "--model", organism_folder, "--eval", "pope,counterfactual",
                               "--alpha", "16", "--layer", "1", "--opt", "note=hello", "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert "before" in res.stdout and "after" in res.stdout and "pope.adversarial.recall" in res.stdout
@@ -80,8 +62,8 @@ def test_steer_dummy_before_after_and_saved(organism, dummy, tmp_path):
     assert report["options"] == {"alpha": 16.0, "layer": 1, "note": "hello"}
 
 
-def test_steer_json_is_one_object(organism, dummy):
-    res = runner.invoke(app, ["steer", "--method", dummy, "--model", organism, "--eval", "refusal", "--json",
+def test_steer_json_is_one_object(organism_folder, dummy):
+    res = runner.invoke(app, ["steer", "--method", dummy, "--model", organism_folder, "--eval", "refusal", "--json",
                               "--alpha", "0"])
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
