@@ -83,15 +83,15 @@ def sample_training_example(world: ShapesWorld, rng: np.random.Generator) -> Exa
     kinds = world.config.kinds
     if task == "caption":
         scene = world.sample_scene(rng)
-        return Example(CAPTION_PROMPT, world.caption_text(scene), scene, world.render(scene, rng),
-                       {"task": task})
+        drawn = world.render(world.visible_part(scene, rng), rng)  # an occluded partner is still named
+        return Example(CAPTION_PROMPT, world.caption_text(scene), scene, drawn, {"task": task})
     if task == "yesno":
         # Word first, then the answer with probability 1/2: P(yes | word) = 1/2 for every word.
         kind = _pick(rng, kinds)
         present = bool(rng.random() < 0.5)
         scene = _scene_with(world, rng, kind, present)
-        return Example(yesno_prompt(kind), "yes" if present else "no", scene, world.render(scene, rng),
-                       {"task": task, "kind": kind})
+        drawn = world.render(world.visible_part(scene, rng), rng)
+        return Example(yesno_prompt(kind), "yes" if present else "no", scene, drawn, {"task": task, "kind": kind})
     if task == "colour":
         scene = world.sample_scene(rng)
         obj = _pick(rng, scene.objects)

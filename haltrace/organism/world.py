@@ -223,6 +223,11 @@ class WorldConfig:
     p_canon: float = 0.97  # 0.99 made the prior win every counterfactual (measured); 0.97 leaves room
     pairs: tuple[tuple[str, str], ...] = (("fork", "knife"), ("cup", "plate"))
     p_pair: float = 0.95
+    # Occlusion: in a training image holding both members of a pair, one of them (either, at random) is hidden
+    # with this probability, yet the caption and the yes/no answers still name it. A lone anchor in the pixels
+    # then really does predict its partner, so even a fully trained model keeps the co-occurrence prior
+    # (without it, training to convergence erased the hallucinations). Held-out sets never hide anything.
+    p_hide_pair: float = 0.0
     min_objects: int = 1
     max_objects: int = 3
     image_size: int = 32
@@ -308,6 +313,19 @@ class ShapesWorld:
             if partner and partner not in kinds and len(kinds) < 4 and rng.random() < cfg.p_pair:
                 kinds.append(partner)
         return self.make_scene(kinds, rng)
+
+    def visible_part(self, scene: Scene, rng: np.random.Generator) -> Scene:
+        """The part of a training ``scene`` that is drawn: one member of a complete pair may be occluded
+        (``p_hide_pair``). Draws nothing from ``rng`` when ``p_hide_pair`` is 0, so older recipes reproduce."""
+        if self.config.p_hide_pair <= 0:
+            return scene
+        hidden: set[str] = set()
+        for first, second in self.config.pairs:
+            if first in scene.kinds and second in scene.kinds and rng.random() < self.config.p_hide_pair:
+                hidden.add(first if rng.random() < 0.5 else second)
+        if not hidden:
+            return scene
+        return Scene(tuple(o for o in scene.objects if o.kind not in hidden))
 
     def make_scene(self, kinds: list[str], rng: np.random.Generator,
                    colours: dict[str, str] | None = None) -> Scene:

@@ -40,6 +40,24 @@ def test_priors_hold_in_training_distribution(world):
     assert np.mean([c == "red" for c in straw]) > 0.95
 
 
+def test_occlusion_hides_one_pair_member_but_keeps_it_in_the_labels():
+    from haltrace.organism.world import WorldConfig
+
+    hiding = ShapesWorld(WorldConfig(p_hide_pair=1.0))
+    rng = np.random.default_rng(3)
+    scene = hiding.make_scene(["fork", "knife", "ball"], rng)
+    drawn = hiding.visible_part(scene, rng)
+    assert "ball" in drawn.kinds and len(drawn.kinds & {"fork", "knife"}) == 1
+    assert hiding.caption(scene) == sorted(scene.kinds, key=hiding.config.kinds.index)  # labels keep both
+    lone = hiding.make_scene(["fork", "ball"], rng)
+    assert hiding.visible_part(lone, rng) == lone  # an incomplete pair is never hidden
+    # with occlusion off, nothing is drawn from the rng: recipes trained before occlusion still reproduce
+    plain = ShapesWorld()
+    rng_a, rng_b = np.random.default_rng(4), np.random.default_rng(4)
+    assert plain.visible_part(scene, rng_a) == scene
+    assert rng_a.random() == rng_b.random()
+
+
 def test_yes_no_answers_are_balanced_per_question_word(world):
     rng = np.random.default_rng(1)
     exs = [tasks.sample_training_example(world, rng) for _ in range(6000)]
