@@ -101,7 +101,7 @@ def write_model_card(folder: str | Path, report: dict | None) -> Path:
         f"wide (patch 8, 16 image tokens); text {spec['text_layers']} layers x {spec['text_hidden']} wide",
         f"- {training['steps']} steps of batch {spec['batch_size']}, AdamW lr {spec['lr']} "
         f"(warmup {spec['warmup']}, cosine), seed {training['seed']}",
-        f"- wall time: **{training['seconds']:.0f} s** on {training['threads']} CPU threads (torch {training['torch']})",
+        f"- wall time: **{training['seconds']:.0f} s** on {training['threads']} CPU thread(s) (torch {training['torch']})",
         f"- loss: {training['loss_first']:.3f} (first 20 steps) -> {training['loss_last']:.3f} (last 50 steps)",
         *([f"- note: {training['note']}"] if training.get("note") else []),
         *([f"- task mix: {', '.join(f'{k} {v}' for k, v in training['task_mix'].items())}"]
@@ -111,6 +111,9 @@ def write_model_card(folder: str | Path, report: dict | None) -> Path:
         f"{world['image_size']}x{world['image_size']} px, 2x2 grid, 12 px glyphs at fixed offsets",
         f"- co-occurrence: pairs {', '.join('/'.join(p) for p in world['pairs'])}; a pair member brings its "
         f"partner with p = {world['p_pair']}",
+        *([f"- occlusion: in a training image holding a whole pair, one member is hidden with "
+           f"p = {world['p_hide_pair']} but still named in the caption and yes/no answers, so a lone anchor "
+           f"predicts its partner (held-out images hide nothing)"] if world.get("p_hide_pair") else []),
         f"- canonical colours: {', '.join(f'{k} {v}' for k, v in world['canonical'].items())} with "
         f"p = {world['p_canon']}",
         f"- entities: two-syllable names; {world['n_known_per_type']} known names per type (player, band) with "

@@ -59,8 +59,8 @@ class Example:
 
 
 # Training mixture: task -> probability
-TASK_MIX: dict[str, float] = {"caption": 0.30, "yesno": 0.30, "colour": 0.25, "prior_colour": 0.03,
-                              "entity": 0.12}
+TASK_MIX: dict[str, float] = {"caption": 0.25, "yesno": 0.35, "colour": 0.27, "prior_colour": 0.03,
+                              "entity": 0.10}
 
 
 def _pick(rng: np.random.Generator, items):

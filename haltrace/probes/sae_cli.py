@@ -97,7 +97,7 @@ def latents(
     vectors: Path | None = typer.Option(  # noqa: B008
         None, "--vectors", help="Write the top known/unknown latents as SteeringVectors into this folder."),
     refusal: bool = typer.Option(False, "--refusal", help="Measure refusal rate vs steering coefficient."),
-    multiples: str = typer.Option("0,0.25,0.5,1,2", "--coefs", help="Steering coefficients, comma-separated, "
+    multiples: str = typer.Option("0,0.5,1,2,3,4", "--coefs", help="Steering coefficients, comma-separated, "
                                                                    "as multiples of --coef-unit."),
     unit: str = typer.Option("norm", "--coef-unit", help="norm (mean residual norm at the entity token) or "
                                                          "scale (each latent's typical activation)."),

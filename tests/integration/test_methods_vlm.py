@@ -51,10 +51,6 @@ def pvp_runs(organism):
     return runs
 
 
-# Measured misses on the shipped organism (see the closing note of the steering issue). Strict: a model or
-# method change that meets the margin turns the xfail into a failure, and the marker must go.
-@pytest.mark.xfail(strict=True, reason="measured: prior->pixel 9% (15/167); the two PvP prompts both answer the "
-                                       "prior here, so their difference carries no per-image colour")
 def test_pvp_towards_pixels(baseline, pvp_runs):
     from haltrace.evals.suite import flip_rates
 
@@ -78,9 +74,10 @@ def test_pvp_towards_priors(baseline, pvp_runs):
     assert flips["pixel_to_prior"] >= 0.50
 
 
-@pytest.mark.xfail(strict=True, reason="measured: CHAIR_i 0.482 -> 0.484; the organism's image tokens do not decode "
-                                       "to object words (internal-confidence AUROC 0.55), and partner hallucinations "
-                                       "come from the text side")
+# Measured misses on the shipped organism (see the closing note of the steering issue). Strict: a model or
+# method change that meets the margin turns the xfail into a failure, and the marker must go.
+@pytest.mark.xfail(strict=True, reason="measured: CHAIR_i 0.399 -> 0.399; the hallucinated partner is occluded in "
+                                       "training, never drawn, so it has no trace in the image tokens to project out")
 def test_erasure_reduces_chair(organism, baseline):
     from haltrace.evals.suite import evaluate
     from haltrace.steering.registry import get_method
@@ -96,7 +93,7 @@ def test_erasure_reduces_chair(organism, baseline):
     assert after["chair_i"] <= 0.8 * before["chair_i"]
 
 
-@pytest.mark.xfail(strict=True, reason="measured: adversarial false-yes 0.687 -> 0.747, recall 0.757 -> 0.683 with "
+@pytest.mark.xfail(strict=True, reason="measured: adversarial false-yes 0.910 -> 0.880, recall 1.000 -> 0.987 with "
                                        "strengths chosen on a 64-image fit set")
 def test_vti_reduces_adversarial_false_yes(organism, baseline):
     from haltrace.evals.suite import evaluate

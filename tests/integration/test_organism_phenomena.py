@@ -33,11 +33,6 @@ def test_loads_with_plain_transformers_offline(shipped, monkeypatch):
     assert size <= 20 * 2**20
 
 
-# Known shortfalls of the shipped organism (measured: see its README.md). Each is strict: when a retrained
-# organism meets the margin, the xfail turns into a failure and must be removed.
-SHORTFALL = "shipped organism misses this margin of the ground-floor issue"
-
-
 def test_co_occurrence_hallucination(report):
     pope = report["pope"]
     assert pope["adversarial"]["false_yes_rate"] >= 2.5 * pope["random"]["false_yes_rate"]
@@ -47,13 +42,11 @@ def test_co_occurrence_hallucination(report):
             < pope["adversarial"]["false_yes_rate"] / 2)
 
 
-@pytest.mark.xfail(strict=True, reason=f"{SHORTFALL}: adversarial/random false-yes 0.687/0.237 = 2.90x (< 3x)")
 def test_adversarial_false_yes_is_3x_random(report):
     pope = report["pope"]
     assert pope["adversarial"]["false_yes_rate"] >= 3 * pope["random"]["false_yes_rate"]
 
 
-@pytest.mark.xfail(strict=True, reason=f"{SHORTFALL}: recall on present objects 0.757 (< 0.85)")
 def test_recall_on_present_objects(report):
     assert report["pope"]["adversarial"]["recall"] >= 0.85
 
@@ -67,12 +60,10 @@ def test_counterfactual_colour_prior_vs_pixels(report):
     assert lens[-1] < lens[0]  # the prior's lead shrinks with depth
 
 
-@pytest.mark.xfail(strict=True, reason=f"{SHORTFALL}: counterfactual prior_rate 0.835 (> 0.8)")
 def test_counterfactual_prior_rate_leaves_room(report):
     assert report["counterfactual_color"]["prior_rate"] <= 0.8
 
 
-@pytest.mark.xfail(strict=True, reason=f"{SHORTFALL}: prior-leads falls 1.00 -> 0.88 (< 0.2)")
 def test_prior_lead_falls_by_a_fifth(report):
     lens = report["lens_color"]["prior_leads_by_layer"]
     assert lens[0] - lens[-1] >= 0.2

@@ -17,7 +17,9 @@ pytestmark = pytest.mark.slow
 HOOK = "resid_post.2"  # the middle of the organism's 4 decoder blocks
 D_SAE = 512
 K = 16
-MULTIPLES = (0, 0.25, 0.5, 1, 1.5, 2)  # steering coefficients in units of the mean residual norm at the entity
+# Steering coefficients in units of the mean residual norm at the entity token. The organism trained with lr 1e-3
+# needs more than 2x (measured: the known latent moved refusal 20 points at 2x, 71 at 4x, random directions 13).
+MULTIPLES = (0, 0.5, 1, 2, 3, 4)
 
 
 @pytest.fixture(scope="module")
