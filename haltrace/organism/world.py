@@ -229,7 +229,7 @@ class WorldConfig:
     # with this probability, yet the caption and the yes/no answers still name it. A lone anchor in the pixels
     # then really does predict its partner, so even a fully trained model keeps the co-occurrence prior
     # (without it, training to a low loss erased the hallucinations). Held-out sets never hide anything.
-    p_hide_pair: float = 0.10  # a lone anchor then predicts its partner ~66% of the time in training images
+    p_hide_pair: float = 0.10  # a lone anchor then predicts its partner in ~67% of training images showing it alone
     min_objects: int = 1
     max_objects: int = 3
     image_size: int = 32
