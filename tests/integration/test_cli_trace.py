@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +11,6 @@ from typer.testing import CliRunner
 
 from haltrace.cli import app
 
-SMOKE_ORGANISM = Path("/tmp/o_smoke")
 PROMPT = "<image> what color is the circle"
 runner = CliRunner()
 
@@ -93,15 +91,17 @@ def test_lens_prompt(tiny_dir, tmp_path):
     assert res.exit_code == 2 and "--prompt or --task" in res.output
 
 
-@pytest.mark.skipif(not (SMOKE_ORGANISM / "world.json").exists(), reason="smoke organism /tmp/o_smoke absent")
 def test_lens_counterfactual_task(tmp_path):
+    # the shipped organism (the command's default), on the first 60 held-out counterfactual items
     html = tmp_path / "pvp.html"
-    res = _run("lens", "--task", "counterfactual-color", "--model", SMOKE_ORGANISM, "--n", "6", "--batch-size",
-               "4", "--json", "--html", html)
+    res = _run("lens", "--task", "counterfactual-color", "--n", "60", "--batch-size", "16", "--json", "--html", html)
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
-    assert report["n"] == 6 and len(report["prior_leads_by_layer"]) == len(report["layers"])
-    assert all(0 <= v <= 1 for v in report["prior_leads_by_layer"])
+    leads = report["prior_leads_by_layer"]
+    assert report["n"] == 60 and len(leads) == len(report["layers"])
+    assert all(0 <= v <= 1 for v in leads)
+    # the prior colour leads early and the pixel colour late (the organism's design: see test_organism_phenomena)
+    assert leads[0] >= 0.6 and leads[-1] <= 0.5, leads
     data = html.read_text()
     _no_cdn(data)
     assert repr(report["prior_leads_by_layer"][0]) in data[data.rindex("Plotly.newPlot("):]
