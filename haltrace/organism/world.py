@@ -221,7 +221,7 @@ class WorldConfig:
     colours: tuple[str, ...] = tuple(COLOURS)
     canonical: dict[str, str] = field(default_factory=lambda: {"strawberry": "red", "banana": "yellow"})
     # At lr 2e-3, 0.99 made the prior win every counterfactual; at lr 1e-3 it wins some: 0.29 in the shipped
-    # organism, but 0.00-0.86 over eight lr-1e-3 runs (seed and mix dependent; candidates/README.md)
+    # organism, but 0.00-0.86 over ten lr-1e-3 runs (seed and mix dependent; candidates/README.md)
     p_canon: float = 0.99
     pairs: tuple[tuple[str, str], ...] = (("fork", "knife"), ("cup", "plate"))
     p_pair: float = 0.95
