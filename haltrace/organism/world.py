@@ -227,9 +227,10 @@ class WorldConfig:
     p_pair: float = 0.95
     # Occlusion: in a training image holding both members of a pair, one of them (either, at random) is hidden
     # with this probability, yet the caption and the yes/no answers still name it. A lone anchor in the pixels
-    # then really does predict its partner, so even a fully trained model keeps the co-occurrence prior
-    # (without it, training to a low loss erased the hallucinations). Held-out sets never hide anything.
-    p_hide_pair: float = 0.10  # a lone anchor then predicts its partner in ~67% of training images showing it alone
+    # then really does predict its partner (at 0.10: in ~67% of training images showing it alone), so even a
+    # fully trained model keeps the co-occurrence prior (without it, training to a low loss erased the
+    # hallucinations). Held-out sets never hide anything.
+    p_hide_pair: float = 0.10
     min_objects: int = 1
     max_objects: int = 3
     image_size: int = 32
