@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from haltrace.conventions import HookPoint, parse_hook
+from haltrace.models.adapters.base import first_tensor
 
 if TYPE_CHECKING:
     from haltrace.models.base import Model
@@ -182,22 +183,108 @@ def _select(x: torch.Tensor, pos: torch.Tensor | None, seq_dim: int = 1) -> torc
 
 # --- the hooks ---------------------------------------------------------------------------------------------
 
+#: parsed hook lists by (names, n_layers, vision): a capture is often repeated with the same names (harvest
+#: batches, benchmarks, generation steps), and on a sub-millisecond forward parsing them each time shows up
+_PARSED: dict[tuple[tuple[str, ...], int, bool], tuple[HookPoint, ...]] = {}
+_PARSED_MAX = 512
+
+
+def _parse_names(names: tuple[str, ...], n_layers: int, vision: bool) -> tuple[HookPoint, ...]:
+    key = (names, n_layers, vision)
+    points = _PARSED.get(key)
+    if points is None:
+        unique: list[HookPoint] = []
+        for name in names:
+            point = parse_hook(name, n_layers, vision=vision)
+            if point not in unique:
+                unique.append(point)
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.clear()
+        points = _PARSED[key] = tuple(unique)
+    return points
+
+
 def parse_hooks(model: Model, hooks: Sequence[str] | str) -> list[HookPoint]:
     """Validate hook names against ``model`` (ValueError listing the valid names) and drop duplicates."""
-    if isinstance(hooks, str):
-        hooks = [hooks]
-    points: list[HookPoint] = []
-    for name in hooks:
-        point = parse_hook(name, model.n_layers, vision=model.is_vlm)
-        if point not in points:
-            points.append(point)
+    names = (hooks,) if isinstance(hooks, str) else tuple(hooks)
+    n_layers, vision = model.n_layers, model.is_vlm
+    if not all(isinstance(n, str) for n in names):  # not cacheable; parse_hook raises the clear error
+        for name in names:
+            parse_hook(name, n_layers, vision=vision)
+    points = _parse_names(names, n_layers, vision)
     if any(p.kind == "attn_pattern" for p in points):
         impl = model.adapter.attn_implementation
         if impl != "eager":
             raise ValueError(f"attn_pattern needs eager attention, but this model runs {impl!r} (transformers 5 "
                              "returns no attention weights from sdpa/flash kernels); load it with "
                              "haltrace.load(..., attn_implementation=\"eager\")")
-    return points
+    return list(points)
+
+
+def _output_of(out: Any) -> torch.Tensor:
+    return out if type(out) is torch.Tensor else first_tensor(out)
+
+
+def _install(model: Model, points: Sequence[HookPoint], positions: torch.Tensor | None, cap: Capture,
+             accumulate: bool, handles: list[Any]) -> None:
+    """Register the hooks that fill ``cap``; each handle is appended to ``handles`` as soon as it exists, so
+    the caller's ``finally`` removes them all even when registration fails halfway."""
+    adapter = model.adapter
+    layers = adapter.layers
+
+    def put(name: str, value: torch.Tensor) -> None:
+        if accumulate:
+            cap.setdefault(name, []).append(value)
+        else:
+            cap[name] = value
+
+    def on_output(name: str, seq_dim: int = 1) -> Callable[..., None]:
+        # the common case (all positions, one forward) stores straight into the dict: this hook runs once per
+        # block per forward, and its cost is the whole capture overhead on small models
+        if positions is None and not accumulate:
+            def hook(_m: Any, _a: tuple, out: Any) -> None:
+                cap[name] = _output_of(out).detach().clone()
+        else:
+            def hook(_m: Any, _a: tuple, out: Any) -> None:
+                put(name, _select(_output_of(out), positions, seq_dim))
+        return hook
+
+    def on_input(name: str, reshape: tuple[int, int] | None = None) -> Callable[..., None]:
+        # with_kwargs pre-hook: HF passes hidden_states positionally today, but accept the keyword too
+        def hook(_m: Any, a: tuple, kw: dict) -> None:
+            x = _select(a[0] if a else (kw["hidden_states"] if "hidden_states" in kw else next(iter(kw.values()))),
+                        positions)
+            put(name, x if reshape is None else x.reshape(*x.shape[:2], *reshape))
+        return hook
+
+    def on_pattern(name: str) -> Callable[..., None]:
+        def hook(_m: Any, _a: tuple, out: Any) -> None:
+            weights = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+            if weights is None:
+                raise RuntimeError(f"{name}: the attention module returned no weights; load the model with "
+                                   "attn_implementation=\"eager\"")
+            put(name, _select(weights, positions, seq_dim=2))
+        return hook
+
+    for point in points:
+        name, kind, i = point.name, point.kind, point.layer
+        if kind == "resid_pre":
+            handles.append(layers[i].register_forward_pre_hook(on_input(name), with_kwargs=True))
+        elif kind == "resid_post":
+            handles.append(layers[i].register_forward_hook(on_output(name)))
+        elif kind == "attn_out":
+            handles.append(adapter.attention(i).register_forward_hook(on_output(name)))
+        elif kind == "mlp_out":
+            handles.append(adapter.mlp(i).register_forward_hook(on_output(name)))
+        elif kind == "head_out":
+            handles.append(adapter.o_proj(i).register_forward_pre_hook(
+                on_input(name, (adapter.n_heads, adapter.head_dim)), with_kwargs=True))
+        elif kind == "attn_pattern":
+            handles.append(adapter.attention(i).register_forward_hook(on_pattern(name)))
+        else:
+            def sink(x: torch.Tensor, _name: str = name) -> None:
+                put(_name, x.detach().clone())
+            handles.extend(adapter.register_vision_hook(kind, sink))
 
 
 @contextmanager
@@ -214,68 +301,14 @@ def hooks(model: Model, hook_names: Sequence[str] | str, positions: torch.Tensor
     >>> cap["resid_post.0"].shape                      # doctest: +SKIP
     """
     points = parse_hooks(model, hook_names)
-    adapter = model.adapter
     cap = Capture(positions=positions, n_layers=model.n_layers)
-    n_heads, head_dim = adapter.n_heads, adapter.head_dim
-    forward: list[tuple[torch.nn.Module, Callable[..., Any]]] = []
-    pre: list[tuple[torch.nn.Module, Callable[..., Any]]] = []
-    vision: list[HookPoint] = []
-
-    def put(name: str, value: torch.Tensor) -> None:
-        if accumulate:
-            cap.setdefault(name, []).append(value)
-        else:
-            cap[name] = value
-
-    def store(name: str, fn: Callable[..., torch.Tensor]) -> Callable[..., None]:
-        def hook(*args: Any) -> None:
-            put(name, fn(*args))
-        return hook
-
-    for point in points:
-        name, i = point.name, point.layer
-        if point.kind == "resid_pre":
-            # with_kwargs pre-hook: HF passes hidden_states positionally today, but accept the keyword too
-            pre.append((adapter.layers[i], store(name, lambda _m, a, kw: _select(
-                a[0] if a else kw["hidden_states"], positions))))
-        elif point.kind == "resid_post":
-            forward.append((adapter.layers[i], store(name, lambda _m, _a, _kw, out: _select(
-                _first(out), positions))))
-        elif point.kind == "attn_out":
-            forward.append((adapter.attention(i), store(name, lambda _m, _a, _kw, out: _select(
-                _first(out), positions))))
-        elif point.kind == "mlp_out":
-            forward.append((adapter.mlp(i), store(name, lambda _m, _a, _kw, out: _select(
-                _first(out), positions))))
-        elif point.kind == "head_out":
-            def heads(_m: Any, a: tuple, kw: dict) -> torch.Tensor:
-                x = _select(a[0] if a else next(iter(kw.values())), positions)
-                return x.reshape(*x.shape[:2], n_heads, head_dim)
-            pre.append((adapter.o_proj(i), store(name, heads)))
-        elif point.kind == "attn_pattern":
-            def pattern(_m: Any, _a: tuple, _kw: dict, out: Any, _name: str = name) -> torch.Tensor:
-                weights = out[1] if isinstance(out, tuple) and len(out) > 1 else None
-                if weights is None:
-                    raise RuntimeError(f"{_name}: the attention module returned no weights; load the model "
-                                       "with attn_implementation=\"eager\"")
-                return _select(weights, positions, seq_dim=2)
-            forward.append((adapter.attention(i), store(name, pattern)))
-        else:
-            vision.append(point)
-
-    with temporary_hooks(forward, pre, with_kwargs=True) as handles:
-        for point in vision:
-            def sink(x: torch.Tensor, _name: str = point.name) -> None:
-                put(_name, x.detach().clone())
-            # appended to the same list, so temporary_hooks removes them too
-            handles.extend(adapter.register_vision_hook(point.kind, sink))
+    handles: list[Any] = []
+    try:
+        _install(model, points, positions, cap, accumulate, handles)
         yield cap
-
-
-def _first(out: Any) -> torch.Tensor:
-    from haltrace.models.adapters.base import first_tensor
-
-    return first_tensor(out)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def capture(
@@ -292,9 +325,17 @@ def capture(
     """
     pos = resolve_positions(positions, inputs, model.image_token_mask)
     points = parse_hooks(model, hooks_)
-    with hooks(model, [p.name for p in points], pos) as cap, torch.no_grad():
-        cap.output = model.hf(**inputs, **forward_kwargs)
-    missing = [p.name for p in points if p.name not in dict.keys(cap)]
-    if missing:
+    cap = Capture(positions=pos, n_layers=model.n_layers)
+    handles: list[Any] = []
+    # one try/finally rather than the hooks() context manager: same guarantee, less per-call overhead
+    try:
+        _install(model, points, pos, cap, False, handles)
+        with torch.no_grad():
+            cap.output = model.hf(**inputs, **forward_kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(cap) < len(points):
+        missing = [p.name for p in points if not dict.__contains__(cap, p.name)]
         raise RuntimeError(f"hooks {missing} did not fire during the forward (no images in the inputs?)")
     return cap

@@ -216,6 +216,46 @@ def test_exception_inside_capture_leaves_no_hooks(family, tiny_model, tiny_input
         torch.testing.assert_close(model.hf(**inputs).logits, pristine, atol=0, rtol=0)
 
 
+def test_failed_registration_leaves_no_hooks(tiny_model, tiny_inputs, monkeypatch):
+    """Hooks registered before a later registration fails are removed too (capture and hooks())."""
+    model, inputs = tiny_model("llava"), tiny_inputs("llava")
+    before = _hook_snapshot(model.hf)
+
+    def refuse(*_a, **_k):
+        raise RuntimeError("no vision hook today")
+
+    monkeypatch.setattr(model.adapter, "register_vision_hook", refuse)
+    with pytest.raises(RuntimeError, match="no vision hook"):
+        model.capture(inputs, ["resid_post.0", "mlp_out.1", "projector_out"])
+    assert _all_hooks_clear(model.hf, before)
+    with pytest.raises(RuntimeError, match="no vision hook"):
+        with model.hooks(["resid_pre.0", "projector_out"]):
+            pass
+    assert _all_hooks_clear(model.hf, before)
+
+
+def test_parsed_names_are_per_model_shape(tiny_model):
+    """Hook lists are parsed once and cached; the cache must not carry one model's shape to another."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from haltrace.models import Model
+    from haltrace.trace.capture import parse_hooks
+
+    small, vlm = tiny_model("gpt2"), tiny_model("llava")
+    big = Model.from_hf(GPT2LMHeadModel(GPT2Config(n_layer=small.n_layers + 1, n_embd=16, n_head=2,
+                                                   vocab_size=64, n_positions=32)), small.tokenizer)
+    for model in (small, big, small):
+        assert parse_hooks(model, ["resid_post.-1"])[0].layer == model.n_layers - 1
+    for _ in range(2):  # an error is never cached as a result
+        with pytest.raises(ValueError, match=f"layers 0..{small.n_layers - 1}"):
+            parse_hooks(small, [f"resid_post.{small.n_layers}"])
+    assert parse_hooks(vlm, ["projector_out"])[0].kind == "projector_out"
+    with pytest.raises(ValueError, match="vision-language"):
+        parse_hooks(small, ["projector_out"])
+    with pytest.raises(TypeError, match="string"):
+        parse_hooks(small, ["resid_post.0", 3])
+
+
 def test_fresh_model_has_no_hooks_after_capture():
     from haltrace.models import Model
     from haltrace.models.tiny import build_tiny, build_tiny_inputs
