@@ -155,10 +155,13 @@ def methods(model: Model, inputs: dict[str, Any]) -> dict[str, Callable[[], Any]
     }
 
 
-def time_case(model: Model, inputs: dict[str, Any], reps: int, warmup: int,
-              target_s: float = 0.2) -> dict[str, dict[str, float]]:
+def time_case(model: Model, inputs: dict[str, Any], reps: int, warmup: int, min_seconds: float = 0.0,
+              target_s: float = 0.05, max_reps: int = 400) -> dict[str, dict[str, float]]:
     """Median times and paired ratios to the bare forward. A sample runs a method ``inner`` times in a row
-    (enough calls for ~``target_s``), so millisecond forwards are not drowned in scheduler noise."""
+    (enough calls for ~``target_s``), so millisecond forwards are not drowned in timer noise; short samples
+    keep the two halves of a pair close in time. At least ``reps`` rounds, and more (up to ``max_reps``)
+    until ``min_seconds`` have passed: on a shared machine a fast model's ratio needs many pairs for a
+    stable median, a slow model's rounds are long enough as they are."""
     fns = methods(model, inputs)
     names = list(fns)
     for _ in range(warmup):
@@ -168,7 +171,9 @@ def time_case(model: Model, inputs: dict[str, Any], reps: int, warmup: int,
     fns["bare forward"]()
     inner = max(1, round(target_s / max(time.perf_counter() - start, 1e-6)))
     times: dict[str, list[float]] = {n: [] for n in names}
-    for rep in range(reps):
+    began = time.perf_counter()
+    rep = 0
+    while rep < reps or (time.perf_counter() - began < min_seconds and rep < max_reps):
         order = names[rep % len(names):] + names[:rep % len(names)]  # rotate: no method always runs first
         for name in order:
             fn = fns[name]
@@ -176,13 +181,14 @@ def time_case(model: Model, inputs: dict[str, Any], reps: int, warmup: int,
             for _ in range(inner):
                 fn()
             times[name].append((time.perf_counter() - start) / inner)
+        rep += 1
     bare = times["bare forward"]
     out = {}
     for name, t in times.items():
         ratios = [x / b for x, b in zip(t, bare, strict=True)]
         q1, _, q3 = statistics.quantiles(ratios, n=4)
         out[name] = {"median_ms": 1000 * statistics.median(t), "ratio": statistics.median(ratios),
-                     "q1": q1, "q3": q3, "inner": inner}
+                     "q1": q1, "q3": q3, "inner": inner, "reps": rep}
     return out
 
 
@@ -204,14 +210,16 @@ def render(cases: list[tuple[str, dict[str, dict[str, float]]]], harvest: str | 
              f"`bench/bench_trace.py`, {time.strftime('%Y-%m-%d')}. CPU only, torch {torch.__version__}, "
              f"{args.threads} torch thread(s), on a machine with {os.cpu_count()} CPU cores **shared with other "
              f"jobs** (a training run, other engineers' tests), so absolute times are noisy; ratios are paired "
-             f"per repetition (capture / bare forward of the same repetition), median over {args.reps} "
-             f"repetitions in rotating order after {args.warmup} warm-up round(s); [q1-q3] in brackets; one "
-             f"repetition of a method = `calls` back-to-back calls (~0.2 s), averaged. "
+             f"per repetition (capture / bare forward of the same repetition), median over `reps` repetitions "
+             f"(at least {args.reps}, more until the model has been timed {args.min_seconds:.0f} s) in rotating "
+             f"order after {args.warmup} warm-up round(s); [q1-q3] in brackets; one repetition of a method = "
+             f"`calls` back-to-back calls (~0.05 s), averaged. "
              f"Capture = every layer's `resid_post`, all positions, float32. Python {platform.python_version()}.",
-             "", "| model | method | calls | median time (ms) | x bare forward [q1-q3] |", "|---|---|---:|---:|---:|"]
+             "", "| model | method | calls | reps | median time (ms) | x bare forward [q1-q3] |",
+             "|---|---|---:|---:|---:|---:|"]
     for label, res in cases:
         for method, r in res.items():
-            lines.append(f"| {label} | {method} | {r['inner']} | {r['median_ms']:.2f} | "
+            lines.append(f"| {label} | {method} | {r['inner']} | {r['reps']} | {r['median_ms']:.2f} | "
                          f"{r['ratio']:.3f} [{r['q1']:.2f}-{r['q3']:.2f}] |")
     lines.append("")
     for label, res in cases:
@@ -241,7 +249,9 @@ def write_section(section: str, path: Path = RESULTS) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--reps", type=int, default=15, help="minimum rounds per model")
+    parser.add_argument("--min-seconds", type=float, default=40.0,
+                        help="keep adding rounds (up to 400) until a model has been timed this long")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--harvest-n", type=int, default=64, help="examples at 1x for the harvest memory bench")
@@ -249,7 +259,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="few reps, small big-model, print only")
     args = parser.parse_args()
     if args.quick:
-        args.reps, args.warmup, args.no_harvest = 3, 1, True
+        args.reps, args.warmup, args.no_harvest, args.min_seconds = 3, 1, True, 0.0
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
 
@@ -259,7 +269,7 @@ def main() -> None:
     for build in builders:
         label, model, inputs = build()
         print(f"timing {label} ...", file=sys.stderr, flush=True)
-        cases.append((label, time_case(model, inputs, args.reps, args.warmup)))
+        cases.append((label, time_case(model, inputs, args.reps, args.warmup, args.min_seconds)))
     harvest = None if args.no_harvest else harvest_memory(args.harvest_n)
     section = render(cases, harvest, args)
     print(section)
