@@ -28,6 +28,7 @@ from typing import Any, Literal
 import torch
 
 from haltrace.conventions import HookPoint, parse_hook
+from haltrace.models.adapters.base import cached_length
 
 Phase = Literal["prompt", "generation", "both"]
 PositionRule = str | Sequence[int]  # "all" | "last" | "image" | "text" | absolute prompt indices
@@ -238,13 +239,10 @@ class _SequenceState:
             raise RuntimeError("steering needs input_ids or inputs_embeds in the forward call")
         self.length = int(current.shape[1])
         mask = kwargs.get("attention_mask")
-        past = kwargs.get("past_key_values")
         if mask is not None and mask.dim() == 2:
             self.offset = int(mask.shape[1]) - self.length
-        elif past is not None and hasattr(past, "get_seq_length"):
-            self.offset = int(past.get_seq_length())
-        else:
-            self.offset = 0
+        else:  # no 2-D mask (generate drops an all-ones one): the cache says how far along we are
+            self.offset = cached_length(kwargs)
         self._masks.clear()
         if self.offset == 0:  # a new prompt (plain forward, or generate's prefill)
             self.prompt_length = self.length

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from haltrace.models.adapters.base import cached_length
 from haltrace.steering.registry import FittedIntervention, Method, register_method
 
 FIT_SEED = 4242
@@ -206,11 +207,11 @@ class TruthfulGate:
             if current is None:
                 current = kwargs.get("inputs_embeds")
             batch, length = int(current.shape[0]), int(current.shape[1])
-            mask, past = kwargs.get("attention_mask"), kwargs.get("past_key_values")
+            mask = kwargs.get("attention_mask")
             if mask is not None and mask.dim() == 2:
                 offset = int(mask.shape[1]) - length
             else:
-                offset = int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0
+                offset = cached_length(kwargs)
             if offset == 0 and mask is not None and mask.dim() == 2:
                 # last real token per row: right padding (the organism runner) or left padding (generate)
                 last = length - 1 - torch.flip(mask.to(torch.long), dims=[1]).argmax(dim=1)

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from haltrace.models.adapters.base import first_tensor
+from haltrace.models.adapters.base import cached_length, first_tensor
 from haltrace.steering.erasure import image_forward_inputs
 from haltrace.steering.pvp import layer_record
 from haltrace.steering.registry import FittedIntervention, Method, register_method
@@ -91,9 +91,7 @@ def vista_hooks(lam: float, gamma: float, sla_layers: Sequence[int], *, adaptive
                 return
             ids = kwargs.get("input_ids", args[0] if args else None)
             if ids is None or not bool(model.image_token_mask(ids).any()):
-                past = kwargs.get("past_key_values")
-                prefill = past is None or (hasattr(past, "get_seq_length") and past.get_seq_length() == 0)
-                if prefill:  # a new text-only prompt: no image, nothing to steer (not the last batch's vectors)
+                if cached_length(kwargs) == 0:  # a new text-only prompt: no image, nothing to steer (not the last batch's vectors)
                     state["vsv"] = None
                 return  # a decoding step keeps the rows' vectors from its prefill
             state["busy"] = True

@@ -75,6 +75,33 @@ def test_generation_phase_is_correct_under_kv_cache(llama):
         assert torch.allclose(step_logits, ref, atol=1e-4), f"step {step}"
 
 
+def test_phases_without_attention_mask(llama):
+    """generate() without an attention mask passes only the KV cache (transformers 5.2x names it ``cache``,
+    not ``past_key_values``): decoding steps must still count as the generation phase."""
+    model, inputs = llama
+    ids = inputs["input_ids"][-1:]  # one row, no padding, so no mask is needed
+    prompt_len = ids.shape[1]
+    v = torch.randn(model.hidden_size) * 2
+    steps = []
+    with steer(model, Add("resid_post.0", v, phase="generation")), temporary_hooks(
+            pre=[(model.hf, lambda _m, _a, kw: steps.append(sorted(kw)), )], with_kwargs=True):
+        out = model.hf.generate(input_ids=ids, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                                output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    assert "attention_mask" not in steps[1], "this test needs a decoding step without a mask"
+    for step, step_logits in enumerate(out.logits):
+        seq = out.sequences[:, : prompt_len + step]
+
+        def manual(_m, _a, o):
+            o = o.clone()
+            o[:, prompt_len:] += v
+            return o
+
+        with temporary_hooks(forward=[(model.adapter.layers[0], manual)]), torch.no_grad():
+            ref = model.hf(input_ids=seq, use_cache=False).logits[:, -1]
+        assert torch.allclose(step_logits, ref, atol=1e-4), f"step {step}"
+    assert not torch.allclose(out.logits[1], out.logits[0])
+
+
 def test_prompt_phase_leaves_decoding_steps_alone(llama):
     model, inputs = llama
     v = torch.randn(model.hidden_size) * 3

@@ -60,6 +60,26 @@ def adapter_for(hf_model: nn.Module) -> Adapter:
     return ADAPTERS[model_type](hf_model)
 
 
+#: forward keyword of the KV cache: ``cache`` from transformers 5.2x (``past_key_values`` is deprecated, and
+#: ``generate`` passes only the new name), ``past_key_values`` before
+CACHE_KWARGS = ("cache", "past_key_values")
+
+
+def kv_cache_of(kwargs: dict) -> Any:
+    """The KV cache object of a forward call's keyword arguments, under either name (None if absent)."""
+    for key in CACHE_KWARGS:
+        value = kwargs.get(key)
+        if value is not None:
+            return value
+    return None
+
+
+def cached_length(kwargs: dict) -> int:
+    """How many tokens the forward's KV cache already holds (0: a prefill or a no-cache forward)."""
+    past = kv_cache_of(kwargs)
+    return int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0
+
+
 def first_tensor(value: Any) -> torch.Tensor:
     """The hidden-state tensor of a module output: the tensor itself, or element 0 of a tuple/ModelOutput.
 
