@@ -91,7 +91,8 @@ def vista_hooks(lam: float, gamma: float, sla_layers: Sequence[int], *, adaptive
                 return
             ids = kwargs.get("input_ids", args[0] if args else None)
             if ids is None or not bool(model.image_token_mask(ids).any()):
-                if cached_length(kwargs) == 0:  # a new text-only prompt: no image, nothing to steer (not the last batch's vectors)
+                if cached_length(kwargs) == 0:
+                    # a new text-only prompt: no image, nothing to steer (and not with the last batch's vectors)
                     state["vsv"] = None
                 return  # a decoding step keeps the rows' vectors from its prefill
             state["busy"] = True
