@@ -117,10 +117,13 @@ class Add(Intervention):
     def _delta(self, x: torch.Tensor) -> torch.Tensor:
         """``alpha * vector`` (placed in its head's slice with ``head=``) on x's device and dtype, cached:
         during decoding, rebuilding it costs more than the add itself (bench_steer). The key holds alpha and
-        the vector's version counter, so in-place changes are picked up."""
-        key = (x.device, x.dtype, x.shape[-1], float(self.alpha), id(self.vector), self.vector._version)
+        the vector's version counter, so in-place changes are picked up. A vector made under
+        ``torch.inference_mode()`` has no version counter: its delta is rebuilt on every call instead."""
+        vector = self.vector
+        inference = vector.is_inference()
+        key = (x.device, x.dtype, x.shape[-1], float(self.alpha), id(vector), None if inference else vector._version)
         cache = self.__dict__.setdefault("_delta_cache", {})
-        delta = cache.get(key)
+        delta = None if inference else cache.get(key)
         if delta is None:
             delta = (self.alpha * self.vector).to(device=x.device, dtype=x.dtype)
             if self._head_slice is not None:
@@ -357,7 +360,10 @@ def attach(model: Any, *interventions: Any) -> SteeringHandle:
     state = _SequenceState(model)
     handles: list[Any] = []
     try:
-        handles.append(model.hf.register_forward_pre_hook(state.on_forward, with_kwargs=True))
+        # only position- or phase-restricted edits need to know where each forward sits in the sequence; an
+        # every-token edit skips the model-level pre-hook (one hooked call and its bookkeeping per decoding step)
+        if any(not _every_token(item) for item in items):
+            handles.append(model.hf.register_forward_pre_hook(state.on_forward, with_kwargs=True))
         for item, point in zip(items, points, strict=True):
             module, kind = _module_and_kind(model, point)
             handles.append(_install(module, kind, item, state))
@@ -368,7 +374,21 @@ def attach(model: Any, *interventions: Any) -> SteeringHandle:
     return SteeringHandle(handles)
 
 
+def _every_token(item: Intervention) -> bool:
+    return item.phase == "both" and isinstance(item.positions, str) and item.positions == "all"
+
+
 def _install(module: torch.nn.Module, kind: str, item: Intervention, state: _SequenceState) -> Any:
+    if kind == "post" and type(item) is Add and _every_token(item):
+        # the common steering vector (an Add on every token of every forward): no mask to look up
+        def add(_m: Any, _args: tuple, output: Any) -> Any:
+            if isinstance(output, torch.Tensor):
+                return output + item._delta(output)
+            if isinstance(output, tuple):
+                return (output[0] + item._delta(output[0]), *output[1:])
+            raise TypeError(f"cannot steer a module returning {type(output).__name__}")
+        return module.register_forward_hook(add)
+
     def apply(x: torch.Tensor) -> torch.Tensor:
         mask = state.mask(item.positions, item.phase, x.device)
         if mask is False:

@@ -224,3 +224,22 @@ def test_exception_inside_steering_leaves_model_pristine(llama):
             raise RuntimeError("boom")
     assert torch.equal(_logits(model, inputs), before)
     assert _hook_snapshot(model) == hooks_before
+
+
+def test_steering_inside_inference_mode(llama):
+    """Serving code often runs everything under torch.inference_mode(): a vector created there has no version
+    counter, and an in-place change to the intervention's vector must still reach the next forward."""
+    model, inputs = llama
+    with torch.inference_mode():
+        v = torch.randn(model.hidden_size)
+        bare = model.hf(**inputs).logits
+        item = Add("resid_post.0", v, alpha=1.0)
+        with steer(model, item):
+            first = model.hf(**inputs).logits
+            item.vector.mul_(3.0)
+            second = model.hf(**inputs).logits
+        with steer(model, Add("resid_post.0", 3.0 * v, alpha=1.0)):
+            expected = model.hf(**inputs).logits
+    assert not torch.allclose(first, bare)
+    assert torch.allclose(second, expected, atol=1e-6)
+    assert not torch.allclose(second, first)
