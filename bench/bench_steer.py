@@ -102,7 +102,10 @@ def _noop_hooks(model: Model):
     return ctx()
 
 
-def measure(model: Model, kwargs: dict[str, Any], reps: int, warmup: int) -> dict[str, Any]:
+def measure(model: Model, kwargs: dict[str, Any], reps: int, warmup: int, min_seconds: float = 0.0,
+            max_reps: int = 200) -> dict[str, Any]:
+    """At least ``reps`` rounds, more (up to ``max_reps``) until ``min_seconds`` have passed: the organism's
+    64-token generate takes ~0.08 s, and 15 pairs of it left the median +-3% from run to run."""
     from contextlib import nullcontext
 
     torch.manual_seed(1)
@@ -127,32 +130,40 @@ def measure(model: Model, kwargs: dict[str, Any], reps: int, warmup: int) -> dic
         for name in names:
             run(name)
     times: dict[str, list[float]] = {n: [] for n in names}
-    for rep in range(reps):
+    began = time.perf_counter()
+    rep = 0
+    while rep < reps or (time.perf_counter() - began < min_seconds and rep < max_reps):
         order = names[rep % len(names):] + names[:rep % len(names)]  # rotate who goes first
         for name in order:
             times[name].append(run(name))
-    ratios = {n: statistics.median(t / b for t, b in zip(times[n], times["bare"], strict=True))
-              for n in names if n != "bare"}
-    return {"median_s": {n: statistics.median(t) for n, t in times.items()}, "ratio": ratios, "reps": reps}
+        rep += 1
+    paired = {n: [t / b for t, b in zip(times[n], times["bare"], strict=True)] for n in names if n != "bare"}
+    ratios = {n: statistics.median(r) for n, r in paired.items()}
+    quartiles = {n: statistics.quantiles(r, n=4)[::2] for n, r in paired.items()}
+    return {"median_s": {n: statistics.median(t) for n, t in times.items()}, "ratio": ratios,
+            "quartiles": quartiles, "reps": rep}
 
 
 def section(results: list[tuple[str, dict[str, Any]]], args: argparse.Namespace) -> str:
     lines = [
         HEADING, "",
-        f"`bench/bench_steer.py` (`--reps {args.reps} --warmup {args.warmup} --threads {args.threads}`), "
+        f"`bench/bench_steer.py` (`--reps {args.reps} --min-seconds {args.min_seconds:.0f} --warmup {args.warmup} "
+        f"--threads {args.threads}`), "
         f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores shared with other jobs. `generate()` of exactly {NEW_TOKENS} new tokens "
         "(min_new_tokens = max_new_tokens), greedy, with `Add` at `resid_post.i` for every layer "
         "(positions all, phase both) vs without; conditions interleaved in a rotating order, ratio = median over "
-        "repetitions of steered / bare within a repetition. Goal <= 1.05x (1.03x ideal).", "",
-        "| model | bare median (s) | steered median (s) | steered / bare | no-op hooks / bare | goal |",
-        "|---|---|---|---|---|---|",
+        "repetitions of steered / bare within a repetition, [q1-q3] in brackets; at least `--reps` repetitions, "
+        "more until a model has been timed `--min-seconds`. Goal <= 1.05x (1.03x ideal).", "",
+        "| model | reps | bare median (s) | steered median (s) | steered / bare [q1-q3] | no-op hooks / bare | goal |",
+        "|---|---:|---|---|---|---|---|",
     ]
     for label, r in results:
         ratio = r["ratio"]["steered"]
         verdict = "met (ideal)" if ratio <= IDEAL else "met" if ratio <= GOAL else "missed"
-        lines.append(f"| {label} | {r['median_s']['bare']:.3f} | {r['median_s']['steered']:.3f} | "
-                     f"{ratio:.3f}x | {r['ratio']['no-op hooks']:.3f}x | {verdict} |")
+        q1, q3 = r["quartiles"]["steered"]
+        lines.append(f"| {label} | {r['reps']} | {r['median_s']['bare']:.3f} | {r['median_s']['steered']:.3f} | "
+                     f"{ratio:.3f}x [{q1:.2f}-{q3:.2f}] | {r['ratio']['no-op hooks']:.3f}x | {verdict} |")
     lines += ["", "`no-op hooks` installs the same number of hooks that do nothing: the part of the overhead "
               "that is PyTorch's hook dispatch, not the engine's work."]
     return "\n".join(lines) + "\n"
@@ -174,7 +185,9 @@ def write_section(text: str, path: Path = RESULTS) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--reps", type=int, default=15, help="minimum repetitions per model")
+    parser.add_argument("--min-seconds", type=float, default=40.0,
+                        help="keep adding repetitions (up to 200) until a model has been timed this long")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--organism", default=None, help="organism folder (default: the shipped one)")
@@ -182,12 +195,12 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args()
     if args.quick:
-        args.reps, args.warmup = 3, 1
+        args.reps, args.warmup, args.min_seconds = 3, 1, 0.0
     torch.set_num_threads(args.threads)
     results = []
     for build in (lambda: organism_case(args.organism), llama_case):
         label, model, kwargs = build()
-        r = measure(model, kwargs, args.reps, args.warmup)
+        r = measure(model, kwargs, args.reps, args.warmup, args.min_seconds)
         print(f"{label}: bare {r['median_s']['bare']:.3f}s steered {r['median_s']['steered']:.3f}s "
               f"ratio {r['ratio']['steered']:.3f}x (no-op hooks {r['ratio']['no-op hooks']:.3f}x)", flush=True)
         results.append((label, r))
