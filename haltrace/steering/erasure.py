@@ -211,7 +211,7 @@ class ProjectAway(Method):
     def fit(self, model: Any, data: dict | None = None, *, objects: Sequence[str] | None = None,
             edit_layer: int | None = None, text_rep: str | None = None, weight: float | None = None,
             threshold: float | None = None, lens_norm: bool | None = None,
-            weights: Sequence[float] = (1.0, 2.0), text_reps: Sequence[str] = ("unembed",),
+            weights: Sequence[float] = (1.0, 2.0), text_reps: Sequence[str] = ("unembed", "embed"),
             max_recall_drop: float = 0.05, prompt: str | None = None, n_images: int = 48,
             seed: int = FIT_SEED + 3) -> FittedIntervention:
         """``data`` (default: organism images drawn with ``seed``): ``{"images": [...], "present": [set, ...]}``;

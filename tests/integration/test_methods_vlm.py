@@ -76,8 +76,9 @@ def test_pvp_towards_priors(baseline, pvp_runs):
 
 # Measured misses on the shipped organism (see the closing note of the steering issue). Strict: a model or
 # method change that meets the margin turns the xfail into a failure, and the marker must go.
-@pytest.mark.xfail(strict=True, reason="measured: CHAIR_i 0.399 -> 0.399; the hallucinated partner is occluded in "
-                                       "training, never drawn, so it has no trace in the image tokens to project out")
+@pytest.mark.xfail(strict=True, reason="measured: CHAIR_i 0.399 -> 0.399. Even erasing the true partner (oracle) at "
+                                       "every layer with every text representation leaves CHAIR_i at 0.395: the "
+                                       "organism's image tokens do not carry objects along word directions")
 def test_erasure_reduces_chair(organism, baseline):
     from haltrace.evals.suite import evaluate
     from haltrace.steering.registry import get_method
