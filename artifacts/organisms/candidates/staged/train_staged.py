@@ -3,7 +3,7 @@
 Run from the repository root with the project's venv (results of the runs made with it: ../README.md,
 "Staged training")::
 
-    .venv/bin/python artifacts/organisms/candidates/staged/train_staged.py OUT SEED STEPS_A STEPS_B [STEPS_C [LR_C]]
+    .venv/bin/python artifacts/organisms/candidates/staged/train_staged.py OUT SEED STEPS_A STEPS_B [STEPS_C [LR_C [C_PARAMS]]]
 
 * **Stage A (language model only):** the image slots of every example hold the *words* of every object in the
   full scene (``kind colour`` pairs, hidden pair members included, then padding), no pixels. The LM learns to
@@ -12,8 +12,10 @@ Run from the repository root with the project's venv (results of the runs made w
   "fork ... knife" in ~67% of such images, and the frozen LM names only what the slots hold, so the projector
   has to write "knife" into the fork's image tokens, in the LM's input-word space: the mechanism ProjectAway
   assumes (hallucinated objects represented in the image tokens).
-* **Stage C (optional, everything, ``LR_C``):** the ordinary joint recipe, so the LM can pick up the colour
-  prior's early-layer lead. The longer it runs, the more of the partner prior moves into the LM.
+* **Stage C (optional, ``LR_C``):** the ordinary training mixture again, so the LM can pick up the colour
+  prior's early-layer lead. ``C_PARAMS`` is ``all`` (default: everything trains; the longer it runs, the more
+  of the partner prior moves into the LM) or ``lm`` (vision tower and projector stay frozen, so the image
+  tokens keep what stage B wrote into them).
 
 Same default preset, task mix and world as ``haltrace organism train``; random streams are seeded per stage and
 step. One torch thread, so a seed reproduces its weights.
@@ -50,7 +52,10 @@ def words_in_slots(batch: dict, examples: list[Example], world: ShapesWorld, voc
     return out
 
 
-def main(out: str, seed: int, steps_a: int, steps_b: int, steps_c: int = 0, lr_c: float = 5e-4) -> None:
+def main(out: str, seed: int, steps_a: int, steps_b: int, steps_c: int = 0, lr_c: float = 5e-4,
+         c_params: str = "all") -> None:
+    if c_params not in ("all", "lm"):
+        raise ValueError(f"C_PARAMS must be 'all' or 'lm', got {c_params!r}")
     torch.set_num_threads(1)
     spec = T.PRESETS["default"]
     world = ShapesWorld()
@@ -92,7 +97,12 @@ def main(out: str, seed: int, steps_a: int, steps_b: int, steps_c: int = 0, lr_c
     for p in language:
         p.requires_grad_(True)
     if steps_c:
-        losses += run(3, steps_c, list(model.parameters()), lr_c)
+        if c_params == "lm":
+            for p in vision:
+                p.requires_grad_(False)
+        losses += run(3, steps_c, language if c_params == "lm" else list(model.parameters()), lr_c)
+        for p in vision:
+            p.requires_grad_(True)
     model.eval()
     model.generation_config.bos_token_id = vocab[BOS]
     model.generation_config.eos_token_id = vocab[EOS]
@@ -106,4 +116,5 @@ def main(out: str, seed: int, steps_a: int, steps_b: int, steps_c: int = 0, lr_c
 
 if __name__ == "__main__":
     a = sys.argv[1:]
-    main(a[0], int(a[1]), int(a[2]), int(a[3]), int(a[4]) if len(a) > 4 else 0, float(a[5]) if len(a) > 5 else 5e-4)
+    main(a[0], int(a[1]), int(a[2]), int(a[3]), int(a[4]) if len(a) > 4 else 0, float(a[5]) if len(a) > 5 else 5e-4,
+         a[6] if len(a) > 6 else "all")
