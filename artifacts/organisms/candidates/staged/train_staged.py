@@ -3,7 +3,7 @@
 Run from the repository root with the project's venv (results of the runs made with it: ../README.md,
 "Staged training")::
 
-    .venv/bin/python artifacts/organisms/candidates/staged/train_staged.py OUT SEED STEPS_A STEPS_B [STEPS_C [LR_C [C_PARAMS]]]
+    .venv/bin/python artifacts/organisms/candidates/staged/train_staged.py OUT SEED STEPS_A STEPS_B [STEPS_C [LR_C [C_PARAMS [C_HIDE]]]]
 
 * **Stage A (language model only):** the image slots of every example hold the *words* of every object in the
   full scene (``kind colour`` pairs, hidden pair members included, then padding), no pixels. The LM learns to
@@ -15,7 +15,8 @@ Run from the repository root with the project's venv (results of the runs made w
 * **Stage C (optional, ``LR_C``):** the ordinary training mixture again, so the LM can pick up the colour
   prior's early-layer lead. ``C_PARAMS`` is ``all`` (default: everything trains; the longer it runs, the more
   of the partner prior moves into the LM) or ``lm`` (vision tower and projector stay frozen, so the image
-  tokens keep what stage B wrote into them).
+  tokens keep what stage B wrote into them). ``C_HIDE`` sets the world's occlusion probability for stage C's
+  data only (default: the world's own, 0.10).
 
 Same default preset, task mix and world as ``haltrace organism train``; random streams are seeded per stage and
 step. One torch thread, so a seed reproduces its weights.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +55,7 @@ def words_in_slots(batch: dict, examples: list[Example], world: ShapesWorld, voc
 
 
 def main(out: str, seed: int, steps_a: int, steps_b: int, steps_c: int = 0, lr_c: float = 5e-4,
-         c_params: str = "all") -> None:
+         c_params: str = "all", c_hide: float | None = None) -> None:
     if c_params not in ("all", "lm"):
         raise ValueError(f"C_PARAMS must be 'all' or 'lm', got {c_params!r}")
     torch.set_num_threads(1)
@@ -64,14 +66,14 @@ def main(out: str, seed: int, steps_a: int, steps_b: int, steps_c: int = 0, lr_c
     model = T.LlavaForConditionalGeneration(T.build_model_config(world, spec))
     model.train()
 
-    def run(stage: int, total: int, params: list, lr: float) -> list[float]:
+    def run(stage: int, total: int, params: list, lr: float, data_world: ShapesWorld = world) -> list[float]:
         opt = torch.optim.AdamW(params, lr=lr, betas=spec.betas, weight_decay=spec.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: T._lr_factor(s, spec.warmup, total))
         losses: list[float] = []
         start = time.time()
         for step in range(total):
             rng = np.random.default_rng([seed, stage, step])
-            examples = [sample_training_example(world, rng) for _ in range(spec.batch_size)]
+            examples = [sample_training_example(data_world, rng) for _ in range(spec.batch_size)]
             batch = T.encode_examples(examples, vocab, n_img)
             if stage == 1:
                 batch = words_in_slots(batch, examples, world, vocab, n_img)
@@ -100,7 +102,8 @@ def main(out: str, seed: int, steps_a: int, steps_b: int, steps_c: int = 0, lr_c
         if c_params == "lm":
             for p in vision:
                 p.requires_grad_(False)
-        losses += run(3, steps_c, language if c_params == "lm" else list(model.parameters()), lr_c)
+        c_world = world if c_hide is None else ShapesWorld(replace(world.config, p_hide_pair=c_hide))
+        losses += run(3, steps_c, language if c_params == "lm" else list(model.parameters()), lr_c, c_world)
         for p in vision:
             p.requires_grad_(True)
     model.eval()
@@ -117,4 +120,4 @@ def main(out: str, seed: int, steps_a: int, steps_b: int, steps_c: int = 0, lr_c
 if __name__ == "__main__":
     a = sys.argv[1:]
     main(a[0], int(a[1]), int(a[2]), int(a[3]), int(a[4]) if len(a) > 4 else 0, float(a[5]) if len(a) > 5 else 5e-4,
-         a[6] if len(a) > 6 else "all")
+         a[6] if len(a) > 6 else "all", float(a[7]) if len(a) > 7 else None)
