@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 
 from haltrace.conventions import HookPoint, parse_hook
-from haltrace.models.adapters.base import cached_length
+from haltrace.models.adapters.base import forward_offset
 
 Phase = Literal["prompt", "generation", "both"]
 PositionRule = str | Sequence[int]  # "all" | "last" | "image" | "text" | absolute prompt indices
@@ -241,11 +241,8 @@ class _SequenceState:
         if current is None:
             raise RuntimeError("steering needs input_ids or inputs_embeds in the forward call")
         self.length = int(current.shape[1])
+        self.offset = forward_offset(kwargs, self.length)
         mask = kwargs.get("attention_mask")
-        if mask is not None and mask.dim() == 2:
-            self.offset = int(mask.shape[1]) - self.length
-        else:  # no 2-D mask (generate drops an all-ones one): the cache says how far along we are
-            self.offset = cached_length(kwargs)
         self._masks.clear()
         if self.offset == 0:  # a new prompt (plain forward, or generate's prefill)
             self.prompt_length = self.length
@@ -379,21 +376,16 @@ def _every_token(item: Intervention) -> bool:
 
 
 def _install(module: torch.nn.Module, kind: str, item: Intervention, state: _SequenceState) -> Any:
-    if kind == "post" and type(item) is Add and _every_token(item):
-        # the common steering vector (an Add on every token of every forward): no mask to look up
-        def add(_m: Any, _args: tuple, output: Any) -> Any:
-            if isinstance(output, torch.Tensor):
-                return output + item._delta(output)
-            if isinstance(output, tuple):
-                return (output[0] + item._delta(output[0]), *output[1:])
-            raise TypeError(f"cannot steer a module returning {type(output).__name__}")
-        return module.register_forward_hook(add)
-
-    def apply(x: torch.Tensor) -> torch.Tensor:
-        mask = state.mask(item.positions, item.phase, x.device)
-        if mask is False:
-            return x
-        return item.edit(x, mask)
+    if type(item) is Add and _every_token(item):
+        def apply(x: torch.Tensor) -> torch.Tensor:
+            # the common steering vector (an Add on every token of every forward): no mask to look up
+            return x + item._delta(x)
+    else:
+        def apply(x: torch.Tensor) -> torch.Tensor:
+            mask = state.mask(item.positions, item.phase, x.device)
+            if mask is False:
+                return x
+            return item.edit(x, mask)
 
     if kind == "pre":
         def pre(_m: Any, args: tuple, kwargs: dict) -> Any:

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from haltrace.models.adapters.base import cached_length
+from haltrace.models.adapters.base import forward_offset
 from haltrace.steering.registry import FittedIntervention, Method, register_method
 
 FIT_SEED = 4242
@@ -208,10 +208,7 @@ class TruthfulGate:
                 current = kwargs.get("inputs_embeds")
             batch, length = int(current.shape[0]), int(current.shape[1])
             mask = kwargs.get("attention_mask")
-            if mask is not None and mask.dim() == 2:
-                offset = int(mask.shape[1]) - length
-            else:
-                offset = cached_length(kwargs)
+            offset = forward_offset(kwargs, length)
             if offset == 0 and mask is not None and mask.dim() == 2:
                 # last real token per row: right padding (the organism runner) or left padding (generate)
                 last = length - 1 - torch.flip(mask.to(torch.long), dims=[1]).argmax(dim=1)

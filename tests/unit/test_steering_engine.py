@@ -84,7 +84,7 @@ def test_phases_without_attention_mask(llama):
     v = torch.randn(model.hidden_size) * 2
     steps = []
     with steer(model, Add("resid_post.0", v, phase="generation")), temporary_hooks(
-            pre=[(model.hf, lambda _m, _a, kw: steps.append(sorted(kw)), )], with_kwargs=True):
+            pre=[(model.hf, lambda _m, _a, kw: steps.append(sorted(kw)))], with_kwargs=True):
         out = model.hf.generate(input_ids=ids, max_new_tokens=3, min_new_tokens=3, do_sample=False,
                                 output_logits=True, return_dict_in_generate=True, pad_token_id=0)
     assert "attention_mask" not in steps[1], "this test needs a decoding step without a mask"

@@ -60,24 +60,26 @@ def adapter_for(hf_model: nn.Module) -> Adapter:
     return ADAPTERS[model_type](hf_model)
 
 
-#: forward keyword of the KV cache: ``cache`` from transformers 5.2x (``past_key_values`` is deprecated, and
-#: ``generate`` passes only the new name), ``past_key_values`` before
-CACHE_KWARGS = ("cache", "past_key_values")
-
-
-def kv_cache_of(kwargs: dict) -> Any:
-    """The KV cache object of a forward call's keyword arguments, under either name (None if absent)."""
-    for key in CACHE_KWARGS:
-        value = kwargs.get(key)
-        if value is not None:
-            return value
-    return None
-
-
 def cached_length(kwargs: dict) -> int:
-    """How many tokens the forward's KV cache already holds (0: a prefill or a no-cache forward)."""
-    past = kv_cache_of(kwargs)
+    """How many tokens the KV cache of a forward call already holds (0: a prefill or a no-cache forward).
+
+    The cache keyword is ``cache`` from transformers 5.2x (``generate`` passes only that name;
+    ``past_key_values`` is deprecated) and ``past_key_values`` before; both are read.
+    """
+    past = kwargs.get("cache")
+    if past is None:
+        past = kwargs.get("past_key_values")
     return int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0
+
+
+def forward_offset(kwargs: dict, length: int) -> int:
+    """Position of a forward's first token in its sequence (0 for a new prompt), for a forward over
+    ``length`` tokens: from a 2-D attention mask when there is one (it spans cache + new tokens), else from the
+    KV cache (``generate`` drops an all-ones mask)."""
+    mask = kwargs.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        return int(mask.shape[1]) - length
+    return cached_length(kwargs)
 
 
 def first_tensor(value: Any) -> torch.Tensor:
