@@ -202,4 +202,13 @@ class DoLa(Method):
             "data": {"description": "none (decoding strategy)"},
             "fingerprint": f"dola-{'-'.join(map(str, cands))}-{relative_top}-{int(final_norm)}-{divergence}",
         }
-        return FittedIntervention(self.name, [], provenance, hooks=decoder, generate_kwargs=gen)
+        state = {"layers": cands, "relative_top": relative_top, "final_norm": final_norm, "divergence": divergence,
+                 "generate_kwargs": gen}
+        return FittedIntervention(self.name, [], provenance, hooks=decoder, generate_kwargs=gen, state=state)
+
+    def restore(self, state: dict[str, Any]) -> FittedIntervention:
+        """The decoder and ``generate()`` arguments of a saved DoLa fit (nothing else was learnt)."""
+        decoder = DoLaDecoder(state["layers"], relative_top=state["relative_top"], final_norm=state["final_norm"],
+                              divergence=state["divergence"])
+        return FittedIntervention(self.name, [], {}, hooks=decoder, generate_kwargs=dict(state["generate_kwargs"]),
+                                  state=dict(state))

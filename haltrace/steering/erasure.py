@@ -101,6 +101,9 @@ def erasure_hooks(directions: torch.Tensor, words: Sequence[str], threshold: flo
     def install(model: Any) -> Iterator[None]:
         if not 0 <= edit_layer < model.n_layers:
             raise ValueError(f"edit_layer {edit_layer} out of range 0..{model.n_layers - 1}")
+        if directions.shape != (len(words), model.hidden_size):
+            raise ValueError(f"erasure directions are {tuple(directions.shape)} but need one row of the model's "
+                             f"hidden size per object: ({len(words)}, {model.hidden_size})")
         state: dict[str, Any] = {"busy": False, "select": None, "image": None}
 
         def on_forward(_m: Any, args: tuple, kwargs: dict) -> None:
@@ -292,6 +295,8 @@ class ProjectAway(Method):
 
         log: list = []
         fitted = build(edit_layer, text_rep, weight, log)
+        fitted.state = {"directions": directions(text_rep), "objects": objects, "threshold": threshold,
+                        "edit_layer": edit_layer, "weight": weight, "lens_norm": lens_norm}
         fitted.provenance = {
             "method": self.name, "paper": PAPER,
             "layers": {"edit": layer_record(f"resid_post.{edit_layer}", f"l_I = {edit_layer} (hook on layers[l_I])"),
@@ -310,3 +315,12 @@ class ProjectAway(Method):
                      "fingerprint": fingerprint([prompt], images, [sorted(p) for p in present])},
         }
         return fitted
+
+    def restore(self, state: dict[str, Any]) -> FittedIntervention:
+        """The detection + erasure hooks of a saved fit (text directions, objects, threshold, layer, weight).
+        The flagged words go to ``provenance["erased_log"]`` as in a fresh fit."""
+        log: list = []
+        hooks = erasure_hooks(torch.as_tensor(state["directions"], dtype=torch.float32), list(state["objects"]),
+                              float(state["threshold"]), int(state["edit_layer"]), float(state["weight"]),
+                              lens_norm=bool(state["lens_norm"]), log=log)
+        return FittedIntervention(self.name, [], {"erased_log": log}, hooks=hooks, state=dict(state))

@@ -42,6 +42,8 @@ class FittedIntervention:
     ``interventions`` go through :func:`haltrace.steering.steer`. ``hooks`` is for methods that need custom
     stateful hooks (e.g. a detector gating an edit during decoding): a callable ``hooks(model)`` returning a
     context manager. ``generate_kwargs`` are extra arguments for ``generate()`` (e.g. a DoLa logits processor).
+    ``state`` holds what the method's :meth:`Method.restore` needs to rebuild ``hooks`` from a saved file: JSON
+    scalars and tensors only (no callables), so :func:`haltrace.steering.results.save_fitted` can store it.
     """
 
     method: str
@@ -49,6 +51,7 @@ class FittedIntervention:
     provenance: dict[str, Any] = field(default_factory=dict)
     hooks: Callable[[Any], Any] | None = None
     generate_kwargs: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)
 
     @contextmanager
     def apply(self, model: Any) -> Iterator[FittedIntervention]:
@@ -64,13 +67,22 @@ class FittedIntervention:
 
 
 class Method:
-    """Base class: subclasses set ``name``, ``summary`` and implement ``fit``."""
+    """Base class: subclasses set ``name``, ``summary`` and implement ``fit``.
+
+    A method whose fit returns custom ``hooks`` also fills ``FittedIntervention.state`` and implements
+    :meth:`restore`, so that a saved intervention loads back whole (engine-only methods need neither).
+    """
 
     name: str = ""
     summary: str = ""
 
     def fit(self, model: Any, data: Any = None, **kwargs: Any) -> FittedIntervention:  # pragma: no cover
         raise NotImplementedError
+
+    def restore(self, state: dict[str, Any]) -> FittedIntervention:
+        """Rebuild the hooks (and ``generate_kwargs``) of a fitted intervention from its saved ``state``."""
+        raise NotImplementedError(f"{self.name} does not restore saved hooks; refit it with "
+                                  f"get_method({self.name!r}).fit(model)")
 
 
 def register_method(cls: type[Method]) -> type[Method]:

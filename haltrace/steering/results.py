@@ -127,8 +127,10 @@ def _describe(item: Any, i: int, tensors: dict[str, torch.Tensor]) -> dict[str, 
 def save_fitted(fitted: Any, out: str | Path, *, extra: Mapping[str, Any] | None = None) -> dict[str, Path]:
     """Write ``out/intervention.safetensors`` + ``out/intervention.json`` atomically; returns both paths.
 
-    Custom ``hooks`` and ``generate_kwargs`` cannot be stored as tensors: the JSON records that they exist
-    (``restorable: false``) so nobody mistakes the file for the whole method.
+    Custom ``hooks`` are code, not tensors: what rebuilds them is the method's ``state`` (its tensors go into the
+    safetensors file, its scalars into the JSON), read back by the registered method's ``restore``. A fit with
+    hooks but no state is written with ``restorable: false``, and :func:`load_fitted` refuses it, so nobody
+    mistakes the file for the whole method.
     """
     from safetensors.torch import save_file
 
@@ -143,7 +145,8 @@ def save_fitted(fitted: Any, out: str | Path, *, extra: Mapping[str, Any] | None
         "provenance": _jsonable(dict(fitted.provenance), tensors, "provenance"),
         "custom_hooks": fitted.hooks is not None,
         "generate_kwargs": _jsonable(dict(fitted.generate_kwargs), tensors, "generate_kwargs"),
-        "restorable": fitted.hooks is None and not fitted.generate_kwargs,
+        "state": _jsonable(dict(fitted.state), tensors, "state"),
+        "restorable": bool(fitted.state) or (fitted.hooks is None and not fitted.generate_kwargs),
         "layer_convention": "resid_post.i = output of block i (haltrace.conventions)",
     }
     if extra:
@@ -159,12 +162,32 @@ def save_fitted(fitted: Any, out: str | Path, *, extra: Mapping[str, Any] | None
     return paths
 
 
+def _resolve(value: Any, tensors: Mapping[str, torch.Tensor], where: Path) -> Any:
+    """Inverse of :func:`_jsonable`: tensor references back to the tensors of the safetensors file."""
+    if isinstance(value, Mapping):
+        if set(value) == {"tensor", "shape", "dtype"}:
+            if value["tensor"] not in tensors:
+                raise ValueError(f"{where} names tensor {value['tensor']!r}, which the safetensors file lacks")
+            return tensors[value["tensor"]]
+        return {k: _resolve(v, tensors, where) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve(v, tensors, where) for v in value]
+    return value
+
+
 def load_fitted(folder: str | Path) -> Any:
-    """Rebuild a :class:`FittedIntervention` (engine interventions + provenance) from :func:`save_fitted` files."""
+    """Rebuild a :class:`FittedIntervention` from :func:`save_fitted` files: engine interventions, provenance,
+    and, for methods with custom hooks or decoding arguments, those too (the registered method's ``restore``).
+
+    >>> fitted = load_fitted("runs/truthprint")      # doctest: +SKIP
+    >>> with fitted.apply(model):                     # doctest: +SKIP
+    ...     model.hf.generate(**inputs, **fitted.generate_kwargs)
+    """
     from safetensors.torch import load_file
 
     from haltrace.steering.engine import Add, NormPreservingAdd, Project, ScaleHeads
-    from haltrace.steering.registry import FittedIntervention
+    from haltrace.steering.registry import FittedIntervention, get_method
+    from haltrace.steering.vti import RotateTowards
 
     folder = Path(folder)
     json_path, tensor_path = folder / "intervention.json", folder / "intervention.safetensors"
@@ -174,8 +197,16 @@ def load_fitted(folder: str | Path) -> Any:
     manifest = json.loads(json_path.read_text())
     if manifest.get("format") != FORMAT_NAME:
         raise ValueError(f"{json_path} is not a haltrace fitted intervention (format={manifest.get('format')!r})")
+    method = str(manifest.get("method"))
+    needs_hooks = bool(manifest.get("custom_hooks") or manifest.get("generate_kwargs"))
+    if needs_hooks and not manifest.get("state"):
+        raise ValueError(f"{json_path} holds a {method} fit whose hooks were not saved (restorable: false; written "
+                         f"by an older haltrace or by a method without restore); refit it with "
+                         f"`haltrace steer --method {method} --out DIR`")
     tensors = load_file(str(tensor_path))
-    kinds = {"Add": Add, "NormPreservingAdd": NormPreservingAdd, "Project": Project, "ScaleHeads": ScaleHeads}
+    # a fixed table of engine types: the file names a type, it never chooses what gets imported
+    kinds = {"Add": Add, "NormPreservingAdd": NormPreservingAdd, "Project": Project, "ScaleHeads": ScaleHeads,
+             "RotateTowards": RotateTowards}
     items = []
     for row in manifest["interventions"]:
         cls = kinds.get(row["type"])
@@ -188,7 +219,13 @@ def load_fitted(folder: str | Path) -> Any:
             items.append(cls(row["hook"], directions=tensors[row["directions"]], weight=row["weight"], **common))
         else:
             items.append(cls(row["hook"], vector=tensors[row["vector"]], alpha=row["alpha"], **common))
-    return FittedIntervention(manifest["method"], items, manifest.get("provenance", {}))
+    provenance = _resolve(manifest.get("provenance", {}), tensors, json_path)
+    if not needs_hooks:
+        return FittedIntervention(method, items, provenance)
+    state = _resolve(manifest["state"], tensors, json_path)
+    restored = get_method(method).restore(state)  # only registered names; unknown ones list the registry
+    return FittedIntervention(method, items + restored.interventions, {**provenance, **restored.provenance},
+                              hooks=restored.hooks, generate_kwargs=restored.generate_kwargs, state=state)
 
 
 # ------------------------------------------------------------------------------------- all the methods

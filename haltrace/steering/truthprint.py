@@ -178,6 +178,17 @@ class TruthfulGate:
         self.bias, self.alpha, self.threshold = float(bias), float(alpha), float(threshold)
         self.stats = {"steps": 0, "fired": 0}
 
+    def state(self) -> dict[str, Any]:
+        """Everything the gate is made of, as JSON scalars and tensors (see :meth:`from_state`)."""
+        return {"layers": list(self.layers), "mean": self.mean, "scale": self.scale, "weight": self.weight,
+                "bias": self.bias, "direction": self.direction, "alpha": self.alpha, "threshold": self.threshold}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> TruthfulGate:
+        """A gate from :meth:`state`; the constructor checks widths, finiteness and ranges again."""
+        return cls(state["layers"], state["mean"], state["scale"], state["weight"], state["bias"],
+                   state["direction"], alpha=state["alpha"], threshold=state["threshold"])
+
     @property
     def layer(self) -> int:
         """The block whose output is shifted (``resid_post.layer``)."""
@@ -401,4 +412,8 @@ class TruthPrInt(Method):
                      "source": "given" if data is not None else "fit_questions"},
             "fingerprint": fingerprint(d, weight, mean, scale, spec=spec),
         }
-        return FittedIntervention(self.name, [], provenance, hooks=gate)
+        return FittedIntervention(self.name, [], provenance, hooks=gate, state=gate.state())
+
+    def restore(self, state: dict[str, Any]) -> FittedIntervention:
+        """The gate of a saved TruthPrInt fit: detector (layers, standardisation, weights), direction, alpha."""
+        return FittedIntervention(self.name, [], {}, hooks=TruthfulGate.from_state(state), state=dict(state))

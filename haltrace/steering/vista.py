@@ -178,4 +178,11 @@ class VISTA(Method):
             "data": {"description": "none: the steering vector is computed per input (with vs without its image)",
                      "n": 0, "fingerprint": None},
         }
-        return FittedIntervention(self.name, [], provenance, hooks=hooks)
+        state = {"lambda": lam, "gamma": gamma, "sla_layers": sla, "adaptive": adaptive, "sla_norm": sla_norm}
+        return FittedIntervention(self.name, [], provenance, hooks=hooks, state=state)
+
+    def restore(self, state: dict[str, Any]) -> FittedIntervention:
+        """VISTA's hooks from saved settings (its vectors are per input, so nothing else is stored)."""
+        hooks = vista_hooks(state["lambda"], state["gamma"], state["sla_layers"], adaptive=state["adaptive"],
+                            sla_norm=state["sla_norm"])
+        return FittedIntervention(self.name, [], {}, hooks=hooks, state=dict(state))

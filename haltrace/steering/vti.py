@@ -287,7 +287,8 @@ class VTI(Method):
                                            positions="all", phase="both")
                              for layer in range(model.n_layers)] if a_txt else []
             hooks = vision_hooks(vis_dir, 0.1 * a_img) if a_img else None
-            return FittedIntervention(self.name, interventions, {}, hooks=hooks)
+            state = {"vision_direction": vis_dir, "vision_step": 0.1 * a_img} if a_img else {}
+            return FittedIntervention(self.name, interventions, {}, hooks=hooks, state=state)
 
         selection: list[dict] = []
         if alpha_text is None or alpha_image is None:
@@ -326,3 +327,9 @@ class VTI(Method):
                      "fingerprint": fingerprint(list(good) + list(bad), images)},
         }
         return fitted
+
+    def restore(self, state: dict[str, Any]) -> FittedIntervention:
+        """The vision-tower hooks of a saved fit (the textual rotations are engine interventions, saved as such)."""
+        directions = torch.as_tensor(state["vision_direction"], dtype=torch.float32)
+        return FittedIntervention(self.name, [], {}, hooks=vision_hooks(directions, float(state["vision_step"])),
+                                  state=dict(state))

@@ -96,3 +96,43 @@ def test_eval_official_files_without_model(tmp_path):
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
     assert data["report"]["pope"]["parser"] == "lvlm-lp" and data["metrics"]["pope.random.recall"] == 0.0
+
+
+class _HookOnly(Method):
+    """A test method with a custom hook and no ``restore``: its saved file cannot rebuild the hook."""
+
+    name = "hook-only-test"
+    summary = "test only"
+
+    def fit(self, model, data=None, **kw):
+        from contextlib import nullcontext
+
+        return FittedIntervention(self.name, [], {}, hooks=lambda _model: nullcontext())
+
+
+def test_load_refuses_hooks_that_were_not_saved(tmp_path):
+    from haltrace.steering.results import load_fitted, save_fitted
+
+    register_method(_HookOnly)
+    try:
+        save_fitted(_HookOnly().fit(None), tmp_path)
+        assert json.loads((tmp_path / "intervention.json").read_text())["restorable"] is False
+        with pytest.raises(ValueError, match="hooks were not saved.*haltrace steer --method hook-only-test"):
+            load_fitted(tmp_path)
+        # a state without a restore: the method says so instead of returning a fit that does nothing
+        fitted = _HookOnly().fit(None)
+        fitted.state = {"x": 1.0}
+        save_fitted(fitted, tmp_path)
+        with pytest.raises(NotImplementedError, match="does not restore saved hooks"):
+            load_fitted(tmp_path)
+    finally:
+        _REGISTRY.pop(_HookOnly.name, None)
+
+
+def test_load_names_an_unregistered_method(tmp_path):
+    from haltrace.steering.results import load_fitted, save_fitted
+
+    fitted = FittedIntervention("no-such-method", [], {}, hooks=lambda _model: None, state={"x": 1.0})
+    save_fitted(fitted, tmp_path)
+    with pytest.raises(ValueError, match="unknown steering method 'no-such-method'; registered methods: .*pvp"):
+        load_fitted(tmp_path)
