@@ -8,6 +8,8 @@ Examples::
     haltrace steer --method pvp --model shapes-llava --eval pope,counterfactual --alpha 4 --out runs/pvp
     haltrace steer --method vti --opt positions=last --opt n_pairs=64 --json
     haltrace steer --method all --results artifacts/results/organism.md    # every registered method
+    haltrace steer --method all --opt pvp.alpha=4 --opt vti.alpha_text=1   # options scoped per method
+    haltrace steer --from runs/pvp --eval counterfactual                    # a saved fit, no refitting
 
 ``--opt key=value`` values are read as JSON when they parse (``4``, ``true``, ``[1,2]``), else as strings.
 """
@@ -135,51 +137,66 @@ def _print_metrics(console, metrics: dict[str, float], title: str) -> None:
 
 @app.command("steer")
 def steer_cmd(
-    method: str = typer.Option(..., "--method", "-m", help="Registered method name, or 'all' for the results "
-                                                           "table of every registered method."),
-    model: str = typer.Option("shapes-llava", "--model", help="Organism name or folder (the built-in "
-                                                              "evaluations need a ShapesWorld organism)."),
+    method: str | None = typer.Option(None, "--method", "-m", help="Registered method name, or 'all' for the "
+                                                                   "results table of every registered method."),
+    model: str | None = typer.Option(None, "--model", help="Organism name or folder (default shapes-llava, or the "
+                                                           "model recorded with --from; the built-in evaluations "
+                                                           "need a ShapesWorld organism)."),
     evals: str = typer.Option(DEFAULT_EVALS, "--eval", help="Comma-separated: pope, chair, counterfactual, "
                                                             "refusal, colour_control."),
     out: Path | None = typer.Option(None, "--out", help="Folder for intervention.safetensors + "
                                                         "intervention.json (+ report.json); with --method all, "
                                                         "one subfolder per method."),
+    from_dir: Path | None = typer.Option(None, "--from", help="Evaluate an intervention saved with --out instead "
+                                                              "of fitting one (no --method needed)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
     alpha: float | None = typer.Option(None, "--alpha", help="Passed to the method's fit as alpha=."),
     layer: int | None = typer.Option(None, "--layer", help="Passed to the method's fit as layer= "
                                                            "(resid_post.<layer> = output of block layer)."),
-    opt: list[str] = typer.Option([], "--opt", help="Extra fit option key=value (repeatable)."),
+    opt: list[str] = typer.Option([], "--opt", help="Extra fit option key=value (repeatable); with --method all, "
+                                                    "scope it to one method: --opt pvp.alpha=4."),
     results: Path | None = typer.Option(None, "--results", help=f"With --method all: the Markdown table to "
                                                                 f"write (default {DEFAULT_RESULTS}); a .json "
                                                                 "twin is written next to it."),
 ) -> None:
-    """Fit a steering method, evaluate before and after, print the change, and save the intervention."""
+    """Fit a steering method (or load one with --from), evaluate before and after, print the change, save it."""
     from haltrace.steering.registry import get_method, list_methods
 
     eval_names = _parse_evals(evals)
     kwargs = _parse_opts(opt, alpha, layer)
     console = _console(as_json)
+    if from_dir is not None:
+        method, model, fitted = _load_saved(from_dir, method, model, kwargs)
+    elif method is None:
+        raise typer.BadParameter("pass --method NAME (or 'all'), or --from DIR for a saved intervention; "
+                                 f"registered methods: {', '.join(list_methods())}", param_hint="--method")
+    model = model or "shapes-llava"
     if method == "all":
-        _steer_all(model, eval_names, kwargs, out, results or Path(DEFAULT_RESULTS), as_json, console)
+        _steer_all(model, eval_names, _scoped(kwargs), out, results or Path(DEFAULT_RESULTS), as_json, console)
         return
-    try:
-        impl = get_method(method)
-    except ValueError as exc:  # lists the registry
-        raise typer.BadParameter(str(exc), param_hint="--method") from None
     if results is not None:
         raise typer.BadParameter("--results goes with --method all; for one method use --out/--json",
                                  param_hint="--results")
+    if from_dir is None:
+        try:
+            impl = get_method(method)
+        except ValueError as exc:  # lists the registry
+            raise typer.BadParameter(str(exc), param_hint="--method") from None
     hf_model = _load(model, console)
     before = _evaluate(hf_model, eval_names, console, "baseline")
     started = time.perf_counter()
-    with console.status(f"fitting {method} ..."):
-        try:
-            fitted = impl.fit(hf_model, **kwargs)
-        except TypeError as exc:  # usually an option the method does not take
-            raise typer.BadParameter(f"{method}.fit rejected the options {sorted(kwargs)}: {exc}",
-                                     param_hint="--opt") from None
+    if from_dir is None:
+        with console.status(f"fitting {method} ..."):
+            try:
+                fitted = impl.fit(hf_model, **kwargs)
+            except TypeError as exc:  # usually an option the method does not take
+                raise typer.BadParameter(f"{method}.fit rejected the options {sorted(kwargs)}: {exc}",
+                                         param_hint="--opt") from None
     fit_seconds = time.perf_counter() - started
-    after = _evaluate(hf_model, eval_names, console, method, fitted)
+    try:
+        after = _evaluate(hf_model, eval_names, console, method, fitted)
+    except ValueError as exc:  # e.g. a saved vector of another model's hidden size: names both sizes
+        raise typer.BadParameter(str(exc), param_hint="--from" if from_dir else "--model") from None
 
     from haltrace.evals.counterfactual import flip_rates
     from haltrace.steering.results import _jsonable, compare, save_fitted
@@ -192,6 +209,8 @@ def steer_cmd(
                "before": _strip(before), "after": _strip(after),
                "provenance": _jsonable(dict(fitted.provenance), {}, "provenance"),
                "registered_methods": list_methods()}
+    if from_dir is not None:
+        payload["loaded_from"] = str(from_dir)
     if out is not None:
         saved = save_fitted(fitted, out, extra={"model": model, "options": kwargs})
         from haltrace.trace.store import atomic_write_text
@@ -203,9 +222,52 @@ def steer_cmd(
         typer.echo(json.dumps(payload, default=str))
         return
     out_console = _stdout()  # tables go to stdout
-    _print_comparison(out_console, rows, f"{method} on {model} (fit {fit_seconds:.1f} s)")
+    how = f"loaded from {from_dir}" if from_dir is not None else f"fit {fit_seconds:.1f} s"
+    _print_comparison(out_console, rows, f"{method} on {model} ({how})")
     if out is not None:
         out_console.print(f"saved {payload['saved']['safetensors']} and {payload['saved']['json']}")
+
+
+def _load_saved(folder: Path, method: str | None, model: str | None, kwargs: dict) -> tuple[str, str, Any]:
+    """(method, model, fitted) of a ``--out`` folder; the model defaults to the one recorded in it."""
+    from haltrace.steering.results import load_fitted
+
+    if kwargs:
+        raise typer.BadParameter(f"--from evaluates a saved fit as it is; fit options {sorted(kwargs)} would be "
+                                 "ignored (drop them, or refit with --method)", param_hint="--from")
+    try:
+        fitted = load_fitted(folder)
+        recorded = json.loads((folder / "intervention.json").read_text()).get("model")
+    except (OSError, ValueError, KeyError, NotImplementedError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--from") from None
+    if method not in (None, fitted.method):
+        raise typer.BadParameter(f"{folder} holds a {fitted.method} fit, not {method}; drop --method",
+                                 param_hint="--method")
+    return fitted.method, model or recorded or "shapes-llava", fitted
+
+
+def _scoped(kwargs: dict) -> dict[str, dict]:
+    """``{method: fit kwargs}`` from ``--opt METHOD.key=value``; unscoped options are refused under
+    ``--method all`` because the methods' options differ in name and meaning (an alpha is not an alpha)."""
+    from haltrace.steering.registry import list_methods
+
+    names = list_methods()
+    per: dict[str, dict] = {name: {} for name in names}
+    loose = []
+    for key, value in kwargs.items():
+        name, sep, option = key.partition(".")
+        if not sep:
+            loose.append(key)
+        elif name not in per or not option:
+            raise typer.BadParameter(f"--opt {key}=... names no registered method; registered methods: "
+                                     f"{', '.join(names)}", param_hint="--opt")
+        else:
+            per[name][option] = value
+    if loose:
+        raise typer.BadParameter(f"with --method all, options {loose} would go to every method; scope each to "
+                                 "one method, e.g. --opt pvp.alpha=4 (--alpha/--layer become --opt NAME.alpha=, "
+                                 "--opt NAME.layer=)", param_hint="--opt")
+    return {name: kw for name, kw in per.items() if kw}
 
 
 def _steer_all(model: str, evals: list[str], kwargs: dict, out: Path | None, results: Path, as_json: bool,
@@ -217,7 +279,7 @@ def _steer_all(model: str, evals: list[str], kwargs: dict, out: Path | None, res
         try:
             run = run_methods(hf_model, evals, on_step=lambda name: status.update(f"{name}: fitting and "
                                                                                   "evaluating ..."),
-                              fit_kwargs=None if not kwargs else _broadcast(kwargs))
+                              fit_kwargs=kwargs or None)
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--model") from None
     command = "haltrace " + " ".join(sys.argv[1:]) if sys.argv[1:] else "haltrace steer --method all"
@@ -232,12 +294,6 @@ def _steer_all(model: str, evals: list[str], kwargs: dict, out: Path | None, res
     out_console = _stdout()
     out_console.print(paths["markdown"].read_text())
     out_console.print(f"wrote {paths['markdown']} and {paths['json']}")
-
-
-def _broadcast(kwargs: dict) -> dict:
-    from haltrace.steering.registry import list_methods
-
-    return {name: kwargs for name in list_methods()}
 
 
 def _split_files(values: list[str], flag: str) -> dict[str, str]:

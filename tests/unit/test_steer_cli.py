@@ -136,3 +136,42 @@ def test_load_names_an_unregistered_method(tmp_path):
     save_fitted(fitted, tmp_path)
     with pytest.raises(ValueError, match="unknown steering method 'no-such-method'; registered methods: .*pvp"):
         load_fitted(tmp_path)
+
+
+def test_steer_from_saved_folder_reproduces_the_fit(organism_folder, dummy, tmp_path):
+    out = tmp_path / "run"
+    args = ["--model", organism_folder, "--eval", "pope,refusal", "--json"]
+    first = runner.invoke(app, ["steer", "--method", dummy, "--alpha", "16", "--out", str(out), *args])
+    assert first.exit_code == 0, first.output
+    again = runner.invoke(app, ["steer", "--from", str(out), "--eval", "pope,refusal", "--json"])
+    assert again.exit_code == 0, again.output
+    a, b = json.loads(first.stdout), json.loads(again.stdout)
+    assert b["method"] == dummy and b["model"] == organism_folder  # both read from the saved folder
+    assert b["loaded_from"] == str(out)
+    assert b["after"] == a["after"] and any(abs(r["change"]) > 0 for r in b["comparison"])
+
+
+def _flat(output: str) -> str:
+    """CLI output without Rich's error-box borders and line wrapping, for substring checks."""
+    return " ".join(output.replace("│", " ").replace("╭", " ").replace("╰", " ").split())
+
+
+def test_steer_from_refuses_fit_options_and_another_method(organism_folder, dummy, tmp_path):
+    out = tmp_path / "run"
+    assert runner.invoke(app, ["steer", "--method", dummy, "--model", organism_folder, "--eval", "refusal",
+                               "--out", str(out)]).exit_code == 0
+    res = runner.invoke(app, ["steer", "--from", str(out), "--alpha", "2"])
+    assert res.exit_code != 0 and "would be ignored" in _flat(res.output)
+    res = runner.invoke(app, ["steer", "--from", str(out), "--method", "pvp"])
+    assert res.exit_code != 0 and f"holds a {dummy} fit, not pvp" in _flat(res.output)
+    res = runner.invoke(app, ["steer", "--from", str(tmp_path / "nothing-here")])
+    assert res.exit_code != 0 and "lacks intervention.json" in _flat(res.output)
+    res = runner.invoke(app, ["steer", "--model", organism_folder])
+    assert res.exit_code != 0 and "pass --method NAME" in _flat(res.output) and "pvp" in _flat(res.output)
+
+
+def test_steer_all_wants_options_scoped_per_method(dummy):
+    res = runner.invoke(app, ["steer", "--method", "all", "--alpha", "4"])
+    assert res.exit_code != 0 and "would go to every method" in _flat(res.output) and "--opt pvp.alpha=4" in _flat(res.output)
+    res = runner.invoke(app, ["steer", "--method", "all", "--opt", "nosuch.alpha=4"])
+    assert res.exit_code != 0 and "names no registered method" in _flat(res.output) and "pvp" in _flat(res.output)
