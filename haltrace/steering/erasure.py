@@ -320,7 +320,10 @@ class ProjectAway(Method):
         """The detection + erasure hooks of a saved fit (text directions, objects, threshold, layer, weight).
         The flagged words go to ``provenance["erased_log"]`` as in a fresh fit."""
         log: list = []
-        hooks = erasure_hooks(torch.as_tensor(state["directions"], dtype=torch.float32), list(state["objects"]),
-                              float(state["threshold"]), int(state["edit_layer"]), float(state["weight"]),
-                              lens_norm=bool(state["lens_norm"]), log=log)
+        directions = torch.as_tensor(state["directions"], dtype=torch.float32)
+        if not bool(torch.isfinite(directions).all()):
+            raise ValueError("the saved erasure directions contain NaN or inf; refit ProjectAway")
+        hooks = erasure_hooks(directions, list(state["objects"]), float(state["threshold"]),
+                              int(state["edit_layer"]), float(state["weight"]), lens_norm=bool(state["lens_norm"]),
+                              log=log)
         return FittedIntervention(self.name, [], {"erased_log": log}, hooks=hooks, state=dict(state))

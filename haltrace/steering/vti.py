@@ -331,5 +331,8 @@ class VTI(Method):
     def restore(self, state: dict[str, Any]) -> FittedIntervention:
         """The vision-tower hooks of a saved fit (the textual rotations are engine interventions, saved as such)."""
         directions = torch.as_tensor(state["vision_direction"], dtype=torch.float32)
-        return FittedIntervention(self.name, [], {}, hooks=vision_hooks(directions, float(state["vision_step"])),
+        step = float(state["vision_step"])
+        if not bool(torch.isfinite(directions).all()) or step != step or abs(step) == float("inf"):
+            raise ValueError("the saved VTI vision direction or step contains NaN or inf; refit VTI")
+        return FittedIntervention(self.name, [], {}, hooks=vision_hooks(directions, step),
                                   state=dict(state))

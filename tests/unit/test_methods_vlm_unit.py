@@ -171,3 +171,26 @@ def test_vista_text_only_prompt_after_an_image_batch(llava):
         _logits(model, inputs)  # image batch of 2 computes 2 vectors
         after = _logits(model, text)  # batch of 3 without image: no vectors apply
     assert torch.allclose(after, before, atol=1e-6)
+
+
+def test_restored_hooks_check_what_the_file_holds(llava):
+    """A saved state is untrusted input: another model's width, NaN, or a layer the model lacks fail clearly."""
+    model, _, inputs = llava
+    d, n_hooks, before = model.hidden_size, _hook_count(model), _logits(model, inputs)
+    state = {"directions": torch.randn(2, d + 3), "objects": ["circle", "star"], "threshold": 0.5,
+             "edit_layer": 0, "weight": 1.0, "lens_norm": True}
+    with pytest.raises(ValueError, match=rf"\(2, {d + 3}\).*\(2, {d}\)"):
+        with ProjectAway().restore(state).apply(model):
+            pass
+    with pytest.raises(ValueError, match="NaN or inf"):
+        ProjectAway().restore({**state, "directions": torch.full((2, d), float("nan"))})
+    with pytest.raises(ValueError, match="out of range"):
+        with ProjectAway().restore({**state, "directions": torch.randn(2, d), "edit_layer": 99}).apply(model):
+            pass
+    n_vision = len(vision_layers(model))
+    with pytest.raises(ValueError, match=f"has {n_vision + 1} layers but the vision tower has {n_vision}"):
+        with VTI().restore({"vision_direction": torch.randn(n_vision + 1, 5, 8), "vision_step": 0.1}).apply(model):
+            pass
+    with pytest.raises(ValueError, match="NaN or inf"):
+        VTI().restore({"vision_direction": torch.randn(n_vision, 5, 8), "vision_step": float("inf")})
+    assert _hook_count(model) == n_hooks and torch.equal(_logits(model, inputs), before)  # nothing left behind
