@@ -183,6 +183,12 @@ def steer_cmd(
         except ValueError as exc:  # lists the registry
             raise typer.BadParameter(str(exc), param_hint="--method") from None
     hf_model = _load(model, console)
+    if from_dir is not None:  # install and remove once: a fit for another model fails now, not after the baseline
+        try:
+            with fitted.apply(hf_model):
+                pass
+        except ValueError as exc:  # names both sizes / the valid layers
+            raise typer.BadParameter(f"{from_dir} does not fit {model}: {exc}", param_hint="--from") from None
     before = _evaluate(hf_model, eval_names, console, "baseline")
     started = time.perf_counter()
     if from_dir is None:

@@ -164,6 +164,14 @@ def test_steer_from_refuses_fit_options_and_another_method(organism_folder, dumm
     assert res.exit_code != 0 and "would be ignored" in _flat(res.output)
     res = runner.invoke(app, ["steer", "--from", str(out), "--method", "pvp"])
     assert res.exit_code != 0 and f"holds a {dummy} fit, not pvp" in _flat(res.output)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(out / "intervention.safetensors"))
+    tensors["interventions.0.vector"] = torch.zeros(7)  # as if saved from a model 7 wide
+    save_file(tensors, str(out / "intervention.safetensors"))
+    res = runner.invoke(app, ["steer", "--from", str(out), "--eval", "refusal"])
+    assert res.exit_code != 0 and "does not fit" in _flat(res.output) and "7" in _flat(res.output)
+    assert "baseline" not in res.stdout  # refused before the baseline evaluation ran
     res = runner.invoke(app, ["steer", "--from", str(tmp_path / "nothing-here")])
     assert res.exit_code != 0 and "lacks intervention.json" in _flat(res.output)
     res = runner.invoke(app, ["steer", "--model", organism_folder])
