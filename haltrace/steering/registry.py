@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from haltrace.steering.engine import Intervention, steer
+from haltrace.steering.engine import Intervention, SteeringHandle, steer
 
 # Method modules, imported on first registry access (one file per method).
 _METHOD_MODULES = (
@@ -64,6 +64,31 @@ class FittedIntervention:
             if self.hooks is not None:
                 stack.enter_context(self.hooks(model))
             yield self
+
+    def attach(self, model: Any) -> SteeringHandle:
+        """Install like :meth:`apply` but until ``handle.remove()`` (for notebooks); a failed install leaves
+        nothing behind.
+
+        >>> handle = fitted.attach(model)        # doctest: +SKIP
+        >>> model.hf.generate(**inputs)          # doctest: +SKIP
+        >>> handle.remove()                      # doctest: +SKIP
+        """
+        from contextlib import ExitStack
+
+        with ExitStack() as stack:
+            stack.enter_context(self.apply(model))
+            installed = stack.pop_all()  # reached only when everything went in
+        return SteeringHandle([_Closer(installed)])
+
+
+class _Closer:
+    """Adapts an ``ExitStack`` to the ``remove()`` that :class:`SteeringHandle` calls."""
+
+    def __init__(self, stack: Any):
+        self._stack = stack
+
+    def remove(self) -> None:
+        self._stack.close()
 
 
 class Method:

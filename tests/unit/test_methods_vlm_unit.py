@@ -176,7 +176,7 @@ def test_vista_text_only_prompt_after_an_image_batch(llava):
 def test_restored_hooks_check_what_the_file_holds(llava):
     """A saved state is untrusted input: another model's width, NaN, or a layer the model lacks fail clearly."""
     model, _, inputs = llava
-    d, n_hooks, before = model.hidden_size, _hook_count(model), _logits(model, inputs)
+    before, n_hooks, d = _logits(model, inputs), _hook_count(model), model.hidden_size
     state = {"directions": torch.randn(2, d + 3), "objects": ["circle", "star"], "threshold": 0.5,
              "edit_layer": 0, "weight": 1.0, "lens_norm": True}
     with pytest.raises(ValueError, match=rf"\(2, {d + 3}\).*\(2, {d}\)"):
@@ -194,3 +194,28 @@ def test_restored_hooks_check_what_the_file_holds(llava):
     with pytest.raises(ValueError, match="NaN or inf"):
         VTI().restore({"vision_direction": torch.randn(n_vision, 5, 8), "vision_step": float("inf")})
     assert _hook_count(model) == n_hooks and torch.equal(_logits(model, inputs), before)  # nothing left behind
+
+
+def test_fitted_attach_is_a_removable_handle(llava):
+    from haltrace.steering.engine import Add
+    from haltrace.steering.registry import FittedIntervention
+
+    model, _, inputs = llava
+    words = ["circle", "star"]
+    with erasure_hooks(text_representations(model, words), words, 2.0, 0, 3.0)(model):
+        _logits(model, inputs)  # transformers adds its own output-capturing hooks on a first such forward
+    before, n_hooks = _logits(model, inputs), _hook_count(model)
+    fitted = FittedIntervention("test", [Add("resid_post.0", torch.ones(model.hidden_size), alpha=2.0)], {},
+                                hooks=erasure_hooks(text_representations(model, words), words, 2.0, 0, 3.0))
+    handle = fitted.attach(model)
+    assert handle.active and _hook_count(model) > n_hooks
+    assert not torch.allclose(_logits(model, inputs), before)
+    handle.remove()
+    handle.remove()  # idempotent
+    assert not handle.active and _hook_count(model) == n_hooks and torch.equal(_logits(model, inputs), before)
+    # the custom hooks refuse this model after the engine part went in: nothing of either stays
+    bad = FittedIntervention("test", fitted.interventions, {},
+                             hooks=erasure_hooks(torch.randn(2, model.hidden_size + 1), words, 2.0, 0, 3.0))
+    with pytest.raises(ValueError, match="hidden size"):
+        bad.attach(model)
+    assert _hook_count(model) == n_hooks and torch.equal(_logits(model, inputs), before)
