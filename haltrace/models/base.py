@@ -96,6 +96,8 @@ class Model:
 
         Prompts must already contain the family's image placeholder (e.g. ``"<image>"``); the processor
         expands it to the right number of image tokens. Extra ``kw`` go to the processor/tokenizer.
+        For absolute-position families (GPT-2) padded batches also get ``position_ids`` counted from each row's
+        first real token, so every row's forward equals that prompt run alone.
 
         >>> inputs = model.prepare(["<image> what shape ?"], images=[img])  # doctest: +SKIP
         """
@@ -125,6 +127,11 @@ class Model:
                 enc = tok(prompts, **kw)
         finally:
             tok.padding_side = old_side
+        mask = enc.get("attention_mask")
+        if self.adapter.absolute_positions and mask is not None and not bool(mask.all()):
+            # count positions from each row's first real token, as generate() does, so that a padded row's
+            # forward equals the same prompt run alone
+            enc["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0)
         return self.to_device(enc)
 
     def to_device(self, inputs: Any) -> Any:

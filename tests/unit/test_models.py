@@ -67,6 +67,21 @@ def test_prepare_text_left_pads(family, tiny_model):
         model.prepare(["hello"], images=[tiny_image()])
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_padded_row_equals_the_prompt_alone(family, tiny_model):
+    """Left padding must not move a row's positions: GPT-2 learns absolute ones, so prepare() counts them from
+    each row's first real token; rotary Llama is shift-invariant and gets no position_ids."""
+    model = tiny_model(family)
+    prompts = ["what color is the circle in the picture", "hello"]
+    batch = model.prepare(prompts)
+    assert ("position_ids" in batch) == (family == "gpt2")
+    with torch.no_grad():
+        together = model.hf(**batch).logits[:, -1]
+        alone = torch.stack([model.hf(**model.prepare([p])).logits[0, -1] for p in prompts])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+    assert "position_ids" not in model.prepare(["hello"])  # nothing padded, nothing added
+
+
 def test_unknown_architecture_lists_supported():
     from haltrace.models import adapter_for
 

@@ -106,6 +106,9 @@ class Adapter:
     """
 
     family: str = "base"
+    # Learned absolute position embeddings (GPT-2): a left-padded row then needs position_ids from its mask,
+    # which Hugging Face's forward does not derive (generate does). Rotary families are shift-invariant.
+    absolute_positions: bool = False
 
     def __init__(self, hf_model: nn.Module):
         self.hf = hf_model

@@ -18,6 +18,7 @@ class GPT2Adapter(Adapter):
     """Note ``embed`` is the token embedding ``wte`` only; ``resid_pre.0`` also includes the positions ``wpe``."""
 
     family = "gpt2"
+    absolute_positions = True
 
     @property
     def decoder(self) -> nn.Module:
