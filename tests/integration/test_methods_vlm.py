@@ -95,7 +95,9 @@ def test_erasure_reduces_chair(organism, baseline):
 
 
 @pytest.mark.xfail(strict=True, reason="measured: adversarial false-yes 0.910 -> 0.880, recall 1.000 -> 0.987 with "
-                                       "strengths chosen on a 64-image fit set")
+                                       "strengths chosen on a 64-image fit set. Even strengths picked on this "
+                                       "evaluation set itself (alpha_text 0-16 x alpha_image 0-16, 48 pairs) reach "
+                                       "at best 0.823 (-10%) while recall stays >= 0.95")
 def test_vti_reduces_adversarial_false_yes(organism, baseline):
     from haltrace.evals.suite import evaluate
     from haltrace.steering.registry import get_method
