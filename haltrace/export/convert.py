@@ -265,7 +265,9 @@ def vector_from_steer_folder(folder: str | Path, *, n_layers: int | None = None)
         reasons.append(f"{method} is a decoding strategy (generate() arguments "
                        f"{sorted(manifest['generate_kwargs'])}), not an activation edit; there is no vector to export")
     if reasons:
-        raise ExportError(f"cannot convert {method} into a plain additive vector: " + "; ".join(reasons))
+        raise ExportError(f"cannot convert {method} into a plain additive vector: " + "; ".join(reasons)
+                          + f". In Python it runs whole: haltrace.steering.results.load_fitted({str(folder)!r})"
+                          ".apply(model), or `haltrace steer --from DIR`")
     try:
         fitted = load_fitted(folder)
     except (OSError, ValueError, KeyError, TypeError) as err:
