@@ -7,21 +7,13 @@ evaluation runs once per module. The measured numbers are printed (``pytest -s``
 from __future__ import annotations
 
 import pytest
-import torch
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def organism():
-    import haltrace
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: a second thread only adds contention for a 1M-parameter model
-    try:
-        yield haltrace.load("shapes-llava")
-    finally:
-        torch.set_num_threads(threads)
+def organism(shipped_organism):
+    return shipped_organism
 
 
 @pytest.fixture(scope="module")

@@ -20,15 +20,8 @@ CHEAP = {"vti": {"alpha_text": 4.0, "alpha_image": 4.0}, "erasure": {"edit_layer
 
 
 @pytest.fixture(scope="module")
-def organism():
-    import haltrace
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield haltrace.load("shapes-llava")
-    finally:
-        torch.set_num_threads(threads)
+def organism(shipped_organism):
+    return shipped_organism
 
 
 @pytest.fixture(scope="module")
