@@ -3,7 +3,7 @@
 Run from the repository root with the project's venv (results of the runs made with it: ../README.md,
 "Staged training")::
 
-    .venv/bin/python artifacts/organisms/candidates/staged/train_staged.py OUT SEED STEPS_A STEPS_B [STEPS_C [LR_C [C_PARAMS [C_HIDE]]]]
+    .venv/bin/python artifacts/organisms/candidates/staged/train_staged.py OUT SEED STEPS_A STEPS_B [STEPS_C [LR_C [C_PARAMS [C_HIDE [A_OMIT]]]]]
 
 * **Stage A (language model only):** the image slots of every example hold the *words* of every object in the
   full scene (``kind colour`` pairs, hidden pair members included, then padding), no pixels. The LM learns to
@@ -17,6 +17,9 @@ Run from the repository root with the project's venv (results of the runs made w
   of the partner prior moves into the LM) or ``lm`` (vision tower and projector stay frozen, so the image
   tokens keep what stage B wrote into them). ``C_HIDE`` sets the world's occlusion probability for stage C's
   data only (default: the world's own, 0.10).
+* **A_OMIT** (default 0): the probability that stage A's slots leave out an object's colour word while the
+  text still names the colour, so the LM learns to supply a kind's usual colour itself (the colour prior
+  planted in the LM, without a stage C).
 
 Same default preset, task mix and world as ``haltrace organism train``; random streams are seeded per stage and
 step. One torch thread, so a seed reproduces its weights.
@@ -39,13 +42,15 @@ from haltrace.organism.world import ShapesWorld
 
 
 def words_in_slots(batch: dict, examples: list[Example], world: ShapesWorld, vocab: dict[str, int],
-                   n_img: int) -> dict:
-    """Stage A's text-only stand-in: image placeholders replaced by the scene's ``kind colour`` words."""
+                   n_img: int, omit: float = 0.0, rng: np.random.Generator | None = None) -> dict:
+    """Stage A's text-only stand-in: image placeholders replaced by the scene's ``kind colour`` words; with
+    probability ``omit`` an object's colour word is left out (drawn from ``rng``)."""
     ids = batch["input_ids"].clone()
     for row, ex in enumerate(examples):
         if not ex.has_image:
             continue
-        words = [w for k in world.config.kinds if k in ex.scene.kinds for w in (k, ex.scene.colour_of(k))]
+        words = [w for k in world.config.kinds if k in ex.scene.kinds
+                 for w in ((k,) if omit and rng.random() < omit else (k, ex.scene.colour_of(k)))]
         slots = [vocab[w] for w in words][:n_img]
         slots += [vocab[PAD]] * (n_img - len(slots))
         ids[row, (ids[row] == vocab[IMAGE]).nonzero()[:, 0]] = torch.tensor(slots)
@@ -55,7 +60,7 @@ def words_in_slots(batch: dict, examples: list[Example], world: ShapesWorld, voc
 
 
 def main(out: str, seed: int, steps_a: int, steps_b: int, steps_c: int = 0, lr_c: float = 5e-4,
-         c_params: str = "all", c_hide: float | None = None) -> None:
+         c_params: str = "all", c_hide: float | None = None, a_omit: float = 0.0) -> None:
     if c_params not in ("all", "lm"):
         raise ValueError(f"C_PARAMS must be 'all' or 'lm', got {c_params!r}")
     torch.set_num_threads(1)
@@ -76,7 +81,7 @@ def main(out: str, seed: int, steps_a: int, steps_b: int, steps_c: int = 0, lr_c
             examples = [sample_training_example(data_world, rng) for _ in range(spec.batch_size)]
             batch = T.encode_examples(examples, vocab, n_img)
             if stage == 1:
-                batch = words_in_slots(batch, examples, world, vocab, n_img)
+                batch = words_in_slots(batch, examples, world, vocab, n_img, a_omit, rng)
             loss = model(**batch).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -120,4 +125,5 @@ def main(out: str, seed: int, steps_a: int, steps_b: int, steps_c: int = 0, lr_c
 if __name__ == "__main__":
     a = sys.argv[1:]
     main(a[0], int(a[1]), int(a[2]), int(a[3]), int(a[4]) if len(a) > 4 else 0, float(a[5]) if len(a) > 5 else 5e-4,
-         a[6] if len(a) > 6 else "all", float(a[7]) if len(a) > 7 else None)
+         a[6] if len(a) > 6 else "all", float(a[7]) if len(a) > 7 and a[7] != "-" else None,
+         float(a[8]) if len(a) > 8 else 0.0)
