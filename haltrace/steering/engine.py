@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 
 from haltrace.conventions import HookPoint, parse_hook
-from haltrace.models.adapters.base import forward_offset
+from haltrace.models.adapters.base import forward_offset, last_real_token
 
 Phase = Literal["prompt", "generation", "both"]
 PositionRule = str | Sequence[int]  # "all" | "last" | "image" | "text" | absolute prompt indices
@@ -119,20 +119,24 @@ class Add(Intervention):
         during decoding, rebuilding it costs more than the add itself (bench_steer). The key holds alpha and
         the vector's version counter, so in-place changes are picked up. A vector made under
         ``torch.inference_mode()`` has no version counter: its delta is rebuilt on every call instead."""
-        vector = self.vector
-        inference = vector.is_inference()
-        key = (x.device, x.dtype, x.shape[-1], float(self.alpha), id(vector), None if inference else vector._version)
+        if self.vector.is_inference():
+            return self._build_delta(x)
+        key = (x.device, x.dtype, x.shape[-1], float(self.alpha), id(self.vector), self.vector._version)
         cache = self.__dict__.setdefault("_delta_cache", {})
-        delta = None if inference else cache.get(key)
+        delta = cache.get(key)
         if delta is None:
-            delta = (self.alpha * self.vector).to(device=x.device, dtype=x.dtype)
-            if self._head_slice is not None:
-                full = torch.zeros(x.shape[-1], device=x.device, dtype=x.dtype)
-                full[self._head_slice] = delta
-                delta = full
+            delta = self._build_delta(x)
             cache.clear()
             cache[key] = delta
         return delta
+
+    def _build_delta(self, x: torch.Tensor) -> torch.Tensor:
+        delta = (self.alpha * self.vector).to(device=x.device, dtype=x.dtype)
+        if self._head_slice is None:
+            return delta
+        full = torch.zeros(x.shape[-1], device=x.device, dtype=x.dtype)
+        full[self._head_slice] = delta
+        return full
 
     def edit(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         delta = self._delta(x)
@@ -247,8 +251,7 @@ class _SequenceState:
         if self.offset == 0:  # a new prompt (plain forward, or generate's prefill)
             self.prompt_length = self.length
             if mask is not None and mask.dim() == 2:
-                m = mask.to(torch.long)
-                self.last_prompt = self.length - 1 - torch.flip(m, dims=[1]).argmax(dim=1)
+                self.last_prompt = last_real_token(mask)
             else:
                 self.last_prompt = torch.full((current.shape[0],), self.length - 1, dtype=torch.long)
             self.image = self.model.image_token_mask(ids) if (ids is not None and self.model.is_vlm) else None

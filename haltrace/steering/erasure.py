@@ -96,6 +96,8 @@ def erasure_hooks(directions: torch.Tensor, words: Sequence[str], threshold: flo
     """``hooks(model)`` context manager: per prefill, flag objects with ``c_o < threshold`` for each row and
     erase them from that row's image tokens at ``resid_post.edit_layer``. ``log`` (a list) receives the
     flagged words per row. Hooks are always removed (``temporary_hooks``)."""
+    if not bool(torch.isfinite(directions).all()):
+        raise ValueError("the erasure directions contain NaN or inf (from a damaged saved fit? refit ProjectAway)")
 
     @contextmanager
     def install(model: Any) -> Iterator[None]:
@@ -320,10 +322,7 @@ class ProjectAway(Method):
         """The detection + erasure hooks of a saved fit (text directions, objects, threshold, layer, weight).
         The flagged words go to ``provenance["erased_log"]`` as in a fresh fit."""
         log: list = []
-        directions = torch.as_tensor(state["directions"], dtype=torch.float32)
-        if not bool(torch.isfinite(directions).all()):
-            raise ValueError("the saved erasure directions contain NaN or inf; refit ProjectAway")
-        hooks = erasure_hooks(directions, list(state["objects"]), float(state["threshold"]),
-                              int(state["edit_layer"]), float(state["weight"]), lens_norm=bool(state["lens_norm"]),
-                              log=log)
+        hooks = erasure_hooks(torch.as_tensor(state["directions"], dtype=torch.float32), list(state["objects"]),
+                              float(state["threshold"]), int(state["edit_layer"]), float(state["weight"]),
+                              lens_norm=bool(state["lens_norm"]), log=log)
         return FittedIntervention(self.name, [], {"erased_log": log}, hooks=hooks, state=dict(state))

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from haltrace.models.adapters.base import forward_offset
+from haltrace.models.adapters.base import forward_offset, last_real_token
 from haltrace.steering.registry import FittedIntervention, Method, register_method
 
 FIT_SEED = 4242
@@ -222,7 +222,7 @@ class TruthfulGate:
             offset = forward_offset(kwargs, length)
             if offset == 0 and mask is not None and mask.dim() == 2:
                 # last real token per row: right padding (the organism runner) or left padding (generate)
-                last = length - 1 - torch.flip(mask.to(torch.long), dims=[1]).argmax(dim=1)
+                last = last_real_token(mask)
             else:  # no mask, or a decoding step: the newest token produces the next one
                 last = torch.full((batch,), length - 1, dtype=torch.long)
             state["last"], state["feats"] = last, {}

@@ -33,6 +33,7 @@ objects falling by at most ``max_recall_drop``; ties go to smaller strengths.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -166,6 +167,8 @@ def visual_direction(model: Any, images: Sequence[Any], *, mask_ratio: float = 0
 def vision_hooks(directions: torch.Tensor, step: float):
     """``hooks(model)`` context manager rotating every vision block's MLP output towards its per-token
     direction (``directions [n_layers_v, T_v, d_v]``); hooks are always removed (``temporary_hooks``)."""
+    if not (math.isfinite(step) and bool(torch.isfinite(directions).all())):
+        raise ValueError("the VTI vision direction or step contains NaN or inf (from a damaged saved fit? refit VTI)")
 
     @contextmanager
     def install(model: Any) -> Iterator[None]:
@@ -330,9 +333,6 @@ class VTI(Method):
 
     def restore(self, state: dict[str, Any]) -> FittedIntervention:
         """The vision-tower hooks of a saved fit (the textual rotations are engine interventions, saved as such)."""
-        directions = torch.as_tensor(state["vision_direction"], dtype=torch.float32)
-        step = float(state["vision_step"])
-        if not bool(torch.isfinite(directions).all()) or step != step or abs(step) == float("inf"):
-            raise ValueError("the saved VTI vision direction or step contains NaN or inf; refit VTI")
-        return FittedIntervention(self.name, [], {}, hooks=vision_hooks(directions, step),
-                                  state=dict(state))
+        hooks = vision_hooks(torch.as_tensor(state["vision_direction"], dtype=torch.float32),
+                             float(state["vision_step"]))
+        return FittedIntervention(self.name, [], {}, hooks=hooks, state=dict(state))

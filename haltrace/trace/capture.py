@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from haltrace.conventions import HookPoint, parse_hook
-from haltrace.models.adapters.base import first_tensor
+from haltrace.models.adapters.base import first_tensor, last_real_token
 
 if TYPE_CHECKING:
     from haltrace.models.base import Model
@@ -133,10 +133,7 @@ def resolve_positions(
             mask = inputs.get("attention_mask")
             if mask is None:
                 return torch.full((batch, 1), seq - 1, dtype=torch.long, device=device)
-            mask = mask.to(torch.long)
-            # index of the last 1 in each row: works for left and right padding
-            last = seq - 1 - torch.flip(mask, dims=[1]).argmax(dim=1)
-            return last.view(batch, 1).to(device)
+            return last_real_token(mask).view(batch, 1).to(device)
         if positions == "image":
             if image_mask is None or ids is None:
                 raise ValueError("positions='image' needs input_ids and a vision-language model")

@@ -82,6 +82,12 @@ def forward_offset(kwargs: dict, length: int) -> int:
     return cached_length(kwargs)
 
 
+def last_real_token(mask: torch.Tensor) -> torch.Tensor:
+    """``[B]`` index of the last 1 in each row of a 2-D attention mask: the last real token, under left or
+    right padding."""
+    return mask.shape[1] - 1 - torch.flip(mask.to(torch.long), dims=[1]).argmax(dim=1)
+
+
 def first_tensor(value: Any) -> torch.Tensor:
     """The hidden-state tensor of a module output: the tensor itself, or element 0 of a tuple/ModelOutput.
 
