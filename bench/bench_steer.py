@@ -42,6 +42,7 @@ HEADING = "## Steering overhead"
 NEW_TOKENS = 64
 GOAL, IDEAL = 1.05, 1.03
 
+from bench.paired import median_and_quartiles, paired_ratios, paired_rounds  # noqa: E402
 from haltrace.models import Model  # noqa: E402
 from haltrace.steering import Add, steer  # noqa: E402
 
@@ -129,19 +130,11 @@ def measure(model: Model, kwargs: dict[str, Any], reps: int, warmup: int, min_se
     for _ in range(warmup):
         for name in names:
             run(name)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    began = time.perf_counter()
-    rep = 0
-    while rep < reps or (time.perf_counter() - began < min_seconds and rep < max_reps):
-        order = names[rep % len(names):] + names[:rep % len(names)]  # rotate who goes first
-        for name in order:
-            times[name].append(run(name))
-        rep += 1
-    paired = {n: [t / b for t, b in zip(times[n], times["bare"], strict=True)] for n in names if n != "bare"}
-    ratios = {n: statistics.median(r) for n, r in paired.items()}
-    quartiles = {n: statistics.quantiles(r, n=4)[::2] for n, r in paired.items()}
-    return {"median_s": {n: statistics.median(t) for n, t in times.items()}, "ratio": ratios,
-            "quartiles": quartiles, "reps": rep}
+    times, rounds = paired_rounds(run, names, reps, min_seconds, max_reps)
+    stats = {n: median_and_quartiles(r) for n, r in paired_ratios(times, "bare").items() if n != "bare"}
+    return {"median_s": {n: statistics.median(t) for n, t in times.items()},
+            "ratio": {n: m for n, (m, _, _) in stats.items()},
+            "quartiles": {n: [q1, q3] for n, (_, q1, q3) in stats.items()}, "reps": rounds}
 
 
 def section(results: list[tuple[str, dict[str, Any]]], args: argparse.Namespace) -> str:

@@ -49,6 +49,7 @@ sys.path.insert(0, str(REPO))
 RESULTS = REPO / "bench" / "RESULTS.md"
 HEADING = "## Trace capture"
 
+from bench.paired import median_and_quartiles, paired_ratios, paired_rounds  # noqa: E402
 from haltrace.models import Model  # noqa: E402
 from haltrace.trace.backends import capture_with  # noqa: E402
 
@@ -170,25 +171,19 @@ def time_case(model: Model, inputs: dict[str, Any], reps: int, warmup: int, min_
     start = time.perf_counter()
     fns["bare forward"]()
     inner = max(1, round(target_s / max(time.perf_counter() - start, 1e-6)))
-    times: dict[str, list[float]] = {n: [] for n in names}
-    began = time.perf_counter()
-    rep = 0
-    while rep < reps or (time.perf_counter() - began < min_seconds and rep < max_reps):
-        order = names[rep % len(names):] + names[:rep % len(names)]  # rotate: no method always runs first
-        for name in order:
-            fn = fns[name]
-            start = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            times[name].append((time.perf_counter() - start) / inner)
-        rep += 1
-    bare = times["bare forward"]
+    def run(name: str) -> float:
+        fn = fns[name]
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        return (time.perf_counter() - start) / inner
+
+    times, rounds = paired_rounds(run, names, reps, min_seconds, max_reps)
     out = {}
-    for name, t in times.items():
-        ratios = [x / b for x, b in zip(t, bare, strict=True)]
-        q1, _, q3 = statistics.quantiles(ratios, n=4)
-        out[name] = {"median_ms": 1000 * statistics.median(t), "ratio": statistics.median(ratios),
-                     "q1": q1, "q3": q3, "inner": inner, "reps": rep}
+    for name, ratios in paired_ratios(times, "bare forward").items():
+        ratio, q1, q3 = median_and_quartiles(ratios)
+        out[name] = {"median_ms": 1000 * statistics.median(times[name]), "ratio": ratio,
+                     "q1": q1, "q3": q3, "inner": inner, "reps": rounds}
     return out
 
 
