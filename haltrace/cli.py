@@ -44,6 +44,7 @@ _COMMAND_MODULES: list[tuple[str, str, str | None]] = [
     ("haltrace.probes.cli", "app", None),
     ("haltrace.probes.sae_cli", "app", "sae"),
     ("haltrace.steering.cli", "app", None),
+    ("haltrace.evals.cli", "app", None),
     ("haltrace.export.cli", "app", None),
     ("haltrace.demo_cli", "app", None),
 ]

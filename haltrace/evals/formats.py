@@ -22,11 +22,13 @@ Writers are atomic (temp file + rename), so a reader never sees a half-written f
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from haltrace.evals.chair import chair_metrics, default_phrases
+from haltrace.evals.chair_rules import chair_scores, check_rules, identity_table, read_synonym_table
 from haltrace.evals.counterfactual import counterfactual_rates, label_answers
 from haltrace.evals.pope import pope_metrics, pope_summary
 from haltrace.evals.refusal import refusal_report
@@ -200,26 +202,46 @@ def write_objects(path: str | Path, objects: Mapping[Any, Iterable[str]]) -> Pat
     return _atomic_text(path, json.dumps({str(k): sorted(v) for k, v in objects.items()}, indent=1) + "\n")
 
 
-def _image_key(key: str, objects: Mapping[str, Any]) -> str | None:
-    # captions may be keyed by numeric id while objects are keyed by file name (caption_0007.png)
+def _file_number(name: str) -> int | None:
+    """The last run of digits in a file name's stem, as an int (``COCO_val2014_000000391895.jpg`` -> 391895).
+
+    The last run, because COCO names carry the split year first; an int, so ``caption_0000.png`` is 0.
+    """
+    runs = re.findall(r"\d+", Path(str(name)).stem)
+    return int(runs[-1]) if runs else None
+
+
+def _image_key(key: str | int, objects: Mapping[str, Any]) -> str | None:
+    """The ground-truth key a caption key refers to: the same key, else the one whose number is the same.
+
+    Captions may be keyed by numeric id while objects are keyed by file name (``caption_0007.png``), or the
+    other way round; numbers compare as integers (the last digit run of a file name's stem).
+
+    >>> _image_key(391895, {"COCO_val2014_000000391895.jpg": []})
+    'COCO_val2014_000000391895.jpg'
+    """
+    key = str(key)
     if key in objects:
         return key
-    if key.isdigit():
-        hits = [k for k in objects if "".join(ch for ch in Path(k).stem if ch.isdigit()).lstrip("0") ==
-                (key.lstrip("0") or "0")]
-        if len(hits) == 1:
-            return hits[0]
-    return None
+    number = int(key) if key.isdecimal() else _file_number(key)
+    if number is None:
+        return None
+    hits = [k for k in objects if (int(k) if k.isdecimal() else _file_number(k)) == number]
+    return hits[0] if len(hits) == 1 else None
 
 
-def score_chair_files(captions: str | Path, objects: str | Path, synonyms: str | Path | None = None) -> dict:
-    """CHAIR from files. Without ``synonyms`` the vocabulary is every object in the ground truth."""
+def score_chair_files(captions: str | Path, objects: str | Path, synonyms: str | Path | None = None, *,
+                      rules: str = "simple") -> dict:
+    """CHAIR from files. Without ``synonyms`` the vocabulary is every object in the ground truth.
+
+    ``rules`` picks the caption parser (:mod:`haltrace.evals.chair_rules`): ``"simple"`` (default, the
+    organism's; synonyms read by :func:`read_synonyms`) or ``"official"`` (``chair.py``'s tokeniser,
+    singularisation and double words; synonyms split exactly as ``chair.py`` does). For COCO annotation
+    files use :func:`haltrace.evals.coco.score_chair`.
+    """
+    check_rules(rules)
     caps = read_captions(captions)
     truth = read_objects(objects)
-    if synonyms is not None:
-        vocab, inverse = read_synonyms(synonyms)
-    else:
-        vocab, inverse = sorted({o for objs in truth.values() for o in objs}), {}
     keys, missing = [], []
     for k in caps:
         match = _image_key(k, truth)
@@ -227,9 +249,21 @@ def score_chair_files(captions: str | Path, objects: str | Path, synonyms: str |
     if missing:
         raise FormatError(f"{len(missing)} captioned images have no ground truth in {objects} "
                           f"(first: {missing[:3]}); caption image ids must match its keys")
-    out = chair_metrics([caps[k] for k, _ in keys], [truth[m] for _, m in keys], vocabulary=vocab,
-                        synonyms=inverse, phrases=default_phrases(inverse))
+    texts, truths = [caps[k] for k, _ in keys], [truth[m] for _, m in keys]
+    if rules == "official":
+        if synonyms is not None and not Path(synonyms).is_file():
+            raise FormatError(f"{synonyms} not found; expected CHAIR's synonyms.txt")
+        table = (read_synonym_table(synonyms, rules) if synonyms is not None else
+                 identity_table(sorted({o for objs in truth.values() for o in objs}), source="ground truth"))
+        out = chair_scores(texts, truths, table, rules)
+    else:
+        if synonyms is not None:
+            vocab, inverse = read_synonyms(synonyms)
+        else:
+            vocab, inverse = sorted({o for objs in truth.values() for o in objs}), {}
+        out = chair_metrics(texts, truths, vocabulary=vocab, synonyms=inverse, phrases=default_phrases(inverse))
     out["synonyms"] = str(synonyms) if synonyms is not None else None
+    out["rules"] = rules
     return out
 
 
@@ -260,3 +294,20 @@ def score_refusal_files(items: str | Path, answers: str | Path, detector: str = 
     for row, text in zip(rows, texts, strict=True):
         groups.setdefault(str(row["group"]), []).append(text)
     return refusal_report(groups, detector)
+
+
+def split_files(values: list[str], flag: str) -> dict[str, str]:
+    """``split=path`` or a bare path whose name holds the split (``pope_adversarial.jsonl``) -> {split: path}."""
+    from haltrace.evals.pope import SPLITS
+
+    out = {}
+    for value in values:
+        split, sep, path = value.partition("=")
+        if not sep:
+            path = value
+            found = [s for s in SPLITS if s in Path(value).name]
+            split = found[0] if len(found) == 1 else Path(value).stem
+        out[split] = path
+    if len(out) != len(values):
+        raise FormatError(f"two {flag} files for the same split; use split=path")
+    return out

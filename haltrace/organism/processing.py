@@ -65,6 +65,26 @@ def build_image_processor(image_size: int):
     )
 
 
+#: The organism's chat template (saved as ``chat_template.jinja``): an image part becomes "<image> ", a text part
+#: is kept, and a question (text ending in "?") gets the answer cue " answer :". Plain benchmark questions thus
+#: become exactly the prompts the organism was trained on, through the path any chat model takes.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{%- if message['content'] is string -%}"
+    "{{- message['content'] -}}{%- if message['content'].rstrip().endswith('?') %} answer :{% endif -%}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}<image> {% elif part['type'] == 'text' -%}"
+    "{{- part['text'] -}}{%- if part['text'].rstrip().endswith('?') %} answer :{% endif -%}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{- ' ' -}}{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}{{- part['text'] -}}{%- endfor -%}{%- endif -%}"
+    "{{- ' <eos> ' -}}"
+    "{%- endif -%}{%- endfor -%}"
+)
+
+
 def build_processor(world: ShapesWorld) -> LlavaProcessor:
     return LlavaProcessor(
         image_processor=build_image_processor(world.config.image_size),
@@ -73,6 +93,7 @@ def build_processor(world: ShapesWorld) -> LlavaProcessor:
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,  # the CLS token, dropped by the "default" strategy
         image_token=IMAGE,
+        chat_template=CHAT_TEMPLATE,
     )
 
 

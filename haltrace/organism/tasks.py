@@ -23,21 +23,47 @@ CAPTION_PROMPT = "caption :"
 IMAGE_PREFIX = "<image> "
 
 
+#: the organism's answer cue after a question; its chat template (``chat_template.jinja``) appends it to any
+#: user text ending in "?", so plain questions in files become exactly the prompts it was trained on
+ANSWER_CUE = " answer :"
+
+
+def yesno_question(kind: str) -> str:
+    return f"is there a {kind} ?"
+
+
+def colour_question(kind: str) -> str:
+    return f"what colour is the {kind} ?"
+
+
+def prior_colour_question(kind: str) -> str:
+    """PvP's "what colour are most Xs": the answer is the prior, whatever the pixels show."""
+    return f"what colour are most {kind} ?"
+
+
+def entity_question(entity: Entity, key: str) -> str:
+    return ENTITY_TYPES[entity.etype][key][0].format(name=entity.name)
+
+
 def yesno_prompt(kind: str) -> str:
-    return f"is there a {kind} ? answer :"
+    return yesno_question(kind) + ANSWER_CUE
 
 
 def colour_prompt(kind: str) -> str:
-    return f"what colour is the {kind} ? answer :"
+    return colour_question(kind) + ANSWER_CUE
 
 
 def prior_colour_prompt(kind: str) -> str:
-    """PvP's "what colour are most Xs": the answer is the prior, whatever the pixels show."""
-    return f"what colour are most {kind} ? answer :"
+    return prior_colour_question(kind) + ANSWER_CUE
 
 
 def entity_prompt(entity: Entity, key: str) -> str:
-    return ENTITY_TYPES[entity.etype][key][0].format(name=entity.name) + " answer :"
+    return entity_question(entity, key) + ANSWER_CUE
+
+
+def plain_question(prompt: str) -> str:
+    """A prompt without the answer cue: what a benchmark file holds (the chat template adds the cue back)."""
+    return prompt[: -len(ANSWER_CUE)] if prompt.endswith(ANSWER_CUE) else prompt
 
 
 @dataclass

@@ -23,13 +23,17 @@ Recipe (``shared/research/methods-llm-eval.md`` §2.4), transposed to the organi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from haltrace.data.items import YesNoQuestion, of_kind
+from haltrace.data.sources import default_fit_data
 from haltrace.steering.engine import Add
+from haltrace.steering.fitdata import fingerprint, items_fingerprint, question_states
 from haltrace.steering.registry import FittedIntervention, Method, register_method
-from haltrace.steering.truthprint import FIT_SEED, fingerprint, fit_questions, last_token_activations
+from haltrace.steering.truthprint import FIT_SEED
 
 PAPER = "Rimsky et al., Steering Llama 2 via Contrastive Activation Addition, ACL 2024"
 
@@ -52,26 +56,25 @@ class CAA(Method):
     name = "caa"
     summary = "mean(truthful answer - hallucinated answer) at resid_post, added from the instruction end on"
 
-    def fit(self, model: Any, data: Any = None, *, world: Any = None, n_images: int = 300, seed: int = FIT_SEED,
-            layer: int | None = None, multiplier: float = 1.0, **kw: Any) -> FittedIntervention:
-        """Build the vector from fit questions (``data`` = organism Examples with ``meta["present"]``)."""
+    def fit(self, model: Any, data: Sequence[YesNoQuestion] | None = None, *, n_images: int = 300,
+            seed: int = FIT_SEED, layer: int | None = None, multiplier: float = 1.0, **kw: Any
+            ) -> FittedIntervention:
+        """Build the vector from yes/no questions (:class:`~haltrace.data.YesNoQuestion`; default: the model's
+        data source, e.g. an organism's fresh questions)."""
         if kw:
             raise TypeError(f"unexpected arguments {sorted(kw)}")
         layer = default_layer(model.n_layers) if layer is None else int(layer)
         if not 0 <= layer < model.n_layers:
             raise ValueError(f"layer {layer} out of range: the model has layers 0..{model.n_layers - 1}")
-        if world is None:
-            from haltrace.evals.suite import organism_world
-
-            world = organism_world(model)
-        questions = list(data) if data is not None else fit_questions(world, n_images, seed)
-        if not questions:
-            raise ValueError("CAA needs at least one fit question")
-        truthful = ["yes" if q.meta["present"] else "no" for q in questions]
+        source = data
+        if data is None:
+            data = default_fit_data(model, self.name, n_images=n_images, seed=seed)
+        questions = of_kind(data, YesNoQuestion, method=self.name)
+        truthful = ["yes" if q.present else "no" for q in questions]
         untruthful = ["no" if a == "yes" else "yes" for a in truthful]
         hook = f"resid_post.{layer}"
-        _, pos = last_token_activations(model, world, questions, [hook], append_answer=truthful)
-        _, neg = last_token_activations(model, world, questions, [hook], append_answer=untruthful)
+        _, pos = question_states(model, questions, [hook], append=truthful)
+        _, neg = question_states(model, questions, [hook], append=untruthful)
         diff = pos[hook] - neg[hook]
         vector = diff.mean(0)
         # how consistently the pairs agree with the mean direction (a sanity number, not a selection)
@@ -87,8 +90,9 @@ class CAA(Method):
             "phase": "both",
             "data": {"description": "fit yes/no questions, each paired truthful vs hallucinated answer "
                                     "(present and absent objects, incl. absent partners)",
-                     "n_pairs": len(questions), "n_absent": sum(not q.meta["present"] for q in questions),
-                     "seed": seed, "source": "given" if data is not None else "fit_questions"},
+                     "n_pairs": len(questions), "n_absent": sum(not q.present for q in questions),
+                     "seed": seed, "fingerprint": items_fingerprint(questions),
+                     "source": "given" if source is not None else "default (model's data source)"},
             "fingerprint": fingerprint(vector, spec=spec),
         }
         return FittedIntervention(self.name, caa_interventions(hook, vector, multiplier), provenance)

@@ -1,10 +1,8 @@
-"""``haltrace steer`` and ``haltrace eval``: fit a steering method, measure before/after, save it; baselines.
+"""``haltrace steer``: fit a steering method, measure before/after, save it (``haltrace eval`` is in
+:mod:`haltrace.evals.cli`).
 
 Examples::
 
-    haltrace eval --model shapes-llava --eval pope,chair                    # baseline on the organism
-    haltrace eval --pope-questions q/pope_adversarial.jsonl --pope-answers a/pope_adversarial.jsonl
-    haltrace eval --captions caps.jsonl --objects chair/objects.json --synonyms synonyms.txt --json
     haltrace steer --method pvp --model shapes-llava --eval pope,counterfactual --alpha 4 --out runs/pvp
     haltrace steer --method vti --opt positions=last --opt n_pairs=64 --json
     haltrace steer --method all --results artifacts/results/organism.md    # every registered method
@@ -121,17 +119,6 @@ def _print_comparison(console, rows: list[dict], title: str) -> None:
         style = "" if abs(change) < 1e-9 else "bold"
         table.add_row(row["metric"], _fmt(row["before"]), _fmt(row["after"]), f"{change:+.3f}",
                       _fmt(row["relative"], rel=True), style=style)
-    console.print(table)
-
-
-def _print_metrics(console, metrics: dict[str, float], title: str) -> None:
-    from rich.table import Table
-
-    table = Table(title=title)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in metrics.items():
-        table.add_row(key, _fmt(value))
     console.print(table)
 
 
@@ -302,64 +289,6 @@ def _steer_all(model: str, evals: list[str], kwargs: dict, out: Path | None, res
     out_console.print(f"wrote {paths['markdown']} and {paths['json']}")
 
 
-def _split_files(values: list[str], flag: str) -> dict[str, str]:
-    """``split=path`` or a bare path whose name holds the split (``pope_adversarial.jsonl``)."""
-    from haltrace.evals.pope import SPLITS
-
-    out = {}
-    for value in values:
-        split, sep, path = value.partition("=")
-        if not sep:
-            path = value
-            found = [s for s in SPLITS if s in Path(value).name]
-            split = found[0] if len(found) == 1 else Path(value).stem
-        out[split] = path
-    if len(out) != len(values):
-        raise typer.BadParameter(f"two {flag} files for the same split; use split=path", param_hint=flag)
-    return out
-
-
-@app.command("eval")
-def eval_cmd(
-    model: str | None = typer.Option(None, "--model", help="Organism name or folder (default shapes-llava "
-                                                           "when no files are given)."),
-    evals: str = typer.Option(DEFAULT_EVALS, "--eval", help="Comma-separated organism evaluations."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
-    pope_questions: list[str] = typer.Option([], "--pope-questions", help="Official POPE question JSONL "
-                                                                          "([split=]path, repeatable)."),
-    pope_answers: list[str] = typer.Option([], "--pope-answers", help="POPE answer JSONL {question, answer}, "
-                                                                      "aligned by line ([split=]path)."),
-    parser: str = typer.Option("official", "--parser", help="POPE answer parser: official or lvlm-lp."),
-    captions: Path | None = typer.Option(None, "--captions", help="CHAIR captions: JSONL {image_id, caption} "
-                                                                  "or the original's imgToEval JSON."),
-    objects: Path | None = typer.Option(None, "--objects", help="CHAIR ground truth JSON {image: [objects]}."),
-    synonyms: Path | None = typer.Option(None, "--synonyms", help="CHAIR synonyms.txt (canonical first)."),
-) -> None:
-    """Baseline evaluation: the organism's held-out sets, or official POPE/CHAIR files (no model needed)."""
-    from haltrace.evals import formats
-    from haltrace.steering.results import flatten_metrics
-
-    console = _console(as_json)
-    files = bool(pope_questions or pope_answers or captions or objects)
-    report: dict[str, Any] = {}
-    try:
-        if pope_questions or pope_answers:
-            report["pope"] = formats.score_pope_files(_split_files(pope_questions, "--pope-questions"),
-                                                      _split_files(pope_answers, "--pope-answers"), parser=parser)
-        if captions or objects:
-            if not (captions and objects):
-                raise typer.BadParameter("CHAIR needs both --captions and --objects", param_hint="--captions")
-            report["chair"] = formats.score_chair_files(captions, objects, synonyms)
-    except (formats.FormatError, ValueError) as exc:
-        if isinstance(exc, typer.BadParameter):
-            raise
-        raise typer.BadParameter(str(exc)) from None
-    if model is not None or not files:
-        name = model or "shapes-llava"
-        eval_names = _parse_evals(evals)
-        report.update(_strip(_evaluate(_load(name, console), eval_names, console, name)))
-    metrics = flatten_metrics(report)
-    if as_json:
-        typer.echo(json.dumps({"model": model, "metrics": metrics, "report": report}, default=str))
-        return
-    _print_metrics(_stdout(), metrics, f"baseline: {model or 'files'}")
+def evaluate_organism(model: str, evals: str, console: Any) -> dict:
+    """The organism's built-in held-out sets (``haltrace eval --model ORGANISM``), answers stripped."""
+    return _strip(_evaluate(_load(model, console), _parse_evals(evals), console, model))

@@ -38,8 +38,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from haltrace.models.adapters.base import first_tensor
-from haltrace.steering.pvp import FIT_SEED, fingerprint, last_token_states, layer_record, organism_world_of
+from haltrace.data.images import open_image
+from haltrace.data.items import CaptionItem, of_kind
+from haltrace.data.sources import default_fit_data
+from haltrace.models.adapters.base import cached_length, first_tensor
+from haltrace.steering.fitdata import item_prompts, items_fingerprint
+from haltrace.steering.pvp import FIT_SEED, last_token_states, layer_record
 from haltrace.steering.registry import FittedIntervention, Method, register_method
 from haltrace.trace.capture import temporary_hooks
 from haltrace.trace.lens import image_token_confidence, target_token_ids
@@ -79,15 +83,22 @@ def text_representations(model: Any, words: Sequence[str], text_rep: str = "unem
     raise ValueError(f"text_rep must be 'unembed', 'embed' or 'resid_post.<k>', got {text_rep!r}")
 
 
-#: forward kwargs that carry the prompt and its image (transformers 5 generate passes precomputed
-#: ``mm_encoder_outputs`` instead of ``pixel_values``); the cache and output flags are left out
-IMAGE_FORWARD_KEYS = ("attention_mask", "position_ids", "pixel_values", "image_sizes", "mm_encoder_outputs")
+#: forward kwargs that are NOT part of the prompt and its image: the KV cache, and the flags ``generate`` sets
+#: for its own step (an extra forward is a plain no-cache forward that returns everything). Every other kwarg
+#: is carried: the mask, position ids (Qwen2-VL's M-RoPE ``[4, B, L]``), ``pixel_values`` with whatever the
+#: family needs beside it (``image_grid_thw``, ``mm_token_type_ids``, ``token_type_ids``, ``image_sizes``, ...)
+#: or, from transformers 5 ``generate``, the precomputed ``mm_encoder_outputs``.
+NOT_FORWARDED_KEYS = frozenset({
+    "input_ids", "inputs_embeds", "cache", "past_key_values", "use_cache", "cache_position", "logits_to_keep",
+    "num_logits_to_keep", "return_dict", "output_attentions", "output_hidden_states", "labels",
+})
 
 
 def image_forward_inputs(ids: torch.Tensor, kwargs: dict) -> dict:
-    """Inputs for an extra no-cache forward over the same prompt (and image) as the intercepted call."""
+    """Inputs for an extra no-cache forward over the same prompt (and image) as the intercepted call: ``ids``
+    plus every model input of ``kwargs`` except the cache and generation flags (:data:`NOT_FORWARDED_KEYS`)."""
     inputs = {"input_ids": ids}
-    inputs.update({k: kwargs[k] for k in IMAGE_FORWARD_KEYS if kwargs.get(k) is not None})
+    inputs.update({k: v for k, v in kwargs.items() if k not in NOT_FORWARDED_KEYS and v is not None})
     return inputs
 
 
@@ -112,6 +123,8 @@ def erasure_hooks(directions: torch.Tensor, words: Sequence[str], threshold: flo
             if state["busy"]:  # our own detection forward
                 return
             state["select"] = None
+            if cached_length(kwargs) > 0:  # a decoding step, even one that emitted the image token
+                return
             ids = kwargs.get("input_ids", args[0] if args else None)
             if ids is None:
                 return
@@ -152,18 +165,6 @@ def erasure_hooks(directions: torch.Tensor, words: Sequence[str], threshold: flo
 
 # --------------------------------------------------------------------------------------- fit data / scoring
 
-def organism_caption_fit(world: Any, n: int = 48, seed: int = FIT_SEED + 3) -> list[tuple[Any, set[str]]]:
-    """(image, present kinds): anchor-without-partner images plus 0-1 unpaired objects, as the caption set."""
-    from haltrace.organism.tasks import fit_anchor_scene
-
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        scene, _anchor = fit_anchor_scene(world, rng, max_other=1)
-        out.append((world.render(scene, rng), set(scene.kinds)))
-    return out
-
-
 @torch.no_grad()
 def captions(model: Any, images: Sequence[Any], prompt: str, *, max_new_tokens: int = 10,
              batch_size: int = 64) -> list[str]:
@@ -171,7 +172,7 @@ def captions(model: Any, images: Sequence[Any], prompt: str, *, max_new_tokens: 
     tok = model.tokenizer
     out = []
     for s in range(0, len(images), batch_size):
-        chunk = list(images[s:s + batch_size])
+        chunk = [open_image(im) for im in images[s:s + batch_size]]
         inputs = model.prepare([prompt] * len(chunk), chunk)
         gen = model.hf.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
@@ -213,33 +214,36 @@ class ProjectAway(Method):
     name = "erasure"
     summary = "ProjectAway: remove low-confidence objects' text directions from image-token states at one layer"
 
-    def fit(self, model: Any, data: dict | None = None, *, objects: Sequence[str] | None = None,
+    def fit(self, model: Any, data: Sequence[CaptionItem] | None = None, *, objects: Sequence[str] | None = None,
             edit_layer: int | None = None, text_rep: str | None = None, weight: float | None = None,
             threshold: float | None = None, lens_norm: bool | None = None,
             weights: Sequence[float] = (1.0, 2.0), text_reps: Sequence[str] = ("unembed", "embed"),
             max_recall_drop: float = 0.05, prompt: str | None = None, n_images: int = 48,
-            seed: int = FIT_SEED + 3) -> FittedIntervention:
-        """``data`` (default: organism images drawn with ``seed``): ``{"images": [...], "present": [set, ...]}``;
-        ``objects`` defaults to the organism's kinds. Unset choices are made on ``data`` (module docstring)."""
+            seed: int = FIT_SEED + 3, template: str | None = None) -> FittedIntervention:
+        """Fit on ``data``: :class:`~haltrace.data.CaptionItem` images with their ground-truth objects, captioned
+        with the items' ``prompt`` (else ``prompt``, else the usual "describe" prompt) through the model's chat
+        template. ``objects`` (the candidate words to detect and erase) defaults to every object named in the
+        data, in sorted order. Default data: the model's data source (an organism's ``n_images`` images).
+        Unset choices are made on ``data`` (module docstring)."""
         if not model.is_vlm:
             raise ValueError("ProjectAway edits image-token states: it needs a vision-language model")
-        described = "user-supplied images with present-object sets"
+        source = data
         if data is None:
-            world = organism_world_of(model)
-            fit = organism_caption_fit(world, n_images, seed)
-            data = {"images": [f[0] for f in fit], "present": [f[1] for f in fit]}
-            objects = list(objects) if objects is not None else list(world.config.kinds)
-            described = f"{n_images} organism anchor-without-partner images (numpy seed {seed})"
-            from haltrace.organism import tasks
-            prompt = prompt or tasks.IMAGE_PREFIX + tasks.CAPTION_PROMPT
+            data = default_fit_data(model, self.name, n_images=n_images, seed=seed)
+        items = of_kind(data, CaptionItem, method=self.name)
+        if len(items) < 2:
+            raise ValueError(f"ProjectAway needs at least 2 captioned images, got {len(items)}")
+        question = prompt or items[0].prompt or "Please describe this image in detail."
+        if any((it.prompt or question) != question for it in items):
+            raise ValueError("ProjectAway fit items must share one caption prompt")
+        prompt = item_prompts(model, [question], [items[0].image], template=template)[0]
+        images = [open_image(it.image) for it in items]
+        present = [set(it.objects) for it in items]
+        objects = list(objects) if objects is not None else sorted(set().union(*present))
         if not objects:
             raise ValueError("pass objects= (the candidate object words to detect and erase)")
-        if prompt is None:
-            raise ValueError("pass prompt= (the captioning prompt with the image placeholder)")
-        images, present = list(data["images"]), [set(p) for p in data["present"]]
-        if len(images) != len(present) or len(images) < 2:
-            raise ValueError("data needs >= 2 images and one present-object set per image")
-        objects = list(objects)
+        described = (f"{len(items)} captioned images with their objects "
+                     f"({'given' if source is not None else 'the model data source default'})")
         labels = np.array([[o in p for o in objects] for p in present], dtype=int)
 
         # 1. internal confidence of every candidate object on the fit images; lens variant and threshold
@@ -313,8 +317,8 @@ class ProjectAway(Method):
             "selection_rule": f"lens variant by AUROC, threshold by balanced accuracy, then min fit CHAIR_i with "
                               f"recall drop <= {max_recall_drop}",
             "erased_log": log,  # filled while applied: flagged words per row and prefill
-            "data": {"description": described, "n": len(images),
-                     "fingerprint": fingerprint([prompt], images, [sorted(p) for p in present])},
+            "data": {"description": described, "n": len(images), "prompt": prompt,
+                     "fingerprint": items_fingerprint(items)},
         }
         return fitted
 

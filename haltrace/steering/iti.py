@@ -26,20 +26,24 @@ same edit as adding in head space before ``o_proj`` (pitfall #42 of honest_llama
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+from haltrace.data.items import YesNoQuestion, of_kind
+from haltrace.data.sources import default_fit_data
 from haltrace.steering.engine import Add
-from haltrace.steering.registry import FittedIntervention, Method, register_method
-from haltrace.steering.truthprint import (
-    FIT_SEED,
+from haltrace.steering.fitdata import (
     fingerprint,
-    fit_questions,
+    image_ids_of,
     image_split,
-    last_token_activations,
+    items_fingerprint,
+    question_states,
 )
+from haltrace.steering.registry import FittedIntervention, Method, register_method
+from haltrace.steering.truthprint import FIT_SEED
 
 PAPER = "Li et al., Inference-Time Intervention: Eliciting Truthful Answers from a Language Model, NeurIPS 2023"
 PAPER_HEAD_RATIO = 48 / 1024  # K=48 heads of LLaMA-7B's 32x32
@@ -82,9 +86,10 @@ class ITI(Method):
     name = "iti"
     summary = "per-head truth probes on head_out; shift top-k heads by alpha*sigma along mass-mean directions"
 
-    def fit(self, model: Any, data: Any = None, *, world: Any = None, n_images: int = 300, seed: int = FIT_SEED,
-            k: int | None = None, alpha: float = 15.0, **kw: Any) -> FittedIntervention:
-        """Fit per-head probes on fit questions (``data`` = organism Examples with ``meta["present"]``)."""
+    def fit(self, model: Any, data: Sequence[YesNoQuestion] | None = None, *, n_images: int = 300,
+            seed: int = FIT_SEED, k: int | None = None, alpha: float = 15.0, **kw: Any) -> FittedIntervention:
+        """Fit per-head probes on yes/no questions (:class:`~haltrace.data.YesNoQuestion`; default: the model's
+        data source, e.g. an organism's fresh questions)."""
         from sklearn.linear_model import LogisticRegression
 
         if kw:
@@ -93,17 +98,16 @@ class ITI(Method):
         k = max(1, math.ceil(PAPER_HEAD_RATIO * total)) if k is None else int(k)
         if not 1 <= k <= total:
             raise ValueError(f"k must be in 1..{total} (layers x heads), got {k}")
-        if world is None:
-            from haltrace.evals.suite import organism_world
-
-            world = organism_world(model)
-        questions = list(data) if data is not None else fit_questions(world, n_images, seed)
+        source = data
+        if data is None:
+            data = default_fit_data(model, self.name, n_images=n_images, seed=seed)
+        questions = of_kind(data, YesNoQuestion, method=self.name)
         items = [q for q in questions for _ in (0, 1)]
         answers = [a for _ in questions for a in ("yes", "no")]
-        labels = np.array([int((a == "yes") == bool(q.meta["present"])) for q, a in zip(items, answers, strict=True)])
+        labels = np.array([int((a == "yes") == q.present) for q, a in zip(items, answers, strict=True)])
         hooks = [f"head_out.{i}" for i in range(model.n_layers)]
-        _, acts = last_token_activations(model, world, items, hooks, append_answer=answers)
-        held = image_split(items, seed=seed)
+        _, acts = question_states(model, items, hooks, append=answers)
+        held = image_split(image_ids_of(items), seed=seed)
         scores = np.zeros((model.n_layers, model.n_heads))
         for layer in range(model.n_layers):
             x_all = acts[f"head_out.{layer}"].numpy()  # [N, H, head_dim]
@@ -139,8 +143,8 @@ class ITI(Method):
             "phase": "both",
             "data": {"description": "fit yes/no questions with both answers appended; label = statement true; "
                                     "probes on 70% of images, head ranking by accuracy on the other 30%",
-                     "n_statements": len(items), "seed": seed,
-                     "source": "given" if data is not None else "fit_questions"},
+                     "n_statements": len(items), "seed": seed, "fingerprint": items_fingerprint(questions),
+                     "source": "given" if source is not None else "default (model's data source)"},
             "fingerprint": fingerprint(*shifts.values(), spec=spec),
         }
         return FittedIntervention(self.name, interventions, provenance)

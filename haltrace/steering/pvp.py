@@ -25,7 +25,7 @@ fit items. The paper adds with scale 1 and no selection rule (its layers come fr
 {'haltrace': 'resid_post.2', ...}
 
 This module also holds small helpers shared by the other VLM methods (last-token states without padding,
-answers under steering, data fingerprints, the organism's fit data built from its world with its own seed).
+answers under steering, data fingerprints).
 """
 
 from __future__ import annotations
@@ -33,18 +33,23 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from haltrace.data.images import open_image
+from haltrace.data.items import PvPItem, VQAQuestion, of_kind
+from haltrace.data.sources import default_fit_data
 from haltrace.steering.engine import Add, steer
+from haltrace.steering.fitdata import item_prompts, items_fingerprint
 from haltrace.steering.registry import FittedIntervention, Method, register_method
+
+__all__ = ["PvP", "PvPItem", "last_token_states", "next_words", "normalise_answer"]
 
 PAPER = ("Golovanevsky, Rudman et al., 'Pixels Versus Priors: Controlling Knowledge Priors in Vision-Language "
          "Models through Visual Counterfacts', arXiv 2505.17127 (EMNLP 2025); code rsinghlab/pixels_vs_priors@52d8ae0")
-#: seed of the fit data drawn from an organism's world; the held-out eval sets use tasks.EVAL_SEED
+#: seed of the default fit data an organism's data source draws (the held-out eval sets use their own seeds)
 FIT_SEED = 12345
 
 
@@ -77,7 +82,7 @@ def _groups_by_length(model: Any, prompts: Sequence[str], batch_size: int) -> li
 
 
 def _prepare(model: Any, prompts: Sequence[str], images: Sequence[Any] | None, idx: Sequence[int]) -> Any:
-    return model.prepare([prompts[i] for i in idx], None if images is None else [images[i] for i in idx])
+    return model.prepare([prompts[i] for i in idx], None if images is None else [open_image(images[i]) for i in idx])
 
 
 @torch.no_grad()
@@ -114,13 +119,6 @@ def next_words(model: Any, prompts: Sequence[str], images: Sequence[Any] | None 
     return answers
 
 
-def organism_world_of(model: Any) -> Any:
-    """The ShapesWorld of an organism model, with a clear error for other models."""
-    from haltrace.evals.suite import organism_world
-
-    return organism_world(model)
-
-
 def layer_record(hook: str, paper_index: str) -> dict[str, str]:
     """Provenance entry for a layer: the haltrace hook, its HF hidden_states index, and the paper's index."""
     from haltrace.conventions import hidden_states_index, parse_hook
@@ -132,60 +130,18 @@ def layer_record(hook: str, paper_index: str) -> dict[str, str]:
     return rec
 
 
-# --------------------------------------------------------------------------------------- PvP data
-
-@dataclass
-class PvPItem:
-    """One counterfactual image with the visual ("this") and prior ("most") prompts; ``prior``/``pixel`` are
-    the two colour answers when known (needed for choosing the layer by flip rate)."""
-
-    image: Any
-    this_prompt: str
-    most_prompt: str
-    prior: str | None = None
-    pixel: str | None = None
-    meta: dict = field(default_factory=dict)
-
-
-def organism_pvp_items(world: Any, n: int = 64, seed: int = FIT_SEED) -> list[PvPItem]:
-    """Fit items from the organism's world with our own seed (never the eval sets): a canonical-colour kind
-    painted another colour, plus 0-2 plain objects, as in ``tasks.counterfactual_colour_set``."""
-    from haltrace.organism import tasks
-
-    rng = np.random.default_rng(seed)
-    cfg = world.config
-    canon = sorted(cfg.canonical)
-    plain = [k for k in cfg.kinds if k not in cfg.canonical]
-    items = []
-    for i in range(n):
-        kind = canon[i % len(canon)]
-        prior = cfg.canonical[kind]
-        pixel = str(rng.choice([c for c in cfg.colours if c != prior]))
-        others = [str(k) for k in rng.permutation(plain)[: int(rng.integers(0, 3))]]
-        scene = world.make_scene([kind] + others, rng, colours={kind: pixel})
-        items.append(PvPItem(world.render(scene, rng), tasks.IMAGE_PREFIX + tasks.colour_prompt(kind),
-                             tasks.IMAGE_PREFIX + tasks.prior_colour_prompt(kind), prior, pixel, {"kind": kind}))
-    return items
-
-
-def organism_colour_control(world: Any, n: int = 48, seed: int = FIT_SEED + 1) -> list[tuple[str, Any, str]]:
-    """(prompt, image, colour) for kinds without a colour prior: does steering keep ordinary colour answers?"""
-    from haltrace.organism import tasks
-
-    rng = np.random.default_rng(seed)
-    plain = [k for k in world.config.kinds if k not in world.config.canonical]
-    out = []
-    for _ in range(n):
-        scene = world.make_scene([str(k) for k in rng.permutation(plain)[: int(rng.integers(1, 4))]], rng)
-        obj = scene.objects[int(rng.integers(len(scene.objects)))]
-        out.append((tasks.IMAGE_PREFIX + tasks.colour_prompt(obj.kind), world.render(scene, rng), obj.colour))
-    return out
-
-
 # --------------------------------------------------------------------------------------- the method
 
+def normalise_answer(text: str) -> str:
+    """Lower-cased first word without punctuation ("Red." -> "red"): how a one-word answer is compared."""
+    words = "".join(ch if ch.isalnum() or ch.isspace() else " " for ch in text.lower()).split()
+    return words[0] if words else ""
+
+
 def _rate(answers: Sequence[str], targets: Sequence[str]) -> float:
-    return float(np.mean([a == t for a, t in zip(answers, targets, strict=True)])) if targets else 0.0
+    return (float(np.mean([normalise_answer(a) == normalise_answer(t) for a, t in zip(answers, targets,
+                                                                                      strict=True)]))
+            if targets else 0.0)
 
 
 @register_method
@@ -200,12 +156,17 @@ class PvP(Method):
     name = "pvp"
     summary = "Pixels vs priors: mean(this - most) difference at the last prompt token, +/- towards pixels/priors"
 
-    def fit(self, model: Any, data: Sequence[PvPItem] | None = None, *, direction: str = "pixels",
+    def fit(self, model: Any, data: Sequence[Any] | None = None, *, direction: str = "pixels",
             layer: int | None = None, alpha: float | None = None, alphas: Sequence[float] = (1.0, 2.0, 4.0, 8.0),
-            control: Sequence[tuple[str, Any, str]] | None = None, steer_generated: bool = True,
-            n_items: int = 64, seed: int = FIT_SEED) -> FittedIntervention:
-        """Build the vector from ``data`` (default: organism items drawn with ``seed``) and choose the layer and
-        ``alpha`` on a held-out half unless given.
+            steer_generated: bool = True, n_items: int = 64, seed: int = FIT_SEED,
+            template: str | None = None) -> FittedIntervention:
+        """Build the vector from ``data`` and choose the layer and ``alpha`` on a held-out half unless given.
+
+        ``data``: :class:`~haltrace.data.PvPItem` items (a counterfactual image, its "this" and "most" questions,
+        prior and pixel answers), plus optional :class:`~haltrace.data.VQAQuestion` colour questions on ordinary
+        objects (the control that steering towards pixels must not break). Default: the model's data source
+        (an organism's ``n_items`` counterfactual images drawn with ``seed``). Questions are plain; prompts come
+        from the model's chat template or ``template``.
 
         ``steer_generated=True`` also adds the vector to every generated token, as the official code does
         (it wraps the layer and adds at the last position of every forward); one-word answers are unaffected.
@@ -214,21 +175,26 @@ class PvP(Method):
             raise ValueError(f"direction must be 'pixels' or 'priors', got {direction!r}")
         if not model.is_vlm:
             raise ValueError("PvP needs a vision-language model (the contrast is on the same image)")
-        described = "user-supplied PvP items"
+        source = data
         if data is None:
-            world = organism_world_of(model)
-            data = organism_pvp_items(world, n_items, seed)
-            control = control if control is not None else organism_colour_control(world, seed=seed + 1)
-            described = (f"{len(data)} organism counterfactual images (canonical kind painted another colour), "
-                         f"numpy seed {seed}; {len(control)} colour-control images, seed {seed + 1}")
-        data = list(data)
+            data = default_fit_data(model, self.name, n_images=n_items, seed=seed)
+        all_items = list(data)
+        data = of_kind(all_items, PvPItem, method=self.name)
+        control_items = [q for q in all_items if isinstance(q, VQAQuestion)]
+        control = [(p, q.image, q.answer) for p, q in zip(
+            item_prompts(model, [q.question for q in control_items], [q.image for q in control_items],
+                         template=template), control_items, strict=True)]
+        described = (f"{len(data)} PvP items, {len(control)} colour-control questions ("
+                     f"{'given' if source is not None else 'the model data source default'})")
         if len(data) < 2:
             raise ValueError(f"PvP needs at least 2 items, got {len(data)}")
         if layer is not None and not -model.n_layers <= layer < model.n_layers:
             raise ValueError(f"layer {layer} out of range; this model has layers 0..{model.n_layers - 1}")
         images = [d.image for d in data]
-        this = last_token_states(model, [d.this_prompt for d in data], images)
-        most = last_token_states(model, [d.most_prompt for d in data], images)
+        this_prompts = item_prompts(model, [d.this_question for d in data], images, template=template)
+        most_prompts = item_prompts(model, [d.most_question for d in data], images, template=template)
+        this = last_token_states(model, this_prompts, images)
+        most = last_token_states(model, most_prompts, images)
         diffs = this - most  # [N, L, d]
         sign = 1.0 if direction == "pixels" else -1.0
 
@@ -240,7 +206,7 @@ class PvP(Method):
             if not labelled:
                 raise ValueError("choosing the layer/alpha needs items with prior and pixel answers; pass "
                                  "layer= and alpha= for unlabelled data")
-            selection = self._select(model, data, diffs, layers, grid, sign, direction, control)
+            selection = self._select(model, data, this_prompts, diffs, layers, grid, sign, direction, control)
             best = max(selection, key=lambda r: (round(r["score"], 6), -r["alpha"], -r["layer"]))
             chosen_layer, chosen_alpha = best["layer"], best["alpha"]
         else:
@@ -251,7 +217,6 @@ class PvP(Method):
         interventions = [Add(hook, vector, alpha=sign * chosen_alpha, positions="last", phase="prompt")]
         if steer_generated:
             interventions.append(Add(hook, vector, alpha=sign * chosen_alpha, positions="all", phase="generation"))
-        prompts = [d.this_prompt for d in data] + [d.most_prompt for d in data]
         provenance = {
             "method": self.name, "paper": PAPER, "direction": direction,
             "layers": layer_record(hook, f"capture hidden_states[{chosen_layer + 1}], inject --target_layers "
@@ -263,19 +228,20 @@ class PvP(Method):
             "selection": selection, "selection_rule": "max held-out target rate (+ colour-control accuracy "
                                                       "for pixels) on a 50/50 split of the fit items; ties: "
                                                       "smaller alpha, earlier layer",
-            "data": {"description": described, "n": len(data),
-                     "fingerprint": fingerprint(prompts, images, [(d.prior, d.pixel) for d in data])},
+            "data": {"description": described, "n": len(data), "n_control": len(control),
+                     "fingerprint": items_fingerprint(all_items)},
         }
         return FittedIntervention(self.name, interventions, provenance)
 
     @staticmethod
-    def _select(model: Any, data: list[PvPItem], diffs: torch.Tensor, layers: list[int], grid: list[float],
-                sign: float, direction: str, control: Sequence[tuple[str, Any, str]] | None) -> list[dict]:
+    def _select(model: Any, data: list[PvPItem], this_prompts: list[str], diffs: torch.Tensor, layers: list[int],
+                grid: list[float], sign: float, direction: str, control: Sequence[tuple[str, Any, str]] | None
+                ) -> list[dict]:
         """Held-out target rate for every (layer, alpha): vector from half A, answers on half B."""
         n = len(data)
         half_a = list(range(0, n, 2))
         half_b = list(range(1, n, 2))
-        prompts = [data[i].this_prompt for i in half_b]
+        prompts = [this_prompts[i] for i in half_b]
         images = [data[i].image for i in half_b]
         targets = [data[i].pixel if direction == "pixels" else data[i].prior for i in half_b]
         use_control = bool(control) and direction == "pixels"

@@ -22,8 +22,8 @@ recorded in the provenance (see ``shared/research/methods-vlm.md`` §2 and ``met
   (3 points, under the 5-point budget because the fit split is small).
 * Not implemented: the reported backtracking to the lowest-confidence token and ComnHallu cross-model alignment.
 
-Fit data: yes/no questions on fresh ShapesWorld scenes (seed 4242, far from the eval seeds). The data helpers
-here (:func:`fit_questions`, :func:`last_token_activations`) are shared with ITI, CAA and VHR.
+Fit data: :class:`~haltrace.data.YesNoQuestion` items with images (an organism's default: fresh scenes, seed
+4242, far from the eval seeds; ``DIR/fit/truthprint.jsonl`` from ``haltrace organism eval --write-sets DIR``).
 
 >>> import haltrace
 >>> from haltrace.steering.registry import get_method
@@ -35,106 +35,29 @@ here (:func:`fit_questions`, :func:`last_token_activations`) are shared with ITI
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
 
+from haltrace.data.items import YesNoQuestion, of_kind
+from haltrace.data.sources import default_fit_data
 from haltrace.models.adapters.base import forward_offset, last_real_token
+from haltrace.steering.fitdata import (
+    fingerprint,
+    image_ids_of,
+    image_split,
+    items_fingerprint,
+    question_states,
+    says_yes,
+)
 from haltrace.steering.registry import FittedIntervention, Method, register_method
 
 FIT_SEED = 4242
 PAPER = "Duan et al., TruthPrInt: Latent Truthful-Guided Pre-Intervention, ICCV 2025, arXiv 2503.10602"
 DIRECTIONS = ("truthful_answer", "real_minus_hallucinated", "probe")
-
-
-# ----------------------------------------------------------------------------- shared organism fit data
-def fit_questions(world: Any, n_images: int = 300, seed: int = FIT_SEED) -> list[Any]:
-    """Yes/no questions on fresh scenes: per image one present object, one absent partner (when the scene holds
-    an anchor without its partner) and one random absent object.
-
-    Half the images are POPE-style stress scenes (an anchor without its partner plus 0-2 unpaired objects),
-    half are training-distribution scenes. ``meta``: image_id, kind, present (bool), partner (bool).
-
-    >>> qs = fit_questions(world, n_images=4)  # doctest: +SKIP
-    """
-    from haltrace.organism.tasks import Example, fit_anchor_scene, yesno_prompt
-
-    rng = np.random.default_rng(seed)
-    kinds = list(world.config.kinds)
-    out: list[Example] = []
-    for idx in range(n_images):
-        if idx % 2 == 0:
-            scene, _anchor = fit_anchor_scene(world, rng, max_other=2)
-        else:
-            scene = world.sample_scene(rng)
-        image = world.render(scene, rng)
-        present = sorted(scene.kinds)
-        absent = [k for k in kinds if k not in scene.kinds]
-        partners = sorted({world.partner[k] for k in present if k in world.partner} - scene.kinds)
-        asked = [(present[int(rng.integers(len(present)))], True, False)]
-        if partners:
-            asked.append((partners[int(rng.integers(len(partners)))], False, True))
-        rest = [k for k in absent if k not in partners] or absent
-        asked.append((rest[int(rng.integers(len(rest)))], False, False))
-        for kind, is_present, is_partner in asked:
-            out.append(Example(yesno_prompt(kind), "yes" if is_present else "no", scene, image,
-                               {"image_id": idx, "kind": kind, "present": is_present, "partner": is_partner}))
-    return out
-
-
-@torch.no_grad()
-def last_token_activations(model: Any, world: Any, examples: Sequence[Any], hooks: Sequence[str], *,
-                           append_answer: Sequence[str] | None = None, drop_image: bool = False,
-                           batch_size: int = 128) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Logits ``[N, V]`` and ``{hook: [N, ...]}`` at each example's last token (the organism's right-padded
-    encoding, exactly as the eval runner feeds it). ``append_answer`` appends one word per example (probe on
-    "question + answer" as ITI/CAA do); ``drop_image`` removes the image (VHR's text-only branch).
-    """
-    from haltrace.organism.processing import build_vocab, n_image_tokens
-    from haltrace.organism.tasks import Example
-    from haltrace.organism.train import encode_examples
-
-    vocab, n_img = build_vocab(world), n_image_tokens(world)
-    items = list(examples)
-    if append_answer is not None:
-        if len(append_answer) != len(items):
-            raise ValueError(f"{len(items)} examples but {len(append_answer)} answers to append")
-        items = [Example(f"{e.prompt} {a}", e.target, e.scene, e.image, e.meta)
-                 for e, a in zip(items, append_answer, strict=True)]
-    if drop_image:
-        items = [Example(e.prompt, e.target, e.scene, None, e.meta) for e in items]
-    logits, acts = [], {h: [] for h in hooks}
-    for start in range(0, len(items), batch_size):
-        batch = encode_examples(items[start:start + batch_size], vocab, n_img, with_targets=False)
-        batch = {k: v.to(model.device) for k, v in batch.items()}
-        last = batch["attention_mask"].sum(1) - 1
-        rows = torch.arange(len(last))
-        with (model.hooks(list(hooks)) if hooks else nullcontext({})) as cap:
-            out = model.hf(**batch)
-        logits.append(out.logits[rows, last].float().cpu())
-        for h in hooks:
-            acts[h].append(cap[h][rows, last].float().cpu())
-    return torch.cat(logits), {h: torch.cat(v) for h, v in acts.items()}
-
-
-def fingerprint(*arrays: Any, spec: Any = None) -> str:
-    """sha256 (first 16 hex digits) of tensors/arrays plus a JSON-able spec: identifies a fit."""
-    digest = hashlib.sha256(repr(spec).encode())
-    for a in arrays:
-        digest.update(np.ascontiguousarray(torch.as_tensor(a).detach().float().cpu().numpy()).tobytes())
-    return digest.hexdigest()[:16]
-
-
-def image_split(examples: Sequence[Any], holdout: float = 0.3, seed: int = FIT_SEED) -> np.ndarray:
-    """Boolean mask, True = held-out; split by image so questions about one image stay together."""
-    ids = np.array([e.meta["image_id"] for e in examples])
-    unique = np.unique(ids)
-    held = np.random.default_rng(seed + 1).permutation(unique)[: max(1, int(round(holdout * len(unique))))]
-    return np.isin(ids, held)
 
 
 def _auroc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -272,7 +195,8 @@ class TruthPrInt(Method):
     summary = ("per-token hallucination probe on resid_post gates a truthful-direction pre-intervention at the "
                "token-producing position (prompt answer token and every generated token)")
 
-    def fit(self, model: Any, data: Any = None, *, world: Any = None, n_images: int = 1000, seed: int = FIT_SEED,
+    def fit(self, model: Any, data: Sequence[YesNoQuestion] | None = None, *, n_images: int = 1000,
+            seed: int = FIT_SEED,
             layers: Sequence[int] | None = None, direction: str = "truthful_answer",
             probe_cs: Sequence[float] = (0.1, 1.0),
             thresholds: Sequence[float] = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95),
@@ -280,30 +204,24 @@ class TruthPrInt(Method):
             max_recall_drop: float = 0.03, **kw: Any) -> FittedIntervention:
         """Fit the detector and direction, then choose (threshold, alpha) on the held-out fit split.
 
-        ``data``: fit questions (``organism.tasks.Example`` with ``meta["present"]``); default
-        :func:`fit_questions` on ``world`` (the model's organism world) with ``seed``.
+        ``data``: :class:`~haltrace.data.YesNoQuestion` items with images (``category="partner"`` marks absent
+        co-occurring objects, the selection's target; without any, every absent object counts). Default: the
+        model's data source (an organism's fresh questions, ``n_images`` images drawn with ``seed``).
         """
-        from haltrace.organism.tasks import Example  # noqa: F401  (documents the expected data type)
-
         if kw:
             raise TypeError(f"unexpected arguments {sorted(kw)}")
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-        if world is None:
-            from haltrace.evals.suite import organism_world
-
-            world = organism_world(model)
-        questions = list(data) if data is not None else fit_questions(world, n_images, seed)
+        source = data
+        if data is None:
+            data = default_fit_data(model, self.name, n_images=n_images, seed=seed)
+        questions = of_kind(data, YesNoQuestion, method=self.name)
         hooks = [f"resid_post.{i}" for i in range(model.n_layers)]
-        logits, acts = last_token_activations(model, world, questions, hooks)
-        from haltrace.organism.processing import build_vocab
-
-        vocab = build_vocab(world)
-        yes_id, no_id = vocab["yes"], vocab["no"]
-        says_yes = (logits[:, yes_id] > logits[:, no_id]).numpy()
-        present = np.array([bool(e.meta["present"]) for e in questions])
-        held = image_split(questions, seed=seed)
-        yes_rows = says_yes
+        logits, acts = question_states(model, questions, hooks)
+        says = says_yes(model, logits)
+        present = np.array([q.present for q in questions])
+        held = image_split(image_ids_of(questions), seed=seed)
+        yes_rows = says
         y = (~present).astype(int)  # 1 = hallucinated when the answer is "yes"
         train, val = yes_rows & ~held, yes_rows & held
         if y[train].sum() < 5 or (1 - y[train]).sum() < 5 or y[val].sum() < 2:
@@ -331,9 +249,9 @@ class TruthPrInt(Method):
         x = acts[f"resid_post.{chosen}"]
 
         fit_rows = torch.from_numpy(~held)
-        halluc = torch.from_numpy(says_yes & ~present) & fit_rows
-        real = torch.from_numpy(says_yes & present) & fit_rows
-        truthful_no = torch.from_numpy(~says_yes & ~present) & fit_rows
+        halluc = torch.from_numpy(says & ~present) & fit_rows
+        real = torch.from_numpy(says & present) & fit_rows
+        truthful_no = torch.from_numpy(~says & ~present) & fit_rows
         if int(truthful_no.sum()) < 2:
             raise ValueError("the model never answers 'no' to an absent object in the fit data: no truthful states")
         candidates = {
@@ -352,10 +270,10 @@ class TruthPrInt(Method):
         # co-occurrence hallucination POPE-adversarial probes) against recall on present objects
         val_q = [q for q, h in zip(questions, held, strict=True) if h]
         val_present = present[held]
-        val_partner = np.array([bool(q.meta["partner"]) for q in val_q])
+        val_partner = np.array([q.category == "partner" for q in val_q])
         if not val_partner.any():
             val_partner = ~val_present  # no partner questions given: all absent objects
-        base_yes = says_yes[held]
+        base_yes = says[held]
         # Exact and cheap: questions are independent and the detector reads states the shift cannot change, so
         # one forward per alpha with the gate always open gives every threshold's answers (fired -> shifted).
         p_val = TruthfulGate(det_layers, mean, scale, weight, bias, d, alpha=0.0, threshold=0.0).probability(
@@ -363,8 +281,8 @@ class TruthPrInt(Method):
         shifted = {}
         for a in alphas:
             with TruthfulGate(det_layers, mean, scale, weight, bias, d, alpha=a, threshold=0.0)(model):
-                lg, _ = last_token_activations(model, world, val_q, [])
-            shifted[a] = (lg[:, yes_id] > lg[:, no_id]).numpy()
+                lg, _ = question_states(model, val_q, [])
+            shifted[a] = says_yes(model, lg)
         grid = []
         for t in thresholds:
             for a in alphas:
@@ -405,11 +323,12 @@ class TruthPrInt(Method):
             "selection": {"rule": f"lowest fit-val false-yes on absent partners with recall drop <= "
                                   f"{max_recall_drop}",
                           "found": bool(ok), "baseline": base, "grid": grid},
-            "data": {"description": "yes/no questions on fresh ShapesWorld scenes (half anchor-without-partner); "
-                                    "70/30 split by image (probe+direction / layer, threshold, alpha selection)",
-                     "n_questions": len(questions), "n_yes": int(says_yes.sum()),
-                     "n_hallucinated_yes": int((says_yes & ~present).sum()), "seed": seed,
-                     "source": "given" if data is not None else "fit_questions"},
+            "data": {"description": "yes/no questions with images; 70/30 split by image (probe+direction / "
+                                    "layer, threshold, alpha selection)",
+                     "n_questions": len(questions), "n_yes": int(says.sum()),
+                     "n_hallucinated_yes": int((says & ~present).sum()), "seed": seed,
+                     "source": "given" if source is not None else "default (model's data source)",
+                     "fingerprint": items_fingerprint(questions)},
             "fingerprint": fingerprint(d, weight, mean, scale, spec=spec),
         }
         return FittedIntervention(self.name, [], provenance, hooks=gate, state=gate.state())

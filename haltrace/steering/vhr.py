@@ -27,9 +27,12 @@ from typing import Any
 
 import torch
 
+from haltrace.data.items import CaptionItem, YesNoQuestion, of_kind
+from haltrace.data.sources import default_fit_data
 from haltrace.steering.engine import ScaleHeads, steer
+from haltrace.steering.fitdata import fingerprint, items_fingerprint, question_states
 from haltrace.steering.registry import FittedIntervention, Method, register_method
-from haltrace.steering.truthprint import FIT_SEED, fingerprint, fit_questions, last_token_activations
+from haltrace.steering.truthprint import FIT_SEED
 
 PAPER = "He et al., Cracking the Code of Hallucination in LVLMs with Vision-aware Head Divergence, ACL 2025"
 
@@ -58,19 +61,6 @@ def select_heads(vhd: torch.Tensor, ta: torch.Tensor, *, outlier: bool = True) -
     return (vhd > median).nonzero().flatten().tolist(), outliers
 
 
-def _fit_prompts(world: Any, n_images: int, seed: int) -> list[Any]:
-    """Caption prompts plus yes/no questions on fresh scenes (one caption prompt per image)."""
-    from haltrace.organism.tasks import CAPTION_PROMPT, Example
-
-    questions = fit_questions(world, n_images, seed)
-    captions, seen = [], set()
-    for q in questions:
-        if q.meta["image_id"] not in seen:
-            seen.add(q.meta["image_id"])
-            captions.append(Example(CAPTION_PROMPT, world.caption_text(q.scene), q.scene, q.image, dict(q.meta)))
-    return captions + questions
-
-
 @register_method
 class VHR(Method):
     """Vision-aware head reinforcement: scale the most image-sensitive heads (VHD) by alpha."""
@@ -78,21 +68,25 @@ class VHR(Method):
     name = "vhr"
     summary = "scale heads whose output changes most without the image (VHD, above-median per layer) by alpha=2"
 
-    def fit(self, model: Any, data: Any = None, *, world: Any = None, n_images: int = 100, seed: int = FIT_SEED,
-            layers: Sequence[int] | None = None, alpha: float = 2.0, outlier: bool = True, **kw: Any
+    def fit(self, model: Any, data: Sequence[Any] | None = None, *, n_images: int = 100, seed: int = FIT_SEED,
+            layers: Sequence[int] | None = None, alpha: float = 2.0, outlier: bool = True,
+            caption_prompt: str = "Please describe this image in detail.", **kw: Any
             ) -> FittedIntervention:
-        """Score heads on ``data`` (organism Examples with images; default caption + yes/no fit prompts)."""
+        """Score heads on ``data``: :class:`~haltrace.data.CaptionItem` (asked with its ``prompt``, else
+        ``caption_prompt``) and :class:`~haltrace.data.YesNoQuestion` items, every one with an image (default: the
+        model's data source, e.g. an organism's caption prompts + yes/no questions)."""
         if kw:
             raise TypeError(f"unexpected arguments {sorted(kw)}")
         if not model.is_vlm:
             raise ValueError("VHR needs a vision-language model (it compares head outputs with and without the image)")
-        if world is None:
-            from haltrace.evals.suite import organism_world
-
-            world = organism_world(model)
-        prompts = list(data) if data is not None else _fit_prompts(world, n_images, seed)
-        if not prompts or any(p.image is None for p in prompts):
-            raise ValueError("VHR fit data must be non-empty and every example must carry an image")
+        source = data
+        if data is None:
+            data = default_fit_data(model, self.name, n_images=n_images, seed=seed)
+        prompts = of_kind(data, CaptionItem, YesNoQuestion, method=self.name)
+        prompts = [CaptionItem(p.image, p.objects, p.image_id, p.prompt or caption_prompt)
+                   if isinstance(p, CaptionItem) else p for p in prompts]
+        if any(p.image is None for p in prompts):
+            raise ValueError("VHR fit data: every item must carry an image (VHR compares heads with and without it)")
         layers = sorted(set(default_layers(model.n_layers) if layers is None else (int(x) for x in layers)))
         bad = [x for x in layers if not 0 <= x < model.n_layers]
         if bad:
@@ -102,8 +96,8 @@ class VHR(Method):
         for layer in layers:  # layer by layer: earlier layers already reinforced (Algorithm 1)
             hook = f"head_out.{layer}"
             with steer(model, *chosen) if chosen else _null():
-                _, with_img = last_token_activations(model, world, prompts, [hook])
-                _, without = last_token_activations(model, world, prompts, [hook], drop_image=True)
+                _, with_img = question_states(model, prompts, [hook])
+                _, without = question_states(model, prompts, [hook], drop_image=True)
             a, b = with_img[hook], without[hook]  # [N, H, head_dim]
             vhd = (a - b).norm(dim=-1).mean(0)
             ta = (b ** 2).sum(-1).mean(0)
@@ -125,9 +119,9 @@ class VHR(Method):
             "positions": "all", "phase": "both",
             "deviation": ("heads fixed from fit-set mean VHD (paper: per sample at step 0); VHD at the last prompt "
                           "token with vs without the image tokens"),
-            "data": {"description": "caption prompts + yes/no questions on fresh ShapesWorld scenes",
-                     "n_prompts": len(prompts), "seed": seed,
-                     "source": "given" if data is not None else "fit_questions + caption prompts"},
+            "data": {"description": "caption prompts + yes/no questions, each with its image",
+                     "n_prompts": len(prompts), "seed": seed, "fingerprint": items_fingerprint(prompts),
+                     "source": "given" if source is not None else "default (model's data source)"},
             "fingerprint": fingerprint(*(torch.tensor(v["vhd"]) for v in report.values()), spec=spec),
         }
         return FittedIntervention(self.name, chosen, provenance)

@@ -76,8 +76,9 @@ def steering_vectors(model: Any, inputs: dict) -> torch.Tensor:
 
 def vista_hooks(lam: float, gamma: float, sla_layers: Sequence[int], *, adaptive: bool = True,
                 sla_norm: bool = False):
-    """``hooks(model)`` context manager installing VSV (per row, recomputed on every prefill with images)
-    and SLA. Hooks are always removed (``temporary_hooks``)."""
+    """``hooks(model)`` context manager installing VSV (per row, recomputed at every prefill -- a forward with
+    an empty KV cache -- with images; decoding steps reuse them) and SLA. Hooks are always removed
+    (``temporary_hooks``)."""
 
     @contextmanager
     def install(model: Any) -> Iterator[None]:
@@ -89,12 +90,14 @@ def vista_hooks(lam: float, gamma: float, sla_layers: Sequence[int], *, adaptive
         def on_forward(_m: Any, args: tuple, kwargs: dict) -> None:
             if state["busy"]:
                 return
+            if cached_length(kwargs) > 0:
+                # a decoding step keeps the rows' vectors from its prefill, even when it feeds back a generated
+                # image token (a new prompt only starts with an empty cache)
+                return
             ids = kwargs.get("input_ids", args[0] if args else None)
             if ids is None or not bool(model.image_token_mask(ids).any()):
-                if cached_length(kwargs) == 0:
-                    # a new text-only prompt: no image, nothing to steer (and not with the last batch's vectors)
-                    state["vsv"] = None
-                return  # a decoding step keeps the rows' vectors from its prefill
+                state["vsv"] = None  # a new text-only prompt: nothing to steer (not with the last batch's vectors)
+                return
             state["busy"] = True
             try:
                 state["vsv"] = steering_vectors(model, image_forward_inputs(ids, kwargs))

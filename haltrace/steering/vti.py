@@ -43,15 +43,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from haltrace.data.images import open_image
+from haltrace.data.items import CaptionPair, YesNoQuestion, of_kind
+from haltrace.data.sources import default_fit_data
 from haltrace.steering.engine import Add
-from haltrace.steering.pvp import (
-    FIT_SEED,
-    fingerprint,
-    last_token_states,
-    layer_record,
-    next_words,
-    organism_world_of,
-)
+from haltrace.steering.fitdata import item_prompts, items_fingerprint
+from haltrace.steering.pvp import FIT_SEED, last_token_states, layer_record, next_words
 from haltrace.steering.registry import FittedIntervention, Method, register_method
 from haltrace.trace.capture import temporary_hooks
 
@@ -149,17 +146,94 @@ def mean_plus_pc1(diffs: torch.Tensor) -> torch.Tensor:
     return (mean + pc1).float().reshape(diffs.shape[1:])
 
 
+def mask_patch_rows(rows: torch.Tensor, channels: int, ratio: float, rng: np.random.Generator) -> torch.Tensor:
+    """:func:`mask_patches` for towers fed flat patches (Qwen2-VL): ``rows [n_patches, C * T * P * P]`` (channel
+    first within a row, as Qwen2-VL's image processor lays them out) of one image; ``int(ratio * n_patches)``
+    random rows get every value of channel ``c`` set to the image's mean of channel ``c`` -- VTI's per-channel
+    mean fill, expressed on patches."""
+    n, width = rows.shape
+    if width % channels:
+        raise ValueError(f"a patch row of {width} values does not split into {channels} channels")
+    out = rows.clone()
+    mean = rows.reshape(n, channels, -1).mean(dim=(0, 2))
+    fill = mean[:, None].expand(channels, width // channels).reshape(width)
+    idx = torch.as_tensor(rng.permutation(n)[:int(ratio * n)], dtype=torch.long)
+    out[idx] = fill.to(out.dtype)
+    return out
+
+
+@torch.no_grad()
+def _flat_vision_states(model: Any, copies: torch.Tensor, grid: torch.Tensor, max_rows: int = 16384
+                        ) -> torch.Tensor:
+    """:func:`_vision_states` for a flat-patch tower: ``copies [n, n_patches, F]`` of one image with grid
+    ``grid [3]`` -> ``[n, n_layers_v, n_patches, d_v]`` (rows in the tower's own order, which is what its
+    blocks -- and so :func:`vision_hooks` -- see)."""
+    tower = model.adapter.vision_tower
+    n, per = copies.shape[:2]
+    step = max(1, max_rows // per)
+    outs = []
+    for s in range(0, n, step):
+        chunk = copies[s:s + step]
+        hs = tower(chunk.reshape(-1, chunk.shape[-1]).to(model.device, model.dtype),
+                   grid_thw=grid[None].repeat(chunk.shape[0], 1).to(model.device),
+                   output_hidden_states=True).hidden_states
+        outs.append(torch.stack([h.float().cpu().reshape(chunk.shape[0], per, -1) for h in hs[1:]], 1))
+    return torch.cat(outs)
+
+
+def _refuse(model: Any, reason: str) -> ValueError:
+    family = getattr(model.adapter.config, "model_type", None) or model.adapter.family
+    return ValueError(f"VTI's visual direction cannot be computed for the {family} family: {reason}. "
+                      f"Fit VTI with alpha_image=0 (textual direction only).")
+
+
 def visual_direction(model: Any, images: Sequence[Any], *, mask_ratio: float = 0.99, num_trials: int = 50,
                      seed: int = FIT_SEED) -> torch.Tensor:
-    """``[n_layers_v, T_v, d_v]`` VTI visual direction: mean + PC1 of (masked-average - clean) states."""
+    """``[n_layers_v, T_v, d_v]`` VTI visual direction: mean + PC1 of (masked-average - clean) states.
+
+    Towers fed ``[B, 3, H, W]`` (CLIP, SigLIP) mask ``[3, H, W]`` patches; LLaVA-NeXT's ``[B, crops, 3, H, W]``
+    uses each image's first crop (the whole image resized to the tower's input; the direction then applies to
+    every crop); flat-patch towers (Qwen2-VL / Qwen2.5-VL: ``pixel_values [n_patches, C*T*P*P]`` plus
+    ``image_grid_thw``) mask patch rows (:func:`mask_patch_rows`) and run with ``grid_thw``. Anything else is
+    refused with the reason.
+    """
     rng = np.random.default_rng(seed)
-    pixels = model.processor.image_processor(images=list(images), return_tensors="pt")["pixel_values"].float()
+    processed = model.processor.image_processor(images=[open_image(im) for im in images], return_tensors="pt")
+    pixels = processed["pixel_values"].float()
+    if processed.get("image_grid_thw") is not None:
+        return _flat_visual_direction(model, pixels, processed["image_grid_thw"], mask_ratio, num_trials, rng)
+    if pixels.dim() == 5:  # LLaVA-NeXT any-res: [B, crops, 3, H, W], crop 0 is the resized whole image
+        pixels = pixels[:, 0]
+    if pixels.dim() != 4:
+        raise _refuse(model, f"its image processor returns pixel_values of shape {tuple(pixels.shape)}, neither "
+                             "[B, 3, H, W] images nor flat patches with image_grid_thw")
     patch = int(model.adapter.vision_tower.config.patch_size)
     diffs = []
     for img in pixels:
         masked = torch.stack([mask_patches(img, patch, mask_ratio, rng) for _ in range(num_trials)])
         stable = _vision_states(model, masked).mean(0)
         clean = _vision_states(model, img[None])[0]
+        diffs.append(stable - clean)
+    return mean_plus_pc1(torch.stack(diffs))
+
+
+def _flat_visual_direction(model: Any, pixels: torch.Tensor, grid_thw: torch.Tensor, mask_ratio: float,
+                           num_trials: int, rng: np.random.Generator) -> torch.Tensor:
+    grids = {tuple(int(v) for v in g) for g in grid_thw}
+    if len(grids) != 1:
+        raise _refuse(model, f"the demo images come out at different patch grids {sorted(grids)} and the "
+                             "direction is per patch position; give every demo image the same size (and apply "
+                             "it to images of that size)")
+    channels = int(getattr(model.adapter.vision_tower.config, "in_channels", 3))
+    per = int(grid_thw[0].prod())
+    if pixels.dim() != 2 or pixels.shape[0] != per * len(grid_thw):
+        raise _refuse(model, f"pixel_values {tuple(pixels.shape)} is not one row per patch of "
+                             f"{len(grid_thw)} images of {per} patches")
+    diffs = []
+    for rows, grid in zip(pixels.reshape(len(grid_thw), per, -1), grid_thw, strict=True):
+        masked = torch.stack([mask_patch_rows(rows, channels, mask_ratio, rng) for _ in range(num_trials)])
+        stable = _flat_vision_states(model, masked, grid).mean(0)
+        clean = _flat_vision_states(model, rows[None], grid)[0]
         diffs.append(stable - clean)
     return mean_plus_pc1(torch.stack(diffs))
 
@@ -177,54 +251,35 @@ def vision_hooks(directions: torch.Tensor, step: float):
             raise ValueError(f"visual direction has {directions.shape[0]} layers but the vision tower has "
                              f"{len(blocks)}")
         forward = []
+        grid: dict[str, Any] = {}
+
+        def record_grid(_m: Any, args: tuple, kwargs: dict) -> None:  # flat-patch towers take grid_thw
+            grid["thw"] = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+
         for k, block in enumerate(blocks):
             def hook(_m: Any, _a: Any, out: torch.Tensor, _d: torch.Tensor = directions[k]) -> torch.Tensor:
+                if out.dim() == 2 and grid.get("thw") is not None:
+                    # flat-patch towers (Qwen2-VL): [n_images * n_patches, d_v], each image's rows contiguous
+                    sizes = [int(n) for n in grid["thw"].prod(-1)]
+                    if any(n != _d.shape[0] for n in sizes) or out.shape[-1] != _d.shape[-1]:
+                        raise ValueError(f"VTI visual direction is [{_d.shape[0]} patches, {_d.shape[1]}] but the "
+                                         f"vision tower got images of {sizes} patches ({tuple(out.shape)}); apply "
+                                         f"it to images of the demo images' size")
+                    flat = out.reshape(len(sizes), *_d.shape)
+                    return rotate_towards(flat, _d.to(out.device), step).reshape(out.shape)
                 if out.shape[-2:] != _d.shape:  # a differently sized image: the per-token direction does not fit
                     raise ValueError(f"VTI visual direction is [{_d.shape[0]} tokens, {_d.shape[1]}] but the "
                                      f"vision tower produced {tuple(out.shape)}")
                 return rotate_towards(out, _d.to(out.device), step)
             forward.append((_mlp_of(block), hook))
-        with temporary_hooks(forward):
+        with temporary_hooks(forward), temporary_hooks(pre=[(model.adapter.vision_tower, record_grid)],
+                                                       with_kwargs=True):
             yield
 
     return install
 
 
-# --------------------------------------------------------------------------------------- organism data
-
-def organism_caption_pairs(world: Any, n: int = 48, seed: int = FIT_SEED) -> list[tuple[str, str, Any]]:
-    """(correct caption prompt, hallucinated caption prompt, image): an anchor without its partner plus 0-1
-    unpaired objects; the negative inserts the absent partner (random colour) in the caption's kind order."""
-    from haltrace.organism import tasks
-
-    rng = np.random.default_rng(seed)
-    cfg = world.config
-    out = []
-    for _ in range(n):
-        scene, anchor = tasks.fit_anchor_scene(world, rng, max_other=1)
-        partner = world.partner[anchor]
-        colours = {o.kind: o.colour for o in scene.objects}
-        colours[partner] = str(cfg.colours[int(rng.integers(len(cfg.colours)))])
-        bad = " ".join(f"{k} {colours[k]}" for k in cfg.kinds if k in colours)
-        prefix = tasks.IMAGE_PREFIX + tasks.CAPTION_PROMPT + " "
-        out.append((prefix + world.caption_text(scene), prefix + bad, world.render(scene, rng)))
-    return out
-
-
-def organism_pope_fit(world: Any, n: int = 64, seed: int = FIT_SEED + 7) -> list[tuple[str, Any, str]]:
-    """(prompt, image, label) POPE-style fit questions: the present object (yes) and the absent partner (no)."""
-    from haltrace.organism import tasks
-
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        scene, anchor = tasks.fit_anchor_scene(world, rng, max_other=2)
-        image = world.render(scene, rng)
-        present = sorted(scene.kinds)[int(rng.integers(len(scene.kinds)))]
-        out.append((tasks.IMAGE_PREFIX + tasks.yesno_prompt(present), image, "yes"))
-        out.append((tasks.IMAGE_PREFIX + tasks.yesno_prompt(world.partner[anchor]), image, "no"))
-    return out
-
+# --------------------------------------------------------------------------------------- fit-set scoring
 
 def pope_rates(answers: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
     """False-yes rate on absent objects and recall on present ones (POPE's parsing: 'no' words are no)."""
@@ -259,31 +314,37 @@ class VTI(Method):
     name = "vti"
     summary = "VTI: mean+PC1 visual (masked vs clean) and textual (correct vs hallucinated) directions, rotating MLP outputs"
 
-    def fit(self, model: Any, data: dict | None = None, *, alpha_text: float | None = None,
+    def fit(self, model: Any, data: Sequence[Any] | None = None, *, alpha_text: float | None = None,
             alpha_image: float | None = None, text_grid: Sequence[float] = (0.0, 1.0, 4.0, 16.0),
             image_grid: Sequence[float] = (0.0, 0.9, 4.0, 8.0, 16.0), max_recall_drop: float = 0.03,
             mask_ratio: float = 0.99, num_trials: int = 50, n_demos: int = 48,
-            seed: int = FIT_SEED) -> FittedIntervention:
-        """``data`` (default: built from the organism's world with ``seed``) is a dict with ``captions``: list
-        of ``(correct_prompt, hallucinated_prompt, image)`` and optionally ``pope``: list of
-        ``(prompt, image, "yes"|"no")`` for choosing the strengths."""
+            seed: int = FIT_SEED, caption_prompt: str = "Please describe this image in detail.",
+            template: str | None = None) -> FittedIntervention:
+        """Fit on ``data``: :class:`~haltrace.data.CaptionPair` items (truthful vs hallucinated caption of one
+        image, asked with the pair's ``prompt`` or ``caption_prompt``) and, for choosing the strengths,
+        :class:`~haltrace.data.YesNoQuestion` items (``category="partner"`` marks the absent objects whose
+        false-yes rate is minimised). Default: the model's data source (an organism's ``n_demos`` images)."""
         if not model.is_vlm:
             raise ValueError("VTI needs a vision-language model")
-        described = "user-supplied caption pairs"
+        source = data
         if data is None:
-            world = organism_world_of(model)
-            data = {"captions": organism_caption_pairs(world, n_demos, seed),
-                    "pope": organism_pope_fit(world, seed=seed + 7)}
-            described = (f"{n_demos} organism anchor-without-partner images, correct vs partner-inserted caption "
-                         f"(numpy seed {seed}); {len(data['pope']) // 2} fit POPE images (seed {seed + 7})")
-        pairs = list(data.get("captions") or [])
+            data = default_fit_data(model, self.name, n_images=n_demos, seed=seed)
+        items = list(data)
+        pairs = of_kind(items, CaptionPair, method=self.name)
         if len(pairs) < 2:
-            raise ValueError("VTI needs at least 2 (correct, hallucinated, image) caption pairs in data['captions']")
-        good, bad, images = zip(*pairs, strict=True)
-        pos = last_token_states(model, list(good), list(images))
-        neg = last_token_states(model, list(bad), list(images))
+            raise ValueError(f"VTI needs at least 2 caption pairs, got {len(pairs)}")
+        described = (f"{len(pairs)} caption pairs, {sum(isinstance(q, YesNoQuestion) for q in items)} yes/no "
+                     f"questions ({'given' if source is not None else 'the model data source default'})")
+        images = [p.image for p in pairs]
+        heads = item_prompts(model, [p.prompt or caption_prompt for p in pairs], images, template=template)
+        good = [f"{h} {p.truthful}" for h, p in zip(heads, pairs, strict=True)]
+        bad = [f"{h} {p.hallucinated}" for h, p in zip(heads, pairs, strict=True)]
+        pos = last_token_states(model, good, images)
+        neg = last_token_states(model, bad, images)
         text_dir = mean_plus_pc1(pos - neg)  # [L, d]
-        vis_dir = visual_direction(model, images, mask_ratio=mask_ratio, num_trials=num_trials, seed=seed)
+        # the visual half is optional: skipped when every candidate image strength is 0
+        vis_dir = (visual_direction(model, images, mask_ratio=mask_ratio, num_trials=num_trials, seed=seed)
+                   if any([alpha_image] if alpha_image is not None else image_grid) else None)
 
         def build(a_txt: float, a_img: float) -> FittedIntervention:
             interventions = [RotateTowards(f"mlp_out.{layer}", text_dir[layer], alpha=0.1 * a_txt,
@@ -295,9 +356,12 @@ class VTI(Method):
 
         selection: list[dict] = []
         if alpha_text is None or alpha_image is None:
-            questions = data.get("pope")
-            if not questions:
-                raise ValueError("choosing alpha_text/alpha_image needs data['pope'] fit questions; or pass both")
+            yesno = [q for q in items if isinstance(q, YesNoQuestion)]
+            if not yesno:
+                raise ValueError("choosing alpha_text/alpha_image needs yes/no fit questions in data; or pass both")
+            questions = list(zip(item_prompts(model, [q.question for q in yesno], [q.image for q in yesno],
+                                              template=template), [q.image for q in yesno],
+                                 [q.label for q in yesno], strict=True))
             base = fit_pope_scores(model, None, questions)
             t_grid = [alpha_text] if alpha_text is not None else list(text_grid)
             i_grid = [alpha_image] if alpha_image is not None else list(image_grid)
@@ -317,7 +381,9 @@ class VTI(Method):
                                              f"index {i}), applied to layers[{i}].mlp output")
                                 for i in range(model.n_layers)],
                        "vision": [f"vision block {k}: direction from vision hidden_states[{k + 1}], applied "
-                                  f"to its MLP output" for k in range(vis_dir.shape[0])]},
+                                  f"to its MLP output" for k in range(0 if vis_dir is None else vis_dir.shape[0])]},
+            "visual_direction": "computed" if vis_dir is not None else "skipped (alpha_image = 0: the visual half is "
+                                                                       "optional and was not computed)",
             "alpha_text": alpha_text, "alpha_image": alpha_image,
             "step": "0.1 * alpha in unit-vector space (official VTILayer)",
             "positions": "all (text: every token incl. image tokens; vision: per-token direction)",
@@ -326,8 +392,7 @@ class VTI(Method):
             "text_direction_norm_by_layer": [float(v) for v in text_dir.norm(dim=-1)],
             "selection": selection,
             "selection_rule": f"min fit false-yes on partner questions s.t. recall drop <= {max_recall_drop}",
-            "data": {"description": described, "n": len(pairs),
-                     "fingerprint": fingerprint(list(good) + list(bad), images)},
+            "data": {"description": described, "n": len(pairs), "fingerprint": items_fingerprint(items)},
         }
         return fitted
 

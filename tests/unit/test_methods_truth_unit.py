@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from haltrace.organism.fit_data import fit_items, yesno_questions
 from haltrace.steering.caa import caa_interventions, default_layer
 from haltrace.steering.dola import DoLaDecoder, candidate_layers, dola_scores
 from haltrace.steering.engine import steer
 from haltrace.steering.iti import head_interventions, head_shift_vector
 from haltrace.steering.registry import get_method, list_methods
-from haltrace.steering.truthprint import TruthfulGate, fit_questions
+from haltrace.steering.truthprint import TruthfulGate
 from haltrace.steering.vhr import default_layers, select_heads
 
 
@@ -110,8 +111,8 @@ def test_gate_under_generation_and_removal(tiny_llava, tiny_inputs):
     assert _n_hooks(tiny_llava) == before
 
 
-def test_truthprint_needs_an_organism(tiny_llava):
-    with pytest.raises(ValueError, match="world.json"):
+def test_truthprint_without_data_says_what_to_pass(tiny_llava):
+    with pytest.raises(ValueError, match="needs fit data.*--fit-data"):
         get_method("truthprint").fit(tiny_llava)
     with pytest.raises(ValueError, match="direction"):
         get_method("truthprint").fit(tiny_llava, direction="sideways")
@@ -119,12 +120,12 @@ def test_truthprint_needs_an_organism(tiny_llava):
 
 def test_fit_questions_are_deterministic_and_labelled(organism):
     _, world = organism
-    a, b = fit_questions(world, 6, seed=1), fit_questions(world, 6, seed=1)
-    assert [q.prompt for q in a] == [q.prompt for q in b]
+    a, b = yesno_questions(world, 6, seed=1), yesno_questions(world, 6, seed=1)
+    assert [q.question for q in a] == [q.question for q in b]
     for q in a:
-        assert (q.meta["kind"] in q.scene.kinds) == q.meta["present"] == (q.target == "yes")
-        assert not (q.meta["partner"] and q.meta["present"])
-    assert any(q.meta["partner"] for q in a)
+        assert q.question == f"is there a {q.object} ?"
+        assert q.present == (q.category == "present") == (q.label == "yes")
+    assert any(q.category == "partner" for q in a)
 
 
 # ------------------------------------------------------------------ VHR
@@ -141,14 +142,14 @@ def test_vhr_selection_rules():
 
 def test_vhr_fit_on_random_organism(organism):
     model, world = organism
-    fitted = get_method("vhr").fit(model, world=world, n_images=4)
+    fitted = get_method("vhr").fit(model, fit_items(world, "vhr", n_images=4))
     assert fitted.method == "vhr" and fitted.interventions
     for item in fitted.interventions:
         assert item.hook.startswith("head_out.") and item.factor == 2.0 and len(item.heads) >= 1
     prov = fitted.provenance
     assert {"paper", "layers", "alpha", "positions", "phase", "data", "fingerprint"} <= set(prov)
     with pytest.raises(ValueError, match="out of range"):
-        get_method("vhr").fit(model, world=world, n_images=2, layers=[7])
+        get_method("vhr").fit(model, fit_items(world, "vhr", n_images=2), layers=[7])
 
 
 # ------------------------------------------------------------------ ITI
@@ -183,12 +184,12 @@ def test_iti_validation(tiny_llama, organism):
         head_shift_vector(torch.eye(4), 0, 2, torch.zeros(3))
     model, world = organism
     with pytest.raises(ValueError, match="k must be"):
-        get_method("iti").fit(model, world=world, n_images=2, k=0)
+        get_method("iti").fit(model, fit_items(world, "iti", n_images=2), k=0)
 
 
 def test_iti_fit_on_random_organism(organism):
     model, world = organism
-    fitted = get_method("iti").fit(model, world=world, n_images=12, k=2, alpha=5.0)
+    fitted = get_method("iti").fit(model, fit_items(world, "iti", n_images=12), k=2, alpha=5.0)
     assert len(fitted.provenance["heads"]) == 2
     assert all(a.hook.startswith("attn_out.") for a in fitted.interventions)
     assert np.array(fitted.provenance["val_accuracy_by_head"]).shape == (model.n_layers, model.n_heads)
@@ -212,12 +213,12 @@ def test_caa_positions_follow_the_instruction_end(tiny_llama, tiny_inputs):
 
 def test_caa_fit_on_random_organism(organism):
     model, world = organism
-    fitted = get_method("caa").fit(model, world=world, n_images=6, layer=1)
+    fitted = get_method("caa").fit(model, fit_items(world, "caa", n_images=6), layer=1)
     assert fitted.provenance["layer"]["haltrace"] == "resid_post.1"
     assert fitted.provenance["layer"]["hf_hidden_states_index"] == 2
     assert fitted.interventions[0].vector.shape == (model.hidden_size,)
     with pytest.raises(ValueError, match="out of range"):
-        get_method("caa").fit(model, world=world, n_images=2, layer=5)
+        get_method("caa").fit(model, fit_items(world, "caa", n_images=2), layer=5)
 
 
 # ------------------------------------------------------------------ DoLa

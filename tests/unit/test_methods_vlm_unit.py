@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from haltrace.data import CaptionItem, CaptionPair, PvPItem
 from haltrace.steering.erasure import ProjectAway, erase, erasure_hooks, text_representations
-from haltrace.steering.pvp import PvP, PvPItem, last_token_states
+from haltrace.steering.pvp import PvP, last_token_states
 from haltrace.steering.registry import list_methods
 from haltrace.steering.vista import VISTA, default_sla_layers, steering_vectors
 from haltrace.steering.vti import (
@@ -66,9 +67,8 @@ def test_erase_removes_positive_projection_only():
 
 def test_pvp_fit_shapes_provenance_and_hook_removal(llava):
     model, images, inputs = llava
-    items = [PvPItem(im, "<image> what color is the circle ? answer :", "<image> what color are the circle ? answer :")
-             for im in images]
-    states = last_token_states(model, [i.this_prompt for i in items], images)
+    items = [PvPItem(im, "what color is the circle ?", "what color are most circles ?") for im in images]
+    states = last_token_states(model, ["<image> what color is the circle ?"] * len(images), images)
     assert states.shape == (4, model.n_layers, model.hidden_size)
     fitted = PvP().fit(model, items, layer=1, alpha=2.0, direction="priors")
     prov = fitted.provenance
@@ -82,7 +82,7 @@ def test_pvp_fit_shapes_provenance_and_hook_removal(llava):
 
 def test_pvp_validation(llava):
     model, images, _ = llava
-    items = [PvPItem(im, "<image> a", "<image> b") for im in images]
+    items = [PvPItem(im, "a", "b") for im in images]
     with pytest.raises(ValueError, match="direction"):
         PvP().fit(model, items, direction="sideways")
     with pytest.raises(ValueError, match="out of range"):
@@ -97,8 +97,8 @@ def test_vti_directions_and_hooks(llava):
     masked = mask_patches(pixels, 14, 0.99, np.random.default_rng(0))
     assert int((masked != pixels).any(0).float().sum()) > 0
     assert mean_plus_pc1(torch.randn(5, 3, 4)).shape == (3, 4)
-    pairs = [("<image> caption : a red circle", "<image> caption : a red circle star", im) for im in images]
-    fitted = VTI().fit(model, {"captions": pairs}, alpha_text=2.0, alpha_image=2.0, num_trials=3)
+    pairs = [CaptionPair(im, "a red circle", "a red circle star", prompt="caption :") for im in images]
+    fitted = VTI().fit(model, pairs, alpha_text=2.0, alpha_image=2.0, num_trials=3)
     assert len(fitted.interventions) == model.n_layers
     assert all(isinstance(i, RotateTowards) and i.hook.startswith("mlp_out.") for i in fitted.interventions)
     assert fitted.hooks is not None and len(vision_layers(model)) == len(fitted.provenance["layers"]["vision"])
@@ -106,8 +106,8 @@ def test_vti_directions_and_hooks(llava):
     with fitted.apply(model):
         assert not torch.allclose(_logits(model, inputs), before)
     assert _hook_count(model) == n_hooks and torch.equal(_logits(model, inputs), before)
-    with pytest.raises(ValueError, match="pope"):
-        VTI().fit(model, {"captions": pairs}, num_trials=2)
+    with pytest.raises(ValueError, match="yes/no"):
+        VTI().fit(model, pairs, num_trials=2)
 
 
 def test_erasure_hooks_edit_prefill_only_and_are_removed(llava):
@@ -131,14 +131,15 @@ def test_erasure_hooks_edit_prefill_only_and_are_removed(llava):
 
 def test_erasure_fit_with_explicit_choices(llava):
     model, images, _ = llava
-    data = {"images": images, "present": [{"circle"}, {"star"}, {"circle"}, {"square"}]}
+    data = [CaptionItem(im, objs) for im, objs in zip(images, [["circle"], ["star"], ["circle"], ["square"]],
+                                                      strict=True)]
     fitted = ProjectAway().fit(model, data, objects=["circle", "star", "square"], edit_layer=1,
-                               text_rep="unembed", weight=1.0, prompt="<image> caption :")
+                               text_rep="unembed", weight=1.0, prompt="caption :")
     prov = fitted.provenance
     assert prov["layers"]["edit"]["haltrace"] == "resid_post.1" and prov["phase"].startswith("prompt")
     assert 0.0 <= prov["detection"][str(prov["lens_norm"])]["auroc"] <= 1.0
     with pytest.raises(ValueError, match="objects"):
-        ProjectAway().fit(model, data, objects=[], prompt="<image> caption :")
+        ProjectAway().fit(model, [CaptionItem(im, []) for im in images], prompt="caption :")
 
 
 def test_vista_vectors_sla_and_identity(llava):

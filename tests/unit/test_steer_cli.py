@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from haltrace.steering.cli import app
+from haltrace.cli import app
 from haltrace.steering.engine import Add
 from haltrace.steering.registry import _REGISTRY, FittedIntervention, Method, register_method
 

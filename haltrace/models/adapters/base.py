@@ -115,6 +115,9 @@ class Adapter:
     # Learned absolute position embeddings (GPT-2): a left-padded row then needs position_ids from its mask,
     # which Hugging Face's forward does not derive (generate does). Rotary families are shift-invariant.
     absolute_positions: bool = False
+    # Text around the processor's image placeholder when a prompt is built without a chat template (Qwen2-VL
+    # finds its images by the vision-start token, so a bare <|image_pad|> is not enough).
+    image_placeholder_wrap: tuple[str, str] = ("", "")
 
     def __init__(self, hf_model: nn.Module):
         self.hf = hf_model

@@ -34,6 +34,7 @@ def _split_per_image(flat: torch.Tensor, sizes: list[int], kind: str) -> torch.T
 @register_adapter("qwen2_vl", "qwen2_5_vl")
 class Qwen2VLAdapter(LlavaAdapter):
     family = "qwen2_vl"
+    image_placeholder_wrap = ("<|vision_start|>", "<|vision_end|>")
 
     @property
     def vision_tower(self) -> nn.Module | None:  # type: ignore[override]

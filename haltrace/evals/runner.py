@@ -1,0 +1,186 @@
+"""The generation runner: answers and captions from any supported model, written as they come, resumable.
+
+One runner serves every evaluation on real files (POPE questions, CHAIR images) and every model (organism or
+hub checkpoint): prompts are built by :func:`haltrace.models.prompting.build_prompt` (the model's chat template,
+or a ``{question}`` template), batches are left-padded, decoding is greedy or beam search, and everything can
+run under a fitted intervention.
+
+Resuming: rows are appended one batch at a time (flushed and fsynced), in the order of the jobs, with a
+settings file next to them (``<answers>.run.json``). A second run of the same command keeps only whole batches
+that match the jobs, drops a torn last line, and continues; batches always start at multiples of
+``batch_size``, so a resumed file is identical to an uninterrupted run's. Settings that differ (another model,
+intervention, template, length or batch size) are refused instead of mixing two runs in one file.
+
+>>> jobs = [Job(key=1, question="Is there a dog in the image?", image="val2014/COCO_val2014_000000000042.jpg")]
+>>> texts = run_jobs(model, jobs, "out/answers.jsonl", row=lambda job, text: {"question_id": job.key,
+...                                                                           "text": text})  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from haltrace.data.images import open_images
+from haltrace.models.prompting import build_prompt, prompt_style
+
+
+@dataclass
+class Job:
+    """One generation: ``key`` identifies its row (question_id / image_id), ``question`` is plain text."""
+
+    key: Any
+    question: str
+    image: Any = None
+
+
+@dataclass
+class GenerationSettings:
+    """How answers are generated; recorded next to every answer file and checked on resume."""
+
+    max_new_tokens: int = 32
+    num_beams: int = 1
+    batch_size: int = 8
+    template: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "num_beams", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.template is not None and "{question}" not in self.template:
+            raise ValueError(f"--prompt-template {self.template!r} has no {{question}} field")
+
+
+class ResumeError(ValueError):
+    """An existing answers file belongs to another run (other settings or other questions)."""
+
+
+def _fingerprint_fitted(fitted: Any) -> str | None:
+    if fitted is None:
+        return None
+    prov = getattr(fitted, "provenance", {}) or {}
+    data = prov.get("data", {}) if isinstance(prov, dict) else {}
+    return json.dumps({"method": getattr(fitted, "method", None), "data": data.get("fingerprint"),
+                       "alpha": prov.get("alpha"), "layers": prov.get("layers")}, sort_keys=True, default=str)
+
+
+def run_record(model: Any, settings: GenerationSettings, fitted: Any = None, task: str = "") -> dict:
+    """What identifies a run: model, intervention, prompt style and generation settings."""
+    return {"task": task, "model": str(model.name_or_path), "intervention": _fingerprint_fitted(fitted),
+            "prompt_style": prompt_style(model, settings.template), **asdict(settings)}
+
+
+def _read_done(path: Path, jobs: Sequence[Job], key_field: str, batch_size: int) -> list[dict]:
+    """Complete rows already written that match ``jobs`` in order, cut down to whole batches."""
+    if not path.exists():
+        return []
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if not line.endswith("\n"):
+                break  # a torn last line from a killed run
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    for i, row in enumerate(rows[: len(jobs)]):
+        if row.get(key_field) != jobs[i].key:
+            raise ResumeError(f"{path} row {i + 1} is for {key_field} {row.get(key_field)!r} but this run's item "
+                              f"{i + 1} is {jobs[i].key!r}: the file belongs to other questions; use another "
+                              "--out or --overwrite")
+    if len(rows) >= len(jobs):
+        return rows[: len(jobs)]
+    return rows[: len(rows) // batch_size * batch_size]
+
+
+def _rewrite(path: Path, rows: Sequence[dict]) -> None:
+    from haltrace.trace.store import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    path.chmod(0o644)
+
+
+def _check_record(path: Path, record: dict, overwrite: bool) -> None:
+    from haltrace.trace.store import atomic_write_text
+
+    meta = path.with_name(path.name + ".run.json")
+    if path.exists() and not overwrite:
+        old = json.loads(meta.read_text()) if meta.exists() else None
+        if old != record:
+            diff = sorted(k for k in record if old is None or old.get(k) != record[k])
+            raise ResumeError(f"{path} holds answers from another run (differs in {', '.join(diff)}); resuming "
+                              "would mix them: use another --out, or --overwrite to start again")
+    elif overwrite and path.exists():
+        path.unlink()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(meta, json.dumps(record, indent=1, sort_keys=True) + "\n")
+    meta.chmod(0o644)
+
+
+def _batches(n: int, start: int, size: int) -> Iterator[range]:
+    for lo in range(start, n, size):
+        yield range(lo, min(n, lo + size))
+
+
+@torch.no_grad()
+def generate_texts(model: Any, jobs: Sequence[Job], settings: GenerationSettings, *, fitted: Any = None
+                   ) -> list[str]:
+    """Generated text for ``jobs`` (one batch, no files): the runner's inner step, also used by fits."""
+    prompts = [build_prompt(model, j.question, image=j.image is not None, template=settings.template)
+               for j in jobs]
+    images = open_images([j.image for j in jobs])
+    if images is not None and any(im is None for im in images):
+        raise ValueError("a batch mixes items with and without images; run them separately")
+    inputs = model.prepare(prompts, images)
+    tok = model.tokenizer
+    kwargs: dict[str, Any] = {"max_new_tokens": settings.max_new_tokens, "do_sample": False,
+                              "num_beams": settings.num_beams}
+    if getattr(model.hf.generation_config, "pad_token_id", None) is None:
+        kwargs["pad_token_id"] = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    context = fitted.apply(model) if fitted is not None else nullcontext()
+    extra = dict(getattr(fitted, "generate_kwargs", None) or {})
+    with context:
+        out = model.hf.generate(**inputs, **kwargs, **extra)
+    new = out[:, inputs["input_ids"].shape[1]:]
+    return [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+
+
+def run_jobs(model: Any, jobs: Sequence[Job], out: str | Path, *, row: Callable[[Job, str], dict],
+             key_field: str, settings: GenerationSettings | None = None, fitted: Any = None, task: str = "",
+             overwrite: bool = False, progress: Callable[[int, int], None] | None = None) -> list[dict]:
+    """Generate for every job not yet in ``out`` and append its ``row(job, text)``; returns every row.
+
+    ``progress(done, total)`` is called after each batch (the CLI draws a bar with an ETA from it).
+    """
+    settings = settings or GenerationSettings()
+    if not jobs:
+        raise ValueError("nothing to generate: no questions or images given")
+    path = Path(out)
+    _check_record(path, run_record(model, settings, fitted, task), overwrite)
+    done = _read_done(path, jobs, key_field, settings.batch_size)
+    if path.exists() and path.read_text(encoding="utf-8") != "".join(json.dumps(r) + "\n" for r in done):
+        _rewrite(path, done)  # drop a torn line or a partial batch before appending
+    if progress is not None:
+        progress(len(done), len(jobs))
+    with open(path, "a", encoding="utf-8") as fh:
+        for batch in _batches(len(jobs), len(done), settings.batch_size):
+            chunk = [jobs[i] for i in batch]
+            texts = generate_texts(model, chunk, settings, fitted=fitted)
+            rows = [row(job, text) for job, text in zip(chunk, texts, strict=True)]
+            fh.write("".join(json.dumps(r) + "\n" for r in rows))
+            fh.flush()
+            os.fsync(fh.fileno())
+            done += rows
+            if progress is not None:
+                progress(len(done), len(jobs))
+    path.chmod(0o644)
+    return done
+

@@ -1,0 +1,160 @@
+"""What methods share to fit on typed items (``haltrace.data``): prompts through the model's own template,
+states at each prompt's last token, yes/no answer tokens, image-grouped splits, fit fingerprints.
+
+Nothing here knows the organism: a method fits on a real checkpoint and on an organism through the same code.
+Batches are grouped by token length so no row is padded: each row's states equal that prompt run alone.
+
+>>> from haltrace.data import YesNoQuestion
+>>> qs = [YesNoQuestion("is there a knife ?", "no", image=img)]                   # doctest: +SKIP
+>>> logits, acts = question_states(model, qs, ["resid_post.2"])                    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from haltrace.data.images import open_image
+from haltrace.models.prompting import build_prompt
+
+
+def fingerprint(*arrays: Any, spec: Any = None) -> str:
+    """sha256 (first 16 hex digits) of tensors/arrays plus a JSON-able spec: identifies a fit."""
+    digest = hashlib.sha256(repr(spec).encode())
+    for a in arrays:
+        digest.update(np.ascontiguousarray(torch.as_tensor(a).detach().float().cpu().numpy()).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def item_prompts(model: Any, questions: Sequence[str], images: Sequence[Any] | None, *,
+                 append: Sequence[str] | None = None, template: str | None = None) -> list[str]:
+    """Prompts for plain ``questions`` (one image each when ``images`` holds one), with ``append`` (e.g. an
+    answer, ITI/CAA's "question + answer") after the generation prompt."""
+    if append is not None and len(append) != len(questions):
+        raise ValueError(f"{len(questions)} questions but {len(append)} answers to append")
+    out = []
+    for i, q in enumerate(questions):
+        has_image = images is not None and images[i] is not None
+        p = build_prompt(model, q, image=has_image, template=template)
+        out.append(p if append is None else f"{p} {append[i]}")
+    return out
+
+
+def _groups_by_length(model: Any, prompts: Sequence[str], batch_size: int) -> list[list[int]]:
+    lengths = [len(model.tokenizer(p)["input_ids"]) for p in prompts]
+    groups: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        groups.setdefault(n, []).append(i)
+    return [idx[s:s + batch_size] for idx in groups.values() for s in range(0, len(idx), batch_size)]
+
+
+@torch.no_grad()
+def prompt_states(model: Any, prompts: Sequence[str], images: Sequence[Any] | None, hooks: Sequence[str], *,
+                  batch_size: int = 64) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits ``[N, V]`` and ``{hook: [N, ...]}`` (float32, CPU) at each ready-made prompt's last token."""
+    if images is not None and len(images) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
+    logits: torch.Tensor | None = None
+    acts: dict[str, torch.Tensor] = {}
+    for idx in _groups_by_length(model, prompts, batch_size):
+        chunk_images = None if images is None else [open_image(images[i]) for i in idx]
+        if chunk_images is not None and all(im is None for im in chunk_images):
+            chunk_images = None
+        inputs = model.prepare([prompts[i] for i in idx], chunk_images)
+        cap = model.capture(inputs, list(hooks), positions="last") if hooks else None
+        out = cap.output if cap is not None else model.hf(**inputs)
+        last = out.logits[:, -1].float().cpu()
+        if logits is None:
+            logits = torch.empty(len(prompts), last.shape[-1])
+        logits[idx] = last
+        for h in hooks:
+            value = cap[h][:, -1].float().cpu()
+            if h not in acts:
+                acts[h] = torch.empty(len(prompts), *value.shape[1:])
+            acts[h][idx] = value
+    assert logits is not None
+    return logits, acts
+
+
+def question_states(model: Any, items: Sequence[Any], hooks: Sequence[str], *, append: Sequence[str] | None = None,
+                    drop_image: bool = False, template: str | None = None, batch_size: int = 64
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`prompt_states` for items with ``question`` (or caption ``prompt``) and ``image`` fields;
+    ``drop_image`` asks without the image (VHR's text-only branch)."""
+    questions = [getattr(it, "question", None) or getattr(it, "prompt", None) for it in items]
+    if any(q is None for q in questions):
+        raise ValueError("every item needs a question (or a caption prompt)")
+    images = None if drop_image else [getattr(it, "image", None) for it in items]
+    if images is not None and all(im is None for im in images):
+        images = None
+    prompts = item_prompts(model, questions, images, append=append, template=template)
+    return prompt_states(model, prompts, images, hooks, batch_size=batch_size)
+
+
+def answer_token_ids(model: Any, word: str) -> list[int]:
+    """First-token ids of ``word`` as a model may start an answer with it: "yes", " yes", "Yes", " Yes"
+    (the tokenizer's unknown token excluded)."""
+    tok = model.tokenizer
+    unk = getattr(tok, "unk_token_id", None)
+    ids = set()
+    for form in (word, " " + word, word.capitalize(), " " + word.capitalize()):
+        enc = tok(form, add_special_tokens=False)["input_ids"]
+        if enc and enc[0] != unk:
+            ids.add(int(enc[0]))
+    if not ids:
+        raise ValueError(f"the tokenizer of {model.name_or_path} has no token for {word!r}")
+    return sorted(ids)
+
+
+def says_yes(model: Any, logits: torch.Tensor) -> np.ndarray:
+    """Whether the next token after each prompt is more a "yes" than a "no" (max logit over each word's forms)."""
+    yes, no = answer_token_ids(model, "yes"), answer_token_ids(model, "no")
+    if set(yes) & set(no):
+        raise ValueError(f"the tokenizer of {model.name_or_path} cannot tell 'yes' from 'no' by first token")
+    return (logits[:, yes].max(-1).values > logits[:, no].max(-1).values).numpy()
+
+
+def image_split(image_ids: Sequence[Any], holdout: float = 0.3, seed: int = 0) -> np.ndarray:
+    """Boolean mask, True = held-out; split by image so questions about one image stay together."""
+    values = list(image_ids)
+    # integer ids keep their numeric order (the split is a permutation of the sorted unique ids)
+    ids = np.array(values) if all(isinstance(v, (int, np.integer)) for v in values) else np.array(
+        [str(v) for v in values])
+    unique = np.unique(ids)
+    held = np.random.default_rng(seed + 1).permutation(unique)[: max(1, int(round(holdout * len(unique))))]
+    return np.isin(ids, held)
+
+
+def image_ids_of(items: Sequence[Any]) -> list[Any]:
+    """Each item's ``image_id``, else its image path, else its position (so a split never pools unknowns)."""
+    out = []
+    for i, it in enumerate(items):
+        key = getattr(it, "image_id", None)
+        if key is None:
+            image = getattr(it, "image", None)
+            key = str(image) if isinstance(image, (str,)) or hasattr(image, "as_posix") else f"#{i}"
+        out.append(key)
+    return out
+
+
+def items_fingerprint(items: Sequence[Any]) -> str:
+    """sha256 (16 hex) over every field of the items, images by their RGB pixels: the same data gives the
+    same fingerprint whether it came from memory or from a JSONL file and its image folder."""
+    from dataclasses import fields
+
+    digest = hashlib.sha256()
+    for it in items:
+        digest.update(it.kind.encode() + b"\0")
+        for f in fields(it):
+            value = getattr(it, f.name)
+            if f.name == "image":
+                if value is not None:
+                    arr = np.asarray(open_image(value))
+                    digest.update(str(arr.shape).encode() + arr.tobytes())
+            else:
+                digest.update(repr(value).encode() + b"\0")
+    return digest.hexdigest()[:16]
