@@ -77,13 +77,14 @@ def _resolve_image(value: Any, where: str, images: Path | None, base: Path, chec
     if not path.is_absolute():
         path = (images if images is not None else base) / path
     if check and not path.is_file():
-        hint = "" if images is not None else " (no --images DIR given: paths are relative to the JSONL file)"
+        hint = (f" (looked in --images {images})" if images is not None
+                else " (no --images DIR given: paths are relative to the JSONL file)")
         raise DataFormatError(f"{where}: field 'image' names {path}, which does not exist{hint}")
     return path
 
 
 def _check_type(where: str, key: str, value: Any, kind: str) -> Any:
-    if key in ("question", "answer", "truthful", "hallucinated", "this_question", "most_question",
+    if key in ("question", "text", "answer", "truthful", "hallucinated", "this_question", "most_question",
                "statement", "prompt"):
         if not isinstance(value, str) or not value.strip():
             raise DataFormatError(f"{where}: field {key!r} of a {kind} item must be a non-empty string, "
@@ -106,11 +107,12 @@ def item_from_row(row: dict, where: str = "<row>", *, images: Path | None = None
                   check_images: bool = True) -> Any:
     """One item from one JSON object (see the module docstring for kinds and image paths)."""
     kind = row.get("type") or _infer_kind(row)
-    if kind not in _SCHEMA:
+    if not isinstance(kind, str) or kind not in _SCHEMA:
         raise DataFormatError(f"{where}: cannot tell the item kind (keys {sorted(row)}); add \"type\": one of "
                               f"{', '.join(_SCHEMA)}")
     row = dict(row)
     if kind == "yesno" and "question" not in row and "text" in row:
+        _check_type(where, "text", row["text"], kind)  # an error names the field the file holds
         row["question"] = row.pop("text")
     required, optional = _SCHEMA[kind]
     missing = [k for k in required if row.get(k) is None]
@@ -136,11 +138,15 @@ def load_items(path: str | Path, *, images: str | Path | None = None, kinds: Seq
     image_dir = Path(images) if images is not None else None
     if image_dir is not None and not image_dir.is_dir():
         raise DataFormatError(f"--images {image_dir} is not a folder")
+    raw = path.read_bytes()
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # a byte-order mark (Windows editors) is dropped; lines end at "\n" only (str.splitlines would also
+        # split inside a JSON string holding U+2028 or a form feed)
+        lines = raw.decode("utf-8").removeprefix("\ufeff").split("\n")
     except UnicodeDecodeError as exc:
-        raise DataFormatError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8 "
-                              "JSONL") from None
+        line = raw[:exc.start].count(b"\n") + 1
+        raise DataFormatError(f"{_where(path, line)} is not UTF-8 text ({exc.reason} at byte {exc.start}); save "
+                              "it as UTF-8 JSONL") from None
     items = []
     for number, line in enumerate(lines, 1):
         if not line.strip():

@@ -77,11 +77,12 @@ def settings_from(max_new_tokens: int, num_beams: int, batch_size: int, template
 def run_benchmarks(model: Any, *, pope: list[str], images: Path | None, chair_images: Path | None,
                    coco_annotations: Path | None, n: int | None, seed: int, caption_prompt: str,
                    pope_settings: Any, chair_settings: Any, out: Path, fitted: Any = None, overwrite: bool = False,
-                   parser: str = "official", rules: str = "official", console: Any = None, label: str = "") -> dict:
+                   parser: str = "official", rules: str = "official", console: Any = None, label: str = "",
+                   coco_split: str | None = None) -> dict:
     """Generate and score every requested benchmark; ``{"pope": {stem: metrics}, "chair": metrics}``."""
     from haltrace.evals.benchmarks import chair_images as pick_images
     from haltrace.evals.benchmarks import run_captions, run_pope
-    from haltrace.evals.coco import load_coco_ground_truth, score_chair
+    from haltrace.evals.coco import coco_image_files, load_coco_ground_truth, score_chair
 
     report: dict[str, Any] = {}
     tag = f"{label}: " if label else ""
@@ -91,8 +92,10 @@ def run_benchmarks(model: Any, *, pope: list[str], images: Path | None, chair_im
                 model, path, images, out, pope_settings, fitted=fitted, overwrite=overwrite, parser=parser,
                 progress=update)
     if chair_images is not None:
-        truth = load_coco_ground_truth(coco_annotations, rules=rules)
-        picked = pick_images(chair_images, truth.ids_by_file_name, n, seed)
+        picked = pick_images(chair_images, coco_image_files(coco_annotations, coco_split), n, seed)
+        # ground truth for the captioned images only: parsing all 200k val2014 captions would take ~50 s
+        truth = load_coco_ground_truth(coco_annotations, coco_split, rules=rules,
+                                       image_ids=[image_id for image_id, _ in picked])
         captions_file = out / "chair" / "captions.jsonl"
         with progress_bar(console, f"{tag}CHAIR captions") as update:
             rows = run_captions(model, picked, captions_file, prompt=caption_prompt, settings=chair_settings,
@@ -115,6 +118,8 @@ def eval_cmd(
                                                                           "CHAIR (e.g. COCO val2014)."),
     coco_annotations: Path | None = typer.Option(None, "--coco-annotations", help="COCO annotations folder "
                                                  "(instances_*.json + captions_*.json): CHAIR ground truth."),
+    coco_split: str | None = typer.Option(None, "--coco-split", help="Which annotation files (e.g. val2014) "
+                                          "when the folder holds several splits."),
     captions: Path | None = typer.Option(None, "--captions", help="Score a captions file (JSONL image_id, "
                                          "caption or the original imgToEval JSON) without a model."),
     n: int | None = typer.Option(None, "--n", help="Caption N images drawn with --seed (default: all)."),
@@ -165,7 +170,7 @@ def eval_cmd(
         if captions is not None and coco_annotations is not None and chair_images is None:
             from haltrace.evals.coco import load_coco_ground_truth, score_chair
 
-            truth = load_coco_ground_truth(coco_annotations, rules=rules, synonyms=synonyms)
+            truth = load_coco_ground_truth(coco_annotations, coco_split, rules=rules, synonyms=synonyms)
             report["chair"] = score_chair(formats.read_captions(captions), truth)
         elif captions is not None or objects is not None:
             if not (captions and objects):
@@ -179,7 +184,7 @@ def eval_cmd(
                 n=n, seed=seed, caption_prompt=caption_prompt,
                 pope_settings=settings_from(max_new_tokens or 32, num_beams, batch_size, prompt_template),
                 chair_settings=settings_from(max_new_tokens or 512, num_beams, batch_size, prompt_template),
-                out=out, overwrite=overwrite, parser=parser, rules=rules, console=console))
+                out=out, overwrite=overwrite, parser=parser, rules=rules, console=console, coco_split=coco_split))
             from haltrace.trace.store import atomic_write_text
 
             atomic_write_text(out / "report.json", json.dumps({"model": model, "report": report}, indent=1,

@@ -129,6 +129,20 @@ def _choose_table(names: Iterable[str], synonyms: str | Path | None, rules: str)
     return identity_table([n.lower() for n in names], source="category names")
 
 
+def coco_image_files(annotations_dir: str | Path, split: str | Sequence[str] | None = None) -> dict[str, int]:
+    """File name -> image id from the instances files' ``images`` lists (cheap: no caption parsing), so a
+    caller can pick images first and then load ground truth for those ids only.
+
+    >>> coco_image_files("annotations", "val2014")["COCO_val2014_000000391895.jpg"]   # doctest: +SKIP
+    391895
+    """
+    out: dict[str, int] = {}
+    for _, inst_path, _ in _split_files(Path(annotations_dir), split):
+        for image in _load_json(inst_path, ("images",))["images"]:
+            out[str(image.get("file_name", image["id"]))] = int(image["id"])
+    return out
+
+
 def load_coco_ground_truth(annotations_dir: str | Path, split: str | Sequence[str] | None = None,
                            rules: str = "official", synonyms: str | Path | None = None, *,
                            image_ids: Iterable[int] | None = None) -> CocoTruth:

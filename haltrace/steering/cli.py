@@ -48,8 +48,34 @@ def _parse_evals(text: str) -> list[str]:
     bad = [e for e in names if e not in EVALS]
     if bad or not names:
         raise typer.BadParameter(f"unknown evaluation(s) {bad or '(none given)'}; choose from "
-                                 f"{', '.join(EVALS)} (comma-separated)", param_hint="--eval")
+                                 f"{', '.join(EVALS)}, or benchmark files pope=FILE / chair=IMAGE_DIR "
+                                 "(comma-separated)", param_hint="--eval")
     return names
+
+
+def _parse_eval_specs(text: str) -> tuple[str, list[str], Path | None]:
+    """``--eval`` -> (organism evaluation names, POPE files, CHAIR image folder). ``pope=FILE`` and
+    ``chair=DIR`` entries are benchmark files run through the generation runner; bare names are the organism's
+    built-in sets."""
+    names, pope, chair = [], [], None
+    for entry in (e.strip() for e in text.split(",") if e.strip()):
+        key, sep, value = entry.partition("=")
+        if not sep:
+            names.append(entry)
+        elif key == "pope":
+            if not Path(value).is_file():
+                raise typer.BadParameter(f"POPE question file {value} not found", param_hint="--eval")
+            pope.append(value)
+        elif key == "chair":
+            if not Path(value).is_dir():
+                raise typer.BadParameter(f"CHAIR image folder {value} is not a folder", param_hint="--eval")
+            chair = Path(value)
+        else:
+            raise typer.BadParameter(f"--eval {entry!r}: files are given as pope=FILE or chair=IMAGE_DIR",
+                                     param_hint="--eval")
+    if names:
+        _parse_evals(",".join(names))
+    return ",".join(names), pope, chair
 
 
 def _parse_value(text: str) -> Any:
@@ -91,6 +117,30 @@ def _evaluate(model: Any, evals: list[str], console, label: str, fitted: Any = N
             return evaluate(model, evals, fitted=fitted, keep_answers=True)
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--model") from None
+
+
+def _load_fit_data(path: Path, images: Path | None) -> list:
+    from haltrace.data.jsonl import DataFormatError, load_items
+
+    try:
+        return load_items(path, images=images)
+    except DataFormatError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--fit-data") from None
+
+
+def _evaluate_all(model: Any, evals: list[str], files: dict, console, label: str, fitted: Any,
+                  answers: Path | None) -> dict:
+    """The organism's built-in sets (``evals``) and/or benchmark files through the runner (``files``)."""
+    report = _evaluate(model, evals, console, label, fitted) if evals else {}
+    if files:
+        from haltrace.evals.cli import run_benchmarks
+
+        try:
+            report.update(run_benchmarks(model, fitted=fitted, out=answers, console=console, label=label,
+                                         **files))
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--eval") from None
+    return report
 
 
 def _strip(report: dict) -> dict:
@@ -145,13 +195,32 @@ def steer_cmd(
     results: Path | None = typer.Option(None, "--results", help=f"With --method all: the Markdown table to "
                                                                 f"write (default {DEFAULT_RESULTS}); a .json "
                                                                 "twin is written next to it."),
+    fit_data: Path | None = typer.Option(None, "--fit-data", help="JSONL fit items for the method "
+                                         "(docs/data-formats.md); default: the model's data source (organisms)."),
+    images: Path | None = typer.Option(None, "--images", help="Folder that image names in --fit-data and in "
+                                       "pope= files are relative to."),
+    coco_annotations: Path | None = typer.Option(None, "--coco-annotations", help="COCO annotations folder: "
+                                                 "CHAIR ground truth for --eval chair=IMAGE_DIR."),
+    caption_prompt: str = typer.Option("Please describe this image in detail.", "--caption-prompt",
+                                       help="CHAIR captioning question for chair=IMAGE_DIR."),
+    prompt_template: str | None = typer.Option(None, "--prompt-template", help="Instead of the chat template; "
+                                               "{question} is replaced."),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Generation length on benchmark "
+                                              "files (default 32 for POPE, 512 for CHAIR)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Prompts per generate() call on benchmark files."),
+    n: int | None = typer.Option(None, "--n", help="With chair=IMAGE_DIR: caption N images drawn with seed 0."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Regenerate answer files instead of resuming."),
 ) -> None:
     """Fit a steering method (or load one with --from), evaluate before and after, print the change, save it."""
     from haltrace.steering.registry import get_method, list_methods
 
-    eval_names = _parse_evals(evals)
+    organism_evals, pope_files, chair_dir = _parse_eval_specs(evals)
+    eval_names = _parse_evals(organism_evals) if organism_evals else []
+    if chair_dir is not None and coco_annotations is None:
+        raise typer.BadParameter("--eval chair=IMAGE_DIR needs --coco-annotations DIR", param_hint="--eval")
     kwargs = _parse_opts(opt, alpha, layer)
     console = _console(as_json)
+    fit_items = _load_fit_data(fit_data, images) if fit_data is not None else None
     if from_dir is not None:
         method, model, fitted = _load_saved(from_dir, method, model, kwargs)
     elif method is None:
@@ -159,8 +228,14 @@ def steer_cmd(
                                  f"registered methods: {', '.join(list_methods())}", param_hint="--method")
     model = model or "shapes-llava"
     if method == "all":
+        if pope_files or chair_dir is not None or fit_items is not None:
+            raise typer.BadParameter("--method all runs the organism's results table; fit and evaluate one "
+                                     "method at a time on your files (--method X --fit-data ... --eval pope=...)",
+                                     param_hint="--method")
         _steer_all(model, eval_names, _scoped(kwargs), out, results or Path(DEFAULT_RESULTS), as_json, console)
         return
+    if fit_items is not None and from_dir is not None:
+        raise typer.BadParameter("--from evaluates a saved fit; --fit-data would be ignored", param_hint="--fit-data")
     if results is not None:
         raise typer.BadParameter("--results goes with --method all; for one method use --out/--json",
                                  param_hint="--results")
@@ -176,18 +251,31 @@ def steer_cmd(
                 pass
         except ValueError as exc:  # names both sizes / the valid layers
             raise typer.BadParameter(f"{from_dir} does not fit {model}: {exc}", param_hint="--from") from None
-    before = _evaluate(hf_model, eval_names, console, "baseline")
+    files: dict[str, Any] = {}
+    if pope_files or chair_dir is not None:
+        from haltrace.evals.cli import settings_from
+
+        answers = (Path(out) if out is not None else Path("out/steer") / method) / "answers"
+        files = {"pope": pope_files, "images": images, "chair_images": chair_dir, "coco_annotations": coco_annotations,
+                 "n": n, "seed": 0, "caption_prompt": caption_prompt, "overwrite": overwrite,
+                 "pope_settings": settings_from(max_new_tokens or 32, 1, batch_size, prompt_template),
+                 "chair_settings": settings_from(max_new_tokens or 512, 1, batch_size, prompt_template)}
+    before = _evaluate_all(hf_model, eval_names, files, console, "baseline", None,
+                           answers / "before" if files else None)
     started = time.perf_counter()
     if from_dir is None:
         with console.status(f"fitting {method} ..."):
             try:
-                fitted = impl.fit(hf_model, **kwargs)
+                fitted = impl.fit(hf_model, fit_items, **kwargs)
             except TypeError as exc:  # usually an option the method does not take
                 raise typer.BadParameter(f"{method}.fit rejected the options {sorted(kwargs)}: {exc}",
                                          param_hint="--opt") from None
+            except ValueError as exc:  # bad or missing fit data, a family the method refuses
+                raise typer.BadParameter(str(exc), param_hint="--fit-data") from None
     fit_seconds = time.perf_counter() - started
     try:
-        after = _evaluate(hf_model, eval_names, console, method, fitted)
+        after = _evaluate_all(hf_model, eval_names, files, console, method, fitted,
+                              answers / "after" if files else None)
     except ValueError as exc:  # e.g. a saved vector of another model's hidden size: names both sizes
         raise typer.BadParameter(str(exc), param_hint="--from" if from_dir else "--model") from None
 

@@ -42,7 +42,7 @@ from haltrace.data.images import open_image
 from haltrace.data.items import CaptionItem, of_kind
 from haltrace.data.sources import default_fit_data
 from haltrace.models.adapters.base import cached_length, first_tensor
-from haltrace.steering.fitdata import item_prompts, items_fingerprint
+from haltrace.steering.fitdata import item_prompts, items_fingerprint, require_vlm
 from haltrace.steering.pvp import FIT_SEED, last_token_states, layer_record
 from haltrace.steering.registry import FittedIntervention, Method, register_method
 from haltrace.trace.capture import temporary_hooks
@@ -225,8 +225,7 @@ class ProjectAway(Method):
         template. ``objects`` (the candidate words to detect and erase) defaults to every object named in the
         data, in sorted order. Default data: the model's data source (an organism's ``n_images`` images).
         Unset choices are made on ``data`` (module docstring)."""
-        if not model.is_vlm:
-            raise ValueError("ProjectAway edits image-token states: it needs a vision-language model")
+        require_vlm(model, "ProjectAway (erasure)", "it edits image-token states")
         source = data
         if data is None:
             data = default_fit_data(model, self.name, n_images=n_images, seed=seed)

@@ -30,6 +30,25 @@ def fingerprint(*arrays: Any, spec: Any = None) -> str:
     return digest.hexdigest()[:16]
 
 
+def model_family(model: Any) -> str:
+    """The model's family for messages: its config's ``model_type`` (``mistral``, ``qwen2_5_vl``), else the
+    adapter's family."""
+    return getattr(model.adapter.config, "model_type", None) or model.adapter.family
+
+
+def require_vlm(model: Any, method: str, reason: str) -> None:
+    """Refuse, before any forward, to fit ``method`` on a text-only model: a ``ValueError`` naming the method,
+    the model's family and why the method needs images.
+
+    >>> require_vlm(gpt2_model, "PvP (pvp)", "the contrast is on the same image")   # doctest: +SKIP
+    Traceback (most recent call last):
+    ValueError: PvP (pvp) needs a vision-language model (the contrast is on the same image), but tiny-gpt2 is a text-only gpt2 model
+    """
+    if not model.is_vlm:
+        raise ValueError(f"{method} needs a vision-language model ({reason}), but {model.name_or_path or 'this'} "
+                         f"is a text-only {model_family(model)} model")
+
+
 def item_prompts(model: Any, questions: Sequence[str], images: Sequence[Any] | None, *,
                  append: Sequence[str] | None = None, template: str | None = None) -> list[str]:
     """Prompts for plain ``questions`` (one image each when ``images`` holds one), with ``append`` (e.g. an

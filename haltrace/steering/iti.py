@@ -63,6 +63,14 @@ def head_shift_vector(o_proj_weight: torch.Tensor, head: int, head_dim: int, shi
     return block @ shift.float()
 
 
+def o_proj_weight(module: Any) -> torch.Tensor:
+    """The output projection's weight as ``[out, in]`` (``nn.Linear``'s layout); GPT-2's ``Conv1D`` stores
+    ``[in, out]`` and is transposed (its square weight would otherwise be read silently wrong)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return module.weight.T if isinstance(module, Conv1D) else module.weight
+
+
 def head_interventions(model: Any, shifts: dict[tuple[int, int], torch.Tensor]) -> list[Add]:
     """ITI's per-head shifts as engine ``Add`` interventions at ``attn_out.l``: last prompt token + every
     generated token (ITI adds at position -1 of each forward)."""
@@ -70,7 +78,7 @@ def head_interventions(model: Any, shifts: dict[tuple[int, int], torch.Tensor]) 
     for (layer, head), shift in sorted(shifts.items()):
         if not 0 <= head < model.n_heads:
             raise ValueError(f"head {head} invalid: the model has heads 0..{model.n_heads - 1}")
-        vec = head_shift_vector(model.adapter.o_proj(layer).weight, head, model.head_dim, shift)
+        vec = head_shift_vector(o_proj_weight(model.adapter.o_proj(layer)), head, model.head_dim, shift)
         per_layer[layer] = per_layer.get(layer, torch.zeros_like(vec)) + vec
     out: list[Add] = []
     for layer, vec in per_layer.items():
@@ -107,7 +115,9 @@ class ITI(Method):
         labels = np.array([int((a == "yes") == q.present) for q, a in zip(items, answers, strict=True)])
         hooks = [f"head_out.{i}" for i in range(model.n_layers)]
         _, acts = question_states(model, items, hooks, append=answers)
-        held = image_split(image_ids_of(items), seed=seed)
+        # split by the questions' images: both answers of one question stay on one side, also for text-only
+        # questions (no image, no image_id: grouped by their position among the questions)
+        held = image_split([key for key in image_ids_of(questions) for _ in (0, 1)], seed=seed)
         scores = np.zeros((model.n_layers, model.n_heads))
         for layer in range(model.n_layers):
             x_all = acts[f"head_out.{layer}"].numpy()  # [N, H, head_dim]

@@ -42,7 +42,7 @@ from haltrace.data.images import open_image
 from haltrace.data.items import PvPItem, VQAQuestion, of_kind
 from haltrace.data.sources import default_fit_data
 from haltrace.steering.engine import Add, steer
-from haltrace.steering.fitdata import item_prompts, items_fingerprint
+from haltrace.steering.fitdata import item_prompts, items_fingerprint, require_vlm
 from haltrace.steering.registry import FittedIntervention, Method, register_method
 
 __all__ = ["PvP", "PvPItem", "last_token_states", "next_words", "normalise_answer"]
@@ -173,8 +173,7 @@ class PvP(Method):
         """
         if direction not in ("pixels", "priors"):
             raise ValueError(f"direction must be 'pixels' or 'priors', got {direction!r}")
-        if not model.is_vlm:
-            raise ValueError("PvP needs a vision-language model (the contrast is on the same image)")
+        require_vlm(model, "PvP (pvp)", "it contrasts two questions about the same image")
         source = data
         if data is None:
             data = default_fit_data(model, self.name, n_images=n_items, seed=seed)

@@ -30,7 +30,7 @@ import torch
 from haltrace.data.items import CaptionItem, YesNoQuestion, of_kind
 from haltrace.data.sources import default_fit_data
 from haltrace.steering.engine import ScaleHeads, steer
-from haltrace.steering.fitdata import fingerprint, items_fingerprint, question_states
+from haltrace.steering.fitdata import fingerprint, items_fingerprint, question_states, require_vlm
 from haltrace.steering.registry import FittedIntervention, Method, register_method
 from haltrace.steering.truthprint import FIT_SEED
 
@@ -77,8 +77,7 @@ class VHR(Method):
         model's data source, e.g. an organism's caption prompts + yes/no questions)."""
         if kw:
             raise TypeError(f"unexpected arguments {sorted(kw)}")
-        if not model.is_vlm:
-            raise ValueError("VHR needs a vision-language model (it compares head outputs with and without the image)")
+        require_vlm(model, "VHR (vhr)", "it compares head outputs with and without the image")
         source = data
         if data is None:
             data = default_fit_data(model, self.name, n_images=n_images, seed=seed)

@@ -36,6 +36,7 @@ import torch
 
 from haltrace.models.adapters.base import cached_length, first_tensor
 from haltrace.steering.erasure import image_forward_inputs
+from haltrace.steering.fitdata import require_vlm
 from haltrace.steering.pvp import layer_record
 from haltrace.steering.registry import FittedIntervention, Method, register_method
 from haltrace.steering.vti import rotate_towards
@@ -158,8 +159,7 @@ class VISTA(Method):
             gamma: float = 0.3, sla_layers: Sequence[int] | None = None, adaptive: bool = True,
             sla_norm: bool = False) -> FittedIntervention:
         """Nothing is learnt (the vector is computed per input at inference); ``data`` is unused."""
-        if not model.is_vlm:
-            raise ValueError("VISTA contrasts prompts with and without the image: it needs a VLM")
+        require_vlm(model, "VISTA (vista)", "it contrasts prompts with and without the image")
         if task not in LAMBDA_DEFAULTS:
             raise ValueError(f"task must be one of {sorted(LAMBDA_DEFAULTS)}, got {task!r}")
         if not 0.0 <= gamma <= 1.0:

@@ -47,7 +47,7 @@ from haltrace.data.images import open_image
 from haltrace.data.items import CaptionPair, YesNoQuestion, of_kind
 from haltrace.data.sources import default_fit_data
 from haltrace.steering.engine import Add
-from haltrace.steering.fitdata import item_prompts, items_fingerprint
+from haltrace.steering.fitdata import item_prompts, items_fingerprint, require_vlm
 from haltrace.steering.pvp import FIT_SEED, last_token_states, layer_record, next_words
 from haltrace.steering.registry import FittedIntervention, Method, register_method
 from haltrace.trace.capture import temporary_hooks
@@ -324,8 +324,7 @@ class VTI(Method):
         image, asked with the pair's ``prompt`` or ``caption_prompt``) and, for choosing the strengths,
         :class:`~haltrace.data.YesNoQuestion` items (``category="partner"`` marks the absent objects whose
         false-yes rate is minimised). Default: the model's data source (an organism's ``n_demos`` images)."""
-        if not model.is_vlm:
-            raise ValueError("VTI needs a vision-language model")
+        require_vlm(model, "VTI (vti)", "its directions come from images and image captions")
         source = data
         if data is None:
             data = default_fit_data(model, self.name, n_images=n_demos, seed=seed)

@@ -1,0 +1,472 @@
+"""Eval runner overhead: ``run_pope`` (the runner, writing its files) vs a bare batched ``generate`` loop.
+
+Both answer the same POPE questions in the same batches with the same greedy settings, and must give the
+same answers (checked every round). Conditions, timed in the same run, in a rotating order within every round
+(so drift from other processes on the machine hits all alike), after warm-up rounds:
+
+* ``bare loop``: what a user would write by hand. The prompts are built once, before timing, with an
+  f-string that gives the same final text as the model's chat template (asserted); in the timed part, per
+  batch: open the images (PIL, ``.convert("RGB")``), ``processor(text=..., images=..., padding=True)`` with
+  left padding, ``model.generate(**inputs, max_new_tokens=N, do_sample=False)``, ``batch_decode`` of the new
+  tokens, stripped; texts collected in a list, no files
+* ``runner``: ``run_pope(model, question_file, images, <fresh folder>, GenerationSettings(...))``: reads and
+  checks the question file, writes the settings file, builds every prompt with the chat template, opens the
+  images, prepares, generates, decodes, appends each batch's rows (flush + fsync) and scores the answers
+* ``generate_texts`` (diagnostic): the runner's inner step (``haltrace.evals.runner.generate_texts``) over the
+  same batches, no files: splits the overhead into the per-batch step and the file/resume/scoring part
+
+The overhead is the median over rounds of (runner time / bare loop time within that round). Goal <= 1.05x.
+Threads are fixed (``--threads``, default 1) so runs are comparable. Answer files go to a temporary folder
+on the local disk (``--tmp``; fsync there is real).
+
+Models:
+
+* the shipped organism (``haltrace.load("shapes-llava")``) on ``pope/pope_adversarial.jsonl`` of its exported
+  evaluation sets (``write_eval_sets``, 600 questions, 32x32 images), CLI defaults (max_new_tokens 32,
+  batch 8; it answers "yes"/"no" then EOS, so each batch decodes ~2 tokens)
+* a random LLaVA with a Llama text model of 8 layers x 512 (the "8x512 Llama" of the other benches) behind
+  the organism's tiny CLIP tower, processor and 32x32 images: the first ``--big-n`` questions of the same
+  file, max_new_tokens 16, batch 8 (random weights rarely stop early, so per-token compute dominates)
+
+After the timed rounds, one more ``run_pope`` per model runs under cProfile and the cumulative time of the
+runner's own parts (fsync, ``build_prompt``, ``load_items``, ...) next to ``generate`` is reported (the
+profiler slows the Python-heavy parts, so read it as a split, not as timings); ``--profile`` also prints the
+top of that profile.
+
+Usage::
+
+    HF_HUB_OFFLINE=1 PIP_NO_INDEX=1 .venv/bin/python bench/bench_eval.py                  # full, writes RESULTS.md
+    HF_HUB_OFFLINE=1 PIP_NO_INDEX=1 .venv/bin/python bench/bench_eval.py --quick --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+RESULTS = REPO / "bench" / "RESULTS.md"
+HEADING = "## Eval runner"
+GOAL = 1.05
+POPE_FILE = "pope_adversarial.jsonl"
+
+from bench.paired import median_and_quartiles, paired_ratios, paired_rounds  # noqa: E402
+from haltrace.evals.benchmarks import pope_answer_path, run_pope  # noqa: E402
+from haltrace.evals.runner import GenerationSettings, Job, generate_texts  # noqa: E402
+from haltrace.models import Model  # noqa: E402
+from haltrace.models.prompting import build_prompt  # noqa: E402
+
+
+@dataclass
+class Case:
+    label: str
+    model: Model
+    question_file: Path
+    images: Path
+    settings: GenerationSettings
+    questions: list[dict]  # the rows of question_file
+
+
+# --- models and data -----------------------------------------------------------------------------------------
+
+def export_sets(tmp: Path) -> tuple[Path, Path, Any]:
+    """The organism's POPE files and images under ``tmp`` (``write_eval_sets``), and its world."""
+    from haltrace.organism.export_sets import write_eval_sets
+    from haltrace.organism.paths import resolve_organism
+    from haltrace.organism.train import load_world
+
+    world = load_world(resolve_organism("shapes-llava"))
+    write_eval_sets(world, tmp / "sets")
+    return tmp / "sets" / "pope" / POPE_FILE, tmp / "sets" / "images", world
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def organism_case(question_file: Path, images: Path, n: int | None) -> Case:
+    import haltrace
+
+    model = haltrace.load("shapes-llava", device="cpu", dtype="float32")
+    rows = read_rows(question_file)
+    if n is not None and n < len(rows):
+        question_file = subset(question_file, rows[:n], "organism")
+        rows = rows[:n]
+    return Case(f"organism shapes-llava (trained), {len(rows)} questions", model, question_file, images,
+                GenerationSettings(max_new_tokens=32, batch_size=8), rows)
+
+
+def big_llava_case(question_file: Path, images: Path, world: Any, n: int) -> Case:
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from haltrace.organism.processing import build_processor
+    from haltrace.organism.train import PRESETS, build_model_config
+
+    processor = build_processor(world)
+    small = build_model_config(world, PRESETS["default"])  # the organism's vision tower, image tokens, vocab
+    t = small.text_config
+    text = LlamaConfig(vocab_size=t.vocab_size, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                       num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=128,
+                       bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id, pad_token_id=t.pad_token_id,
+                       tie_word_embeddings=False)
+    cfg = LlavaConfig(vision_config=small.vision_config, text_config=text, image_token_index=small.image_token_index,
+                      image_seq_length=small.image_seq_length, projector_hidden_act="gelu",
+                      vision_feature_select_strategy="default", vision_feature_layer=-1)
+    torch.manual_seed(0)
+    hf = LlavaForConditionalGeneration(cfg).eval()
+    gen = hf.generation_config  # as a saved checkpoint would have it: no "pad_token_id is None" fallback path
+    gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = t.bos_token_id, t.eos_token_id, t.pad_token_id
+    model = Model.from_hf(hf, processor, name="random-llava-llama-8x512")
+    rows = read_rows(question_file)[:n]
+    return Case(f"random LLaVA, Llama 8x512 text, 32x32 images, {len(rows)} questions", model,
+                subset(question_file, rows, "big"), images, GenerationSettings(max_new_tokens=16, batch_size=8),
+                rows)
+
+
+def subset(question_file: Path, rows: list[dict], tag: str) -> Path:
+    path = question_file.with_name(f"{question_file.stem}.{tag}{len(rows)}.jsonl")
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+# --- the two loops -------------------------------------------------------------------------------------------
+
+def hand_prompts(case: Case) -> list[str]:
+    """The prompts a user writes by hand for this model, checked against the chat template's."""
+    prompts = [f"<image> {row['text']} answer :" for row in case.questions]  # LLaVA-style organism template
+    for row, prompt in zip(case.questions, prompts, strict=True):
+        expected = build_prompt(case.model, row["text"], image=True)
+        if prompt != expected:
+            raise AssertionError(f"hand-built prompt {prompt!r} differs from the chat template's {expected!r}")
+    return prompts
+
+
+def bare_loop(case: Case, prompts: list[str]) -> list[str]:
+    """Batches as the runner cuts them: open images, process with left padding, generate, decode."""
+    from PIL import Image
+
+    processor, hf = case.model.processor, case.model.hf
+    bs, n_new = case.settings.batch_size, case.settings.max_new_tokens
+    paths = [case.images / row["image"] for row in case.questions]
+    processor.tokenizer.padding_side = "left"
+    texts: list[str] = []
+    for lo in range(0, len(prompts), bs):
+        images = [Image.open(p).convert("RGB") for p in paths[lo:lo + bs]]
+        inputs = processor(text=prompts[lo:lo + bs], images=images, padding=True, return_tensors="pt")
+        out = hf.generate(**inputs, max_new_tokens=n_new, do_sample=False)
+        new = out[:, inputs["input_ids"].shape[1]:]
+        texts += [t.strip() for t in processor.batch_decode(new, skip_special_tokens=True)]
+    return texts
+
+
+def inner_steps(case: Case) -> list[str]:
+    """``generate_texts`` (the runner's per-batch step) over the same batches, no files."""
+    jobs = [Job(row["question_id"], row["text"], case.images / row["image"]) for row in case.questions]
+    bs = case.settings.batch_size
+    return [t for lo in range(0, len(jobs), bs) for t in generate_texts(case.model, jobs[lo:lo + bs], case.settings)]
+
+
+@contextmanager
+def ablated(name: str) -> Iterator[None]:
+    """``run_pope`` with one of the runner's own costs taken out (diagnostics for ``--ablate``; behaviour
+    changes, so never in a real run): ``no fsync`` makes the per-batch ``os.fsync`` in ``run_jobs`` a no-op;
+    ``prompt cache`` memoises ``build_prompt`` by (question, image, template), so the chat template is
+    rendered once per distinct question instead of once per question."""
+    import haltrace.evals.runner as runner
+
+    if name == "runner, no fsync":
+        real_os = runner.os
+
+        class _NoFsync:
+            def __getattr__(self, attr: str) -> Any:
+                return getattr(real_os, attr)
+
+            @staticmethod
+            def fsync(_fd: int) -> None:
+                return None
+
+        runner.os = _NoFsync()  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            runner.os = real_os
+    elif name == "runner, prompt cache":
+        real_build = runner.build_prompt
+        cache: dict[tuple, str] = {}
+
+        def build(model: Any, question: str, *, image: bool = False, template: str | None = None) -> str:
+            key = (id(model), question, image, template)
+            if key not in cache:
+                cache[key] = real_build(model, question, image=image, template=template)
+            return cache[key]
+
+        runner.build_prompt = build  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            runner.build_prompt = real_build
+    else:
+        raise ValueError(name)
+
+
+ABLATIONS = ["runner, no fsync", "runner, prompt cache"]
+
+
+# --- timing --------------------------------------------------------------------------------------------------
+
+def measure(case: Case, tmp: Path, reps: int, warmup: int, min_seconds: float, max_reps: int = 200,
+            ablate: bool = False) -> dict[str, Any]:
+    prompts = hand_prompts(case)
+    counter = itertools.count()
+    reference: list[str] = []
+
+    def check(name: str, texts: list[str]) -> None:
+        if texts != reference:
+            bad = next(i for i, (a, b) in enumerate(zip(texts, reference, strict=True)) if a != b)
+            raise AssertionError(f"{case.label}: {name} answered {texts[bad]!r} to question {bad + 1}, the bare "
+                                 f"loop {reference[bad]!r}")
+
+    names = ["bare loop", "runner", "generate_texts"] + (ABLATIONS if ablate else [])
+    cpu: dict[str, list[float]] = {n: [] for n in names}  # process CPU seconds, round by round like the wall times
+
+    def run(name: str) -> float:
+        if name.startswith("runner"):
+            out_dir = tmp / f"run{next(counter)}"  # a fresh folder each time: no resuming, all files written
+            with nullcontext() if name == "runner" else ablated(name):
+                start, start_cpu = time.perf_counter(), time.process_time()
+                run_pope(case.model, case.question_file, case.images, out_dir, case.settings)
+                seconds, cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
+            check(name, [r["text"] for r in read_rows(pope_answer_path(out_dir, case.question_file))])
+            shutil.rmtree(out_dir)
+        else:
+            start, start_cpu = time.perf_counter(), time.process_time()
+            texts = bare_loop(case, prompts) if name == "bare loop" else inner_steps(case)
+            seconds, cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
+            if not reference:
+                reference.extend(texts)
+            check(name, texts)
+        cpu[name].append(cpu_s)
+        return seconds
+
+    for _ in range(warmup):
+        for name in names:
+            run(name)
+    for values in cpu.values():
+        values.clear()
+    times, rounds = paired_rounds(run, names, reps, min_seconds, max_reps)
+    stats = {n: median_and_quartiles(r) for n, r in paired_ratios(times, "bare loop").items() if n != "bare loop"}
+    cpu_stats = {n: median_and_quartiles(r) for n, r in paired_ratios(cpu, "bare loop").items() if n != "bare loop"}
+    n_q = len(case.questions)
+    return {"median_s": {n: statistics.median(t) for n, t in times.items()},
+            "qps": {n: n_q / statistics.median(t) for n, t in times.items()},
+            "ratio": {n: m for n, (m, _, _) in stats.items()},
+            "quartiles": {n: [q1, q3] for n, (_, q1, q3) in stats.items()}, "reps": rounds,
+            "cpu_ratio": {n: m for n, (m, _, _) in cpu_stats.items()},
+            "cpu_quartiles": {n: [q1, q3] for n, (_, q1, q3) in cpu_stats.items()},
+            "times": times, "yes": sum(t.lower().startswith("yes") for t in reference), "n": n_q,
+            "sample": reference[:3]}
+
+
+#: the runner's own work, found in a cProfile by (file name ending, function name)
+PARTS = [("posix.fsync", "fsync (per batch + settings file)"), ("prompting.py:build_prompt", "build_prompt"),
+         ("jsonl.py:load_items", "load_items"), ("runner.py:_check_record", "_check_record"),
+         ("runner.py:_read_done", "_read_done"), ("pope.py:pope_metrics", "pope_metrics"),
+         ("images.py:open_images", "open_images"), ("base.py:prepare", "prepare"),
+         ("generation/utils.py:generate", "generate"), ("runner.py:generate_texts", "generate_texts"),
+         ("benchmarks.py:run_pope", "run_pope")]
+
+
+def profile_runner(case: Case, tmp: Path, top: int = 0) -> tuple[dict[str, tuple[int, float]], str]:
+    """One ``run_pope`` (fresh folder) under cProfile: ``({part: (calls, cumulative ms)}, listing)``, the
+    listing (top ``top`` by cumulative and by own time) only when ``top``."""
+    import cProfile
+    import io
+    import pstats
+
+    out_dir = tmp / "profile"
+    prof = cProfile.Profile()
+    prof.enable()
+    run_pope(case.model, case.question_file, case.images, out_dir, case.settings)
+    prof.disable()
+    shutil.rmtree(out_dir)
+    stats = pstats.Stats(prof)
+    parts: dict[str, tuple[int, float]] = {}
+    for (file, _line, func), (_cc, calls, _tt, cum, _callers) in stats.stats.items():  # type: ignore[attr-defined]
+        for key, name in PARTS:
+            where, _, fn = key.rpartition(":")
+            if (fn == func and file.endswith(where)) or (not where and key in func):
+                old = parts.get(name, (0, 0.0))
+                parts[name] = (old[0] + calls, old[1] + 1000 * cum)
+    listing = ""
+    if top:
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(top)
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+        listing = buf.getvalue()
+    return parts, listing
+
+
+def breakdown(parts: dict[str, tuple[int, float]]) -> str:
+    return ", ".join(f"{name} {parts[name][1]:.0f} ms ({parts[name][0]} calls)" for _, name in PARTS if name in parts)
+
+
+# --- report --------------------------------------------------------------------------------------------------
+
+def section(results: list[tuple[Case, dict[str, Any]]], args: argparse.Namespace, fs: str) -> str:
+    flags = "--quick" if args.quick else (f"--reps {args.reps} --min-seconds {args.min_seconds:.0f} "
+                                          f"--warmup {args.warmup} --threads {args.threads} --big-n {args.big_n}")
+    flags += " --ablate" if args.ablate else ""
+    lines = [
+        HEADING, "",
+        f"`bench/bench_eval.py` (`{flags}`), {time.strftime('%Y-%m-%d')}, CPU only, torch {torch.__version__}, "
+        f"transformers {_transformers_version()}, Python {platform.python_version()}, "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores shared with other jobs, "
+        f"{args.threads} torch thread(s); answer files on {fs}. "
+        "`runner` = `run_pope(model, question_file, images, <fresh folder>, GenerationSettings(...))` (reads the "
+        "question file, writes the settings file, chat-template prompts, appends each batch's rows with flush + "
+        "fsync, scores); `bare loop` = the same questions in the same batches by hand: prompts built once with an "
+        "f-string (same text as the chat template, asserted), then per batch PIL open, `processor(..., "
+        "padding=True)` left-padded, `model.generate(max_new_tokens=N, do_sample=False)`, `batch_decode`, no "
+        "files; both give identical answers (asserted every round). `generate_texts` (diagnostic) = the runner's "
+        "per-batch step over the same batches, no files. Conditions in a rotating order each round, ratio = "
+        "median over rounds of x / bare loop within a round, [q1-q3] in brackets; at least `--reps` rounds, more "
+        "until a model has been timed `--min-seconds`. Goal <= 1.05x (on wall time). The CPU-time ratio (process "
+        "CPU seconds, same pairing) is a diagnostic that other jobs on the machine disturb much less; it leaves out "
+        "time spent waiting on the disk (fsync).", "",
+        "| model | batch x max_new_tokens | rounds | bare loop median (s) | runner median (s) | questions/s bare / "
+        "runner | runner / bare [q1-q3] | CPU time: runner / bare [q1-q3] | generate_texts / bare [q1-q3] | goal |",
+        "|---|---|---:|---:|---:|---|---|---|---|---|",
+    ]
+    for case, r in results:
+        ratio = r["ratio"]["runner"]
+        q1, q3 = r["quartiles"]["runner"]
+        g1, g3 = r["quartiles"]["generate_texts"]
+        c1, c3 = r["cpu_quartiles"]["runner"]
+        s = case.settings
+        lines.append(
+            f"| {case.label} | {s.batch_size} x {s.max_new_tokens} | {r['reps']} | {r['median_s']['bare loop']:.3f} | "
+            f"{r['median_s']['runner']:.3f} | {r['qps']['bare loop']:.0f} / {r['qps']['runner']:.0f} | "
+            f"{ratio:.3f}x [{q1:.2f}-{q3:.2f}] | {r['cpu_ratio']['runner']:.3f}x [{c1:.2f}-{c3:.2f}] | "
+            f"{r['ratio']['generate_texts']:.3f}x [{g1:.2f}-{g3:.2f}] | "
+            f"{'met' if ratio <= GOAL else 'missed'} |")
+    ablations = [(case, r) for case, r in results if any(a in r["ratio"] for a in ABLATIONS)]
+    if ablations:
+        lines += ["", "Ablations (`--ablate`, diagnostics only: `runner, no fsync` = the per-batch `os.fsync` in "
+                  "`run_jobs` made a no-op; `runner, prompt cache` = `build_prompt` memoised by question):", "",
+                  "| model | condition | median (s) | x / bare [q1-q3] | runner / this [q1-q3] |",
+                  "|---|---|---:|---|---|"]
+        for case, r in ablations:
+            for name in ["runner", *ABLATIONS]:
+                q1, q3 = r["quartiles"][name]
+                saved, s1, s3 = median_and_quartiles(paired_ratios(r["times"], name)["runner"])
+                lines.append(f"| {case.label} | {name} | {r['median_s'][name]:.3f} | {r['ratio'][name]:.3f}x "
+                             f"[{q1:.2f}-{q3:.2f}] | {saved:.3f}x [{s1:.2f}-{s3:.2f}] |")
+    lines += ["", "Where one `run_pope` spends its time (one extra call per model under cProfile, cumulative; the "
+              "profiler inflates Python-heavy code, so this is a split, not a timing):", ""]
+    lines += [f"- {case.label}: {breakdown(r['parts'])}" for case, r in results]
+    lines += ["", "Rerun: `HF_HUB_OFFLINE=1 PIP_NO_INDEX=1 .venv/bin/python bench/bench_eval.py` (full, rewrites "
+              "this section; ~4 min on 2 cores), `--quick --no-write` for a smoke test (<1 min), `--profile` to "
+              "also print the top of each profile."]
+    return "\n".join(lines) + "\n"
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def _filesystem(path: Path) -> str:
+    """``ext4 (/dev/vda)`` for the mount holding ``path``, from /proc/mounts (Linux), else ``local disk``."""
+    try:
+        best = ("", "local disk")
+        for line in Path("/proc/mounts").read_text().splitlines():
+            dev, mnt, kind = line.split()[:3]
+            if str(path.resolve()).startswith(mnt.rstrip("/") + "/") and len(mnt) >= len(best[0]):
+                best = (mnt, f"{kind} ({dev})")
+        return best[1]
+    except OSError:
+        return "local disk"
+
+
+def write_section(text: str, path: Path = RESULTS) -> None:
+    """Replace (or append) this file's section of RESULTS.md, keeping the others; temp file + rename."""
+    current = path.read_text() if path.exists() else "# haltrace benchmarks\n"
+    start = current.find(HEADING + "\n")
+    if start < 0:
+        new = current.rstrip() + "\n\n" + text
+    else:
+        nxt = current.find("\n## ", start + len(HEADING))
+        new = current[:start] + text + (current[nxt:] if nxt >= 0 else "")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(new)
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=10, help="minimum rounds per model")
+    parser.add_argument("--min-seconds", type=float, default=100.0,
+                        help="keep adding rounds (up to 200) until a model has been timed this long")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--big-n", type=int, default=64, help="questions for the random 8x512 LLaVA")
+    parser.add_argument("--tmp", default=None, help="folder for the sets and answer files (default: a temp dir)")
+    parser.add_argument("--quick", action="store_true", help="3 rounds, 1 warm-up, 200 + 32 questions")
+    parser.add_argument("--profile", action="store_true", help="also print the top of each model's runner profile")
+    parser.add_argument("--ablate", action="store_true",
+                        help="also time run_pope without its per-batch fsync and with memoised prompts")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    args = parser.parse_args()
+    organism_n = None
+    if args.quick:
+        args.reps, args.warmup, args.min_seconds, args.big_n, organism_n = 3, 1, 0.0, 32, 200
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    tmp = Path(tempfile.mkdtemp(prefix="bench_eval.", dir=args.tmp))
+    try:
+        question_file, images, world = export_sets(tmp)
+        builders: list[Callable[[], Case]] = [lambda: organism_case(question_file, images, organism_n),
+                                              lambda: big_llava_case(question_file, images, world, args.big_n)]
+        results = []
+        for build in builders:
+            case = build()
+            print(f"timing {case.label} ...", file=sys.stderr, flush=True)
+            r = measure(case, tmp, args.reps, args.warmup, args.min_seconds, ablate=args.ablate)
+            print(f"{case.label}: bare {r['median_s']['bare loop']:.3f}s runner {r['median_s']['runner']:.3f}s "
+                  f"ratio {r['ratio']['runner']:.3f}x [{r['quartiles']['runner'][0]:.2f}-"
+                  f"{r['quartiles']['runner'][1]:.2f}], CPU time {r['cpu_ratio']['runner']:.3f}x (generate_texts {r['ratio']['generate_texts']:.3f}x), "
+                  f"{r['reps']} rounds, {r['yes']}/{r['n']} yes, first answers {r['sample']}", flush=True)
+            r["parts"], listing = profile_runner(case, tmp, top=30 if args.profile else 0)
+            print(f"  one profiled run_pope: {breakdown(r['parts'])}", flush=True)
+            if listing:
+                print(listing, flush=True)
+            results.append((case, r))
+        text = section(results, args, _filesystem(tmp))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(text)
+    if not args.no_write:
+        write_section(text)
+        print(f"wrote {RESULTS.relative_to(REPO)} ({HEADING})", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
