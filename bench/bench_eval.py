@@ -431,6 +431,7 @@ def main() -> None:
     parser.add_argument("--tmp", default=None, help="folder for the sets and answer files (default: a temp dir)")
     parser.add_argument("--quick", action="store_true", help="3 rounds, 1 warm-up, 200 + 32 questions")
     parser.add_argument("--profile", action="store_true", help="also print the top of each model's runner profile")
+    parser.add_argument("--models", default="organism,big", help="which cases, comma-separated: organism, big")
     parser.add_argument("--ablate", action="store_true",
                         help="also time run_pope without its per-batch fsync and with memoised prompts")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
@@ -443,11 +444,12 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_eval.", dir=args.tmp))
     try:
         question_file, images, world = export_sets(tmp)
-        builders: list[Callable[[], Case]] = [lambda: organism_case(question_file, images, organism_n),
-                                              lambda: big_llava_case(question_file, images, world, args.big_n)]
+        builders: dict[str, Callable[[], Case]] = {
+            "organism": lambda: organism_case(question_file, images, organism_n),
+            "big": lambda: big_llava_case(question_file, images, world, args.big_n)}
         results = []
-        for build in builders:
-            case = build()
+        for key in args.models.split(","):
+            case = builders[key]()
             print(f"timing {case.label} ...", file=sys.stderr, flush=True)
             r = measure(case, tmp, args.reps, args.warmup, args.min_seconds, ablate=args.ablate)
             print(f"{case.label}: bare {r['median_s']['bare loop']:.3f}s runner {r['median_s']['runner']:.3f}s "

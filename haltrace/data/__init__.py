@@ -20,7 +20,8 @@ from haltrace.data.items import (
 )
 from haltrace.data.jsonl import DataFormatError, load_items, save_items
 from haltrace.data.sources import default_fit_data
+from haltrace.data.visual_counterfact import load_fit_file, load_visual_counterfact
 
 __all__ = ["KINDS", "CaptionItem", "CaptionPair", "DataFormatError", "EntityQuestion", "ImageError", "Item",
-           "PvPItem", "Statement", "VQAQuestion", "YesNoQuestion", "default_fit_data", "load_items", "of_kind",
-           "open_image", "save_items"]
+           "PvPItem", "Statement", "VQAQuestion", "YesNoQuestion", "default_fit_data", "load_fit_file",
+           "load_items", "load_visual_counterfact", "of_kind", "open_image", "save_items"]

@@ -21,7 +21,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from haltrace.data.items import YesNoQuestion
 from haltrace.data.jsonl import load_items
 from haltrace.evals.pope import pope_metrics
 from haltrace.evals.runner import GenerationSettings, Job, run_jobs
@@ -57,21 +56,6 @@ def run_pope(model: Any, question_file: str | Path, images: str | Path | None, o
                     task=f"pope:{Path(question_file).name}", overwrite=overwrite, progress=progress)
     metrics = pope_metrics([r["text"] for r in rows], [q.label for q in items], parser=parser)
     return metrics | {"answers_file": str(out)}
-
-
-def pope_items_scored(items: Sequence[YesNoQuestion], answers: Sequence[dict]) -> list[str]:
-    """Answers aligned with ``items`` by ``question_id`` when both have it, else by order."""
-    if all("question_id" in a for a in answers) and all(q.question_id is not None for q in items):
-        by_id = {str(a["question_id"]): a for a in answers}
-        missing = [q.question_id for q in items if str(q.question_id) not in by_id]
-        if missing:
-            raise ValueError(f"{len(missing)} questions have no answer (first ids: {missing[:3]})")
-        return [str(by_id[str(q.question_id)].get("text", by_id[str(q.question_id)].get("answer", "")))
-                for q in items]
-    if len(answers) != len(items):
-        raise ValueError(f"{len(items)} questions but {len(answers)} answers; without question_id they are "
-                         "aligned by line order")
-    return [str(a.get("text", a.get("answer", ""))) for a in answers]
 
 
 def chair_images(folder: str | Path, known: dict[str, Any], n: int | None = None, seed: int = 0

@@ -189,6 +189,7 @@ def eval_cmd(
 
             atomic_write_text(out / "report.json", json.dumps({"model": model, "report": report}, indent=1,
                                                               default=str) + "\n")
+            (out / "report.json").chmod(0o644)
         elif not report:
             from haltrace.steering.cli import evaluate_organism
 

@@ -1,8 +1,9 @@
 """Readers and writers for the official evaluation file formats, and scoring straight from files.
 
 POPE (``RUCAIBox/POPE``)
-    questions: JSONL ``{"question_id", "image", "text", "label"}``; answers: JSONL ``{"question", "answer"}``,
-    aligned with the questions **by line order** (as the official ``evaluate.py`` does).
+    questions: JSONL ``{"question_id", "image", "text", "label"}``; answers: JSONL ``{"question", "answer"}``
+    (POPE) or ``{"question_id", "text"}`` (LLaVA), aligned by ``question_id`` when both files carry it, else
+    **by line order** (as the official ``evaluate.py`` does).
 CHAIR (``LisaAnne/Hallucination``)
     synonyms: ``data/synonyms.txt``, one line per class, comma-separated, first entry = canonical name;
     captions: LVLM JSONL ``{"image_id", "caption"}`` or the original's JSON dict with ``imgToEval``
@@ -97,10 +98,36 @@ def write_pope_questions(path: str | Path, rows: Iterable[Mapping[str, Any]]) ->
 
 
 def read_pope_answers(path: str | Path) -> list[str]:
-    """Answer strings of a POPE answer JSONL (``{"question", "answer"}``), in line order."""
-    rows = read_jsonl(path)
-    _require(rows, ("answer",), path, "POPE answer")
-    return [str(r["answer"]) for r in rows]
+    """Answer strings of a POPE answer JSONL in line order: POPE's ``{"question", "answer"}`` or LLaVA's
+    ``{"question_id", "text"}`` (``text`` is read when there is no ``answer``)."""
+    return [_answer_text(r, path, i) for i, r in enumerate(read_jsonl(path), 1)]
+
+
+def _answer_text(row: dict, path: str | Path, line: int) -> str:
+    if "answer" in row:
+        return str(row["answer"])
+    if "text" in row:
+        return str(row["text"])
+    raise FormatError(f"{path}: row {line} has neither 'answer' (POPE) nor 'text' (LLaVA); keys {sorted(row)}")
+
+
+def aligned_pope_answers(questions: Sequence[dict], answers_path: str | Path, questions_path: str | Path = ""
+                         ) -> list[str]:
+    """Answers in question order: by ``question_id`` when both files carry it (LLaVA's answer files may be in
+    any order), else by line order as POPE's ``evaluate.py`` does."""
+    rows = read_jsonl(answers_path)
+    if rows and all("question_id" in r for r in rows) and all("question_id" in q for q in questions):
+        by_id = {str(r["question_id"]): _answer_text(r, answers_path, i) for i, r in enumerate(rows, 1)}
+        missing = [q["question_id"] for q in questions if str(q["question_id"]) not in by_id]
+        if missing:
+            raise FormatError(f"{answers_path}: no answer for {len(missing)} question_id(s) of {questions_path} "
+                              f"(first: {missing[:3]})")
+        return [by_id[str(q["question_id"])] for q in questions]
+    if len(rows) != len(questions):
+        raise FormatError(f"{len(questions)} questions in {questions_path} but {len(rows)} answers in "
+                          f"{answers_path}; without question_id on both sides answers are aligned by line order, "
+                          "one per question")
+    return [_answer_text(r, answers_path, i) for i, r in enumerate(rows, 1)]
 
 
 def write_pope_answers(path: str | Path, questions: Sequence[Mapping[str, Any]], answers: Sequence[str]) -> Path:
@@ -121,10 +148,7 @@ def score_pope_files(questions: Mapping[str, str | Path], answers: Mapping[str, 
     out: dict = {}
     for split in questions:
         qs = read_pope_questions(questions[split])
-        ans = read_pope_answers(answers[split])
-        if len(qs) != len(ans):
-            raise FormatError(f"split {split!r}: {len(qs)} questions in {questions[split]} but {len(ans)} answers "
-                              f"in {answers[split]}; answers are aligned by line order, one per question")
+        ans = aligned_pope_answers(qs, answers[split], questions[split])
         out[split] = pope_metrics(ans, [r["label"] for r in qs], parser=parser)
     out["summary"] = pope_summary({s: out[s] for s in questions})
     out["parser"] = parser

@@ -92,8 +92,9 @@ def _read_done(path: Path, jobs: Sequence[Job], key_field: str, batch_size: int)
             except json.JSONDecodeError:
                 break
     for i, row in enumerate(rows[: len(jobs)]):
-        if row.get(key_field) != jobs[i].key:
-            raise ResumeError(f"{path} row {i + 1} is for {key_field} {row.get(key_field)!r} but this run's item "
+        if not isinstance(row, dict) or row.get(key_field) != jobs[i].key:
+            found = row.get(key_field) if isinstance(row, dict) else row
+            raise ResumeError(f"{path} row {i + 1} is for {key_field} {found!r} but this run's item "
                               f"{i + 1} is {jobs[i].key!r}: the file belongs to other questions; use another "
                               "--out or --overwrite")
     if len(rows) >= len(jobs):

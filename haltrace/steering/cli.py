@@ -120,10 +120,11 @@ def _evaluate(model: Any, evals: list[str], console, label: str, fitted: Any = N
 
 
 def _load_fit_data(path: Path, images: Path | None) -> list:
-    from haltrace.data.jsonl import DataFormatError, load_items
+    from haltrace.data.jsonl import DataFormatError
+    from haltrace.data.visual_counterfact import load_fit_file
 
     try:
-        return load_items(path, images=images)
+        return load_fit_file(path, images=images)
     except DataFormatError as exc:
         raise typer.BadParameter(str(exc), param_hint="--fit-data") from None
 
@@ -196,7 +197,8 @@ def steer_cmd(
                                                                 f"write (default {DEFAULT_RESULTS}); a .json "
                                                                 "twin is written next to it."),
     fit_data: Path | None = typer.Option(None, "--fit-data", help="JSONL fit items for the method "
-                                         "(docs/data-formats.md); default: the model's data source (organisms)."),
+                                         "(docs/data-formats.md), or a Visual CounterFact .parquet/.csv for "
+                                         "PvP; default: the model's data source (organisms)."),
     images: Path | None = typer.Option(None, "--images", help="Folder that image names in --fit-data and in "
                                        "pope= files are relative to."),
     coco_annotations: Path | None = typer.Option(None, "--coco-annotations", help="COCO annotations folder: "

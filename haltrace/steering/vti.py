@@ -322,8 +322,8 @@ class VTI(Method):
             template: str | None = None) -> FittedIntervention:
         """Fit on ``data``: :class:`~haltrace.data.CaptionPair` items (truthful vs hallucinated caption of one
         image, asked with the pair's ``prompt`` or ``caption_prompt``) and, for choosing the strengths,
-        :class:`~haltrace.data.YesNoQuestion` items (``category="partner"`` marks the absent objects whose
-        false-yes rate is minimised). Default: the model's data source (an organism's ``n_demos`` images)."""
+        :class:`~haltrace.data.YesNoQuestion` items (the false-yes rate on the "no" questions is minimised
+        within the recall budget on the "yes" ones; ask about co-occurring absent objects to target them). Default: the model's data source (an organism's ``n_demos`` images)."""
         require_vlm(model, "VTI (vti)", "its directions come from images and image captions")
         source = data
         if data is None:
