@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from haltrace.data.images import open_images
+from haltrace.errors import HaltraceError
 from haltrace.models.prompting import build_prompt, prompt_style
 
 
@@ -59,7 +60,7 @@ class GenerationSettings:
             raise ValueError(f"--prompt-template {self.template!r} has no {{question}} field")
 
 
-class ResumeError(ValueError):
+class ResumeError(HaltraceError):
     """An existing answers file belongs to another run (other settings or other questions)."""
 
 

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from haltrace.conventions import HookPoint, hidden_states_index, hook_from_hidden_states_index, parse_hook
+from haltrace.errors import HaltraceError
 from haltrace.steering.vector import SteeringVector, VectorError
 
 #: hooks on the residual stream itself; everything else is inside a block
@@ -43,7 +44,7 @@ _PLAIN = ("only a plain residual add exports: one fixed vector added to the resi
           "every token, in the prompt and during generation (what a llama.cpp control vector does)")
 
 
-class ExportError(ValueError):
+class ExportError(HaltraceError):
     """A steering artifact cannot be converted or exported; the message says why."""
 
 
@@ -68,8 +69,9 @@ def intervention_refusals(item: Any) -> list[str]:
     if isinstance(item, ScaleHeads):
         return [f"ScaleHeads at {hook} multiplies attention heads {list(item.heads)} by {item.factor} inside "
                 "attention; llama.cpp control vectors only add to the residual stream after a block, never to heads"]
-    if not isinstance(item, Add):
-        return [f"{name} at {hook} is not a plain Add"]
+    if type(item) is not Add:  # subclasses (VTI's RotateTowards, ...) change what "add" means: never export them
+        return [f"{name} at {hook} is not a plain Add (a {name} computes its edit from the activation); llama.cpp "
+                "only adds a fixed vector"]
     reasons = []
     if item.head is not None:
         reasons.append(f"Add at {hook} with head={item.head} edits one attention head's slice of the o_proj input; "

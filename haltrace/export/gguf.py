@@ -198,7 +198,9 @@ class ControlVector:
                 direction=dict(self.directions), layers=layers, hidden_size=self.hidden_size, hook="resid_post",
                 alpha=1.0, method=str(man.get("method", "custom")),
                 model=str(man.get("model") or self.model_hint or ""),
-                n_layers=self.layer_count, model_revision=man.get("model_revision"),
+                # controlvector.layer_count is advisory: repeng writes the number of directions there and
+                # llama.cpp's cvector-generator n_layer - 1; only haltrace's own manifest states the model's count
+                n_layers=self.layer_count if self.manifest else None, model_revision=man.get("model_revision"),
                 data_fingerprint=man.get("data_fingerprint"),
                 provenance={"from_gguf": True, "alpha_baked_in": man.get("alpha"), "source_manifest": man or None})
         except VectorError as err:

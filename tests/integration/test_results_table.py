@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from haltrace.steering import registry
-from haltrace.steering.cli import app
+from haltrace.cli import app
 from haltrace.steering.engine import Add
 from haltrace.steering.registry import FittedIntervention, Method
 
