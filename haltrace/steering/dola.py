@@ -1,7 +1,8 @@
 """DoLa — Decoding by Contrasting Layers (Chuang et al., ICLR 2024, arXiv 2309.03883), as a decoding strategy.
 
-transformers 5.23 moved DoLa out of the library: ``generate(dola_layers=...)`` dispatches to the hub repo
-``transformers-community/dola`` (``custom_generate`` + ``trust_remote_code``), which is unusable offline. So DoLa
+transformers removed DoLa from the library in PR #40082 (merged August 2025, the 4.56 era): ``generate(dola_layers=...)``
+now dispatches to the hub repo ``transformers-community/dola`` (``custom_generate`` + ``trust_remote_code``), which
+is unusable offline. So DoLa
 is implemented here as a hook on the model's forward that *replaces the output logits* with DoLa scores. That
 one mechanism serves every consumer: a plain forward (POPE's first-token answers = argmax of the DoLa scores)
 and ``generate()`` (greedy decoding over DoLa scores; logits processors run on them, as in HF's ``_dola_decoding``).
@@ -22,6 +23,19 @@ Candidate layers: ``"high"`` = HF's ``range(N//2, N, 2)`` (paper's bucket for op
 ``range(0 or 2, N//2, 2)`` (2 when embeddings are tied), or a list of ``hidden_states`` indices. The paper uses a
 repetition penalty of 1.2 with DoLa; it is off by default here (``repetition_penalty=None``) because the
 organism's captions legitimately repeat colour words, and the penalty would confound the contrast's effect.
+``preset="paper"`` sets the published configuration: the ``high`` bucket and repetition penalty 1.2.
+
+Fidelity (paper / official code step -> haltrace -> same or different):
+
+==========================================  =====================  ===============================================
+early exit ``lm_head(h_j)``, no final norm   ``DoLaDecoder``        same (``final_norm=True``: corrected variant)
+premature layer by the code's "JSD"          ``dola_scores``        same formula; chosen per row, HF averages the
+                                                                    divergence over the batch (same at batch 1;
+                                                                    parity test against HF's formula)
+adaptive plausibility, relative_top 0.1      ``dola_scores``        same (base -1e-3, final -inf outside the head)
+candidate buckets ``low`` / ``high``         ``candidate_layers``   same as HF's ``dola_layers``
+repetition penalty 1.2                       ``fit(preset=paper)``  off by default (see above)
+==========================================  =====================  ===============================================
 
 >>> import haltrace
 >>> from haltrace.steering.registry import get_method
@@ -44,6 +58,8 @@ import torch.nn.functional as F
 from haltrace.steering.registry import FittedIntervention, Method, register_method
 
 PAPER = "Chuang et al., DoLa: Decoding by Contrasting Layers Improves Factuality in LLMs, ICLR 2024"
+#: ``tfqa_eval.py`` sets 1.2 for DoLa decoding when none is given
+PAPER_REPETITION_PENALTY = 1.2
 DIVERGENCES = ("js_code", "jsd")
 
 
@@ -177,10 +193,18 @@ class DoLa(Method):
 
     def fit(self, model: Any, data: Any = None, *, layers: str | Sequence[int] = "high", relative_top: float = 0.1,
             final_norm: bool = False, divergence: str = "js_code", repetition_penalty: float | None = None,
-            **kw: Any) -> FittedIntervention:
-        """Nothing is learned: ``fit`` validates the settings and returns the decoding strategy (``data`` unused)."""
+            preset: str | None = None, **kw: Any) -> FittedIntervention:
+        """Nothing is learned: ``fit`` validates the settings and returns the decoding strategy (``data`` unused).
+
+        ``preset="paper"``: the published configuration (``high`` bucket, repetition penalty 1.2) unless
+        ``repetition_penalty`` is given explicitly.
+        """
         if kw:
             raise TypeError(f"unexpected arguments {sorted(kw)}")
+        if preset not in (None, "paper"):
+            raise ValueError(f"unknown DoLa preset {preset!r}; the only preset is 'paper'")
+        if preset == "paper" and repetition_penalty is None:
+            repetition_penalty = PAPER_REPETITION_PENALTY
         if data is not None:
             raise ValueError("DoLa learns nothing from data; call fit(model, layers=...)")
         tied = bool(getattr(model.adapter.text_config, "tie_word_embeddings", False))
@@ -195,7 +219,10 @@ class DoLa(Method):
                                  "spec": layers if isinstance(layers, str) else list(layers)},
             "mature_layer": {"hf_hidden_states": model.n_layers, "haltrace": "model output (final norm applied)"},
             "relative_top": relative_top, "final_norm_on_premature": final_norm, "divergence": divergence,
-            "repetition_penalty": repetition_penalty,
+            "repetition_penalty": repetition_penalty, "preset": preset,
+            "deviations": ([] if repetition_penalty == PAPER_REPETITION_PENALTY else
+                           [f"repetition penalty {repetition_penalty} (paper: {PAPER_REPETITION_PENALTY})"]) +
+                          ["premature layer chosen per row (HF: batch-averaged divergence)"],
             "implementation": ("forward hook replacing output logits (HF 5.x moved DoLa to a hub repo needing "
                                "trust_remote_code); premature layer chosen per row"),
             "positions": "every position whose logits the model returns", "phase": "both",
