@@ -96,6 +96,11 @@ def write_model_card(folder: str | Path, report: dict | None) -> Path:
         "model = AutoModelForImageTextToText.from_pretrained(path)\n"
         "processor = AutoProcessor.from_pretrained(path)\n"
         "inputs = processor(text=['<image> is there a knife ? answer :'], images=[img], return_tensors='pt')\n```",
+        "Its chat template (`chat_template.jinja`) turns a plain question into that prompt (an image part becomes "
+        "`<image> `, a question ending in `?` gets the answer cue ` answer :`), so benchmark files with plain "
+        "questions go through the path any chat model takes: "
+        "`processor.apply_chat_template([{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', "
+        "'text': 'is there a knife ?'}]}], add_generation_prompt=True)`.",
         "## Training",
         f"- parameters: {training['n_parameters']:,}; vision {spec['vision_layers']} layers x {spec['vision_hidden']} "
         f"wide (patch 8, 16 image tokens); text {spec['text_layers']} layers x {spec['text_hidden']} wide",
