@@ -16,7 +16,7 @@ plural mentions count only where the synonym table lists the plural.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 
 def default_phrases(synonyms: Mapping[str, str] | None) -> dict[str, str]:
@@ -73,17 +73,24 @@ def chair_metrics(captions: Sequence[str], truths: Sequence[Iterable[str]], *, v
 
     Ground-truth objects are mapped through ``synonyms`` too, so "puppy" in a truth list means "dog".
     """
+    vocab = set(vocabulary)
+    return score_mentions(captions, truths, lambda c: caption_objects(c, vocab, synonyms, phrases),
+                          lambda t: (synonyms or {}).get(t, t))
+
+
+def score_mentions(captions: Sequence[str], truths: Sequence[Iterable[str]], parse: Callable[[str], list[str]],
+                   canonical: Callable[[str], str]) -> dict:
+    """The CHAIR tally shared by every rule set: ``parse`` turns a caption into canonical object mentions
+    (repeats kept), ``canonical`` maps a ground-truth object onto the same vocabulary."""
     if len(captions) != len(truths):
         raise ValueError(f"{len(captions)} captions but {len(truths)} ground-truth sets")
     if not captions:
         raise ValueError("no captions to score")
-    vocab = set(vocabulary)
-    mentions = hallucinated = with_hallucination = covered = truth_total = 0
-    words = 0
+    mentions = hallucinated = with_hallucination = covered = truth_total = words = 0
     hallucinated_words: dict[str, int] = {}
     for caption, truth in zip(captions, truths, strict=True):
-        truth = {(synonyms or {}).get(t, t) for t in truth}
-        objects = caption_objects(caption, vocab, synonyms, phrases)
+        truth = {canonical(t) for t in truth}
+        objects = parse(caption)
         bad = [o for o in objects if o not in truth]
         mentions += len(objects)
         hallucinated += len(bad)

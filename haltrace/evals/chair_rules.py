@@ -34,7 +34,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from haltrace.evals.chair import caption_objects as simple_caption_objects
-from haltrace.evals.chair import chair_metrics, default_phrases
+from haltrace.evals.chair import chair_metrics, default_phrases, score_mentions
 
 RULES = ("official", "simple")
 COCO_SYNONYMS = Path(__file__).resolve().parent / "data" / "coco_synonyms.txt"
@@ -294,32 +294,6 @@ def chair_scores(captions: Sequence[str], truths: Sequence[Iterable[str]], table
     if check_rules(rules) == "simple":
         return chair_metrics(captions, truths, vocabulary=table.canonical, synonyms=table.inverse,
                              phrases=default_phrases(table.inverse) if phrases is None else phrases)
-    if len(captions) != len(truths):
-        raise ValueError(f"{len(captions)} captions but {len(truths)} ground-truth sets")
-    if not captions:
-        raise ValueError("no captions to score")
     phrases = double_words(table) if phrases is None else phrases
-    mentions = hallucinated = with_hallucination = covered = truth_total = words = 0
-    counts: dict[str, int] = {}
-    for caption, truth in zip(captions, truths, strict=True):
-        truth = {table.inverse.get(t, t) for t in truth}
-        objects = official_caption_words(caption, table, phrases)[1]
-        bad = [o for o in objects if o not in truth]
-        mentions += len(objects)
-        hallucinated += len(bad)
-        with_hallucination += bool(bad)
-        covered += len(truth & set(objects))
-        truth_total += len(truth)
-        words += len(caption.split())
-        for o in bad:
-            counts[o] = counts.get(o, 0) + 1
-    return {
-        "chair_s": with_hallucination / len(captions),
-        "chair_i": hallucinated / mentions if mentions else 0.0,
-        "recall": covered / truth_total if truth_total else 0.0,
-        "mean_length": words / len(captions),
-        "mentions": mentions,
-        "hallucinated": hallucinated,
-        "hallucinated_words": dict(sorted(counts.items())),
-        "n": len(captions),
-    }
+    return score_mentions(captions, truths, lambda c: official_caption_words(c, table, phrases)[1],
+                          lambda t: table.inverse.get(t, t))
