@@ -12,8 +12,8 @@ same answers (checked every round). Conditions, timed in the same run, in a rota
 * ``runner``: ``run_pope(model, question_file, images, <fresh folder>, GenerationSettings(...))``: reads and
   checks the question file, writes the settings file, builds every prompt with the chat template, opens the
   images, prepares, generates, decodes, appends each batch's rows (flush + fsync) and scores the answers
-* ``generate_texts`` (diagnostic): the runner's inner step (``haltrace.evals.runner.generate_texts``) over the
-  same batches, no files: splits the overhead into the per-batch step and the file/resume/scoring part
+* ``generate_texts`` (diagnostic, organism only): the runner's inner step (``haltrace.evals.runner.generate_texts``)
+  over the same batches, no files: splits the overhead into the per-batch step and the file/resume/scoring part
 
 The overhead is the median over rounds of (runner time / bare loop time within that round). Goal <= 1.05x.
 Threads are fixed (``--threads``, default 1) so runs are comparable. Answer files go to a temporary folder
@@ -23,15 +23,15 @@ Models:
 
 * the shipped organism (``haltrace.load("shapes-llava")``) on ``pope/pope_adversarial.jsonl`` of its exported
   evaluation sets (``write_eval_sets``, 600 questions, 32x32 images), CLI defaults (max_new_tokens 32,
-  batch 8; it answers "yes"/"no" then EOS, so each batch decodes ~2 tokens)
+  batch 8; it answers "yes"/"no" then EOS, so each batch decodes a few tokens)
 * a random LLaVA with a Llama text model of 8 layers x 512 (the "8x512 Llama" of the other benches) behind
   the organism's tiny CLIP tower, processor and 32x32 images: the first ``--big-n`` questions of the same
   file, max_new_tokens 16, batch 8 (random weights rarely stop early, so per-token compute dominates)
 
-After the timed rounds, one more ``run_pope`` per model runs under cProfile and the cumulative time of the
-runner's own parts (fsync, ``build_prompt``, ``load_items``, ...) next to ``generate`` is reported (the
-profiler slows the Python-heavy parts, so read it as a split, not as timings); ``--profile`` also prints the
-top of that profile.
+After the timed rounds, ``--parts-runs`` more ``run_pope`` calls per model time each part where it is
+called (the runner's own: per-batch fsync, ``build_prompt``, ``load_items``, the settings file, scoring; and
+the shared ``open_images``, ``prepare``, ``generate``), so the overhead can be put on lines of the runner.
+``--profile`` also prints the top of a cProfile of one ``run_pope`` per model.
 
 Usage::
 
@@ -53,7 +53,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +82,7 @@ class Case:
     images: Path
     settings: GenerationSettings
     questions: list[dict]  # the rows of question_file
+    diagnostic: bool = True  # also time generate_texts (where the runner's own work is a visible share)
 
 
 # --- models and data -----------------------------------------------------------------------------------------
@@ -137,7 +138,7 @@ def big_llava_case(question_file: Path, images: Path, world: Any, n: int) -> Cas
     rows = read_rows(question_file)[:n]
     return Case(f"random LLaVA, Llama 8x512 text, 32x32 images, {len(rows)} questions", model,
                 subset(question_file, rows, "big"), images, GenerationSettings(max_new_tokens=16, batch_size=8),
-                rows)
+                rows, diagnostic=False)
 
 
 def subset(question_file: Path, rows: list[dict], tag: str) -> Path:
@@ -183,56 +184,88 @@ def inner_steps(case: Case) -> list[str]:
     return [t for lo in range(0, len(jobs), bs) for t in generate_texts(case.model, jobs[lo:lo + bs], case.settings)]
 
 
+#: the runner's own work (the bare loop has none of it), then the work both do, as timed by ``instrumented``
+OWN_PARTS = ["fsync after each batch", "build_prompt", "load_items", "settings file (_check_record)", "_read_done",
+             "pope_metrics"]
+SHARED_PARTS = ["open_images", "prepare", "generate"]
+PART_NAMES = [*OWN_PARTS, *SHARED_PARTS, "other", "run_pope (total)"]
+
+
 @contextmanager
-def ablated(name: str) -> Iterator[None]:
-    """``run_pope`` with one of the runner's own costs taken out (diagnostics for ``--ablate``; behaviour
-    changes, so never in a real run): ``no fsync`` makes the per-batch ``os.fsync`` in ``run_jobs`` a no-op;
-    ``prompt cache`` memoises ``build_prompt`` by (question, image, template), so the chat template is
-    rendered once per distinct question instead of once per question."""
+def instrumented(model: Model) -> Iterator[dict[str, list[float]]]:
+    """Time the parts of ``run_pope`` where they are called: ``{part: [calls, seconds]}``. Module attributes of
+    ``haltrace.evals.runner`` / ``benchmarks`` (and ``model.prepare``, ``model.hf.generate``) are wrapped in a
+    timer for the duration (~1 us a call) and put back after."""
+    import haltrace.evals.benchmarks as benchmarks
     import haltrace.evals.runner as runner
 
-    if name == "runner, no fsync":
-        real_os = runner.os
+    acc: dict[str, list[float]] = {}
 
-        class _NoFsync:
-            def __getattr__(self, attr: str) -> Any:
-                return getattr(real_os, attr)
+    def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*a: Any, **k: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                entry = acc.setdefault(name, [0, 0.0])
+                entry[0] += 1
+                entry[1] += time.perf_counter() - start
+        return call
 
-            @staticmethod
-            def fsync(_fd: int) -> None:
-                return None
+    real_os = runner.os
 
-        runner.os = _NoFsync()  # type: ignore[assignment]
-        try:
-            yield
-        finally:
-            runner.os = real_os
-    elif name == "runner, prompt cache":
-        real_build = runner.build_prompt
-        cache: dict[tuple, str] = {}
+    class _Os:  # runner's ``os`` with a timed fsync (the per-batch one; the settings file's is in _check_record)
+        fsync = staticmethod(timed("fsync after each batch", real_os.fsync))
 
-        def build(model: Any, question: str, *, image: bool = False, template: str | None = None) -> str:
-            key = (id(model), question, image, template)
-            if key not in cache:
-                cache[key] = real_build(model, question, image=image, template=template)
-            return cache[key]
+        def __getattr__(self, attr: str) -> Any:
+            return getattr(real_os, attr)
 
-        runner.build_prompt = build  # type: ignore[assignment]
-        try:
-            yield
-        finally:
-            runner.build_prompt = real_build
-    else:
-        raise ValueError(name)
+    patches = [(runner, "build_prompt", "build_prompt"), (runner, "open_images", "open_images"),
+               (runner, "_check_record", "settings file (_check_record)"), (runner, "_read_done", "_read_done"),
+               (benchmarks, "load_items", "load_items"), (benchmarks, "pope_metrics", "pope_metrics")]
+    saved = [(mod, attr, getattr(mod, attr)) for mod, attr, _ in patches]
+    for mod, attr, name in patches:
+        setattr(mod, attr, timed(name, getattr(mod, attr)))
+    runner.os = _Os()  # type: ignore[assignment]
+    model.prepare = timed("prepare", model.prepare)  # type: ignore[method-assign]
+    model.hf.generate = timed("generate", model.hf.generate)
+    try:
+        yield acc
+    finally:
+        for mod, attr, fn in saved:
+            setattr(mod, attr, fn)
+        runner.os = real_os
+        del model.prepare
+        del model.hf.generate
 
 
-ABLATIONS = ["runner, no fsync", "runner, prompt cache"]
+def timed_parts(case: Case, tmp: Path, runs: int) -> dict[str, tuple[float, float]]:
+    """``{part: (calls per run, median ms per run)}`` over ``runs`` instrumented ``run_pope`` calls (fresh
+    folders), plus ``"run_pope (total)"``, ``"other"`` (total minus every timed part) and ``"bare loop"`` (the
+    bare loop timed alternately with them, so percentages compare like with like)."""
+    prompts = hand_prompts(case)
+    samples: list[dict[str, list[float]]] = []
+    for i in range(runs):
+        start = time.perf_counter()
+        bare_loop(case, prompts)
+        bare_s = time.perf_counter() - start
+        out_dir = tmp / f"parts{i}"
+        with instrumented(case.model) as acc:
+            start = time.perf_counter()
+            run_pope(case.model, case.question_file, case.images, out_dir, case.settings)
+            acc["run_pope (total)"] = [1, time.perf_counter() - start]
+        acc["other"] = [0, acc["run_pope (total)"][1] - sum(v[1] for k, v in acc.items() if k != "run_pope (total)")]
+        acc["bare loop"] = [1, bare_s]
+        samples.append(acc)
+        shutil.rmtree(out_dir)
+    return {n: (samples[0].get(n, [0, 0.0])[0], 1000 * statistics.median(s.get(n, [0, 0.0])[1] for s in samples))
+            for n in [*PART_NAMES, "bare loop"]}
 
 
 # --- timing --------------------------------------------------------------------------------------------------
 
-def measure(case: Case, tmp: Path, reps: int, warmup: int, min_seconds: float, max_reps: int = 200,
-            ablate: bool = False) -> dict[str, Any]:
+def measure(case: Case, tmp: Path, reps: int, warmup: int, min_seconds: float, max_reps: int = 200
+            ) -> dict[str, Any]:
     prompts = hand_prompts(case)
     counter = itertools.count()
     reference: list[str] = []
@@ -243,16 +276,15 @@ def measure(case: Case, tmp: Path, reps: int, warmup: int, min_seconds: float, m
             raise AssertionError(f"{case.label}: {name} answered {texts[bad]!r} to question {bad + 1}, the bare "
                                  f"loop {reference[bad]!r}")
 
-    names = ["bare loop", "runner", "generate_texts"] + (ABLATIONS if ablate else [])
+    names = ["bare loop", "runner"] + (["generate_texts"] if case.diagnostic else [])
     cpu: dict[str, list[float]] = {n: [] for n in names}  # process CPU seconds, round by round like the wall times
 
     def run(name: str) -> float:
-        if name.startswith("runner"):
+        if name == "runner":
             out_dir = tmp / f"run{next(counter)}"  # a fresh folder each time: no resuming, all files written
-            with nullcontext() if name == "runner" else ablated(name):
-                start, start_cpu = time.perf_counter(), time.process_time()
-                run_pope(case.model, case.question_file, case.images, out_dir, case.settings)
-                seconds, cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
+            start, start_cpu = time.perf_counter(), time.process_time()
+            run_pope(case.model, case.question_file, case.images, out_dir, case.settings)
+            seconds, cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
             check(name, [r["text"] for r in read_rows(pope_answer_path(out_dir, case.question_file))])
             shutil.rmtree(out_dir)
         else:
@@ -284,18 +316,8 @@ def measure(case: Case, tmp: Path, reps: int, warmup: int, min_seconds: float, m
             "sample": reference[:3]}
 
 
-#: the runner's own work, found in a cProfile by (file name ending, function name)
-PARTS = [("posix.fsync", "fsync (per batch + settings file)"), ("prompting.py:build_prompt", "build_prompt"),
-         ("jsonl.py:load_items", "load_items"), ("runner.py:_check_record", "_check_record"),
-         ("runner.py:_read_done", "_read_done"), ("pope.py:pope_metrics", "pope_metrics"),
-         ("images.py:open_images", "open_images"), ("base.py:prepare", "prepare"),
-         ("generation/utils.py:generate", "generate"), ("runner.py:generate_texts", "generate_texts"),
-         ("benchmarks.py:run_pope", "run_pope")]
-
-
-def profile_runner(case: Case, tmp: Path, top: int = 0) -> tuple[dict[str, tuple[int, float]], str]:
-    """One ``run_pope`` (fresh folder) under cProfile: ``({part: (calls, cumulative ms)}, listing)``, the
-    listing (top ``top`` by cumulative and by own time) only when ``top``."""
+def profile_runner(case: Case, tmp: Path, top: int = 30) -> str:
+    """The top of a cProfile of one ``run_pope`` (fresh folder), by cumulative and by own time."""
     import cProfile
     import io
     import pstats
@@ -306,25 +328,15 @@ def profile_runner(case: Case, tmp: Path, top: int = 0) -> tuple[dict[str, tuple
     run_pope(case.model, case.question_file, case.images, out_dir, case.settings)
     prof.disable()
     shutil.rmtree(out_dir)
-    stats = pstats.Stats(prof)
-    parts: dict[str, tuple[int, float]] = {}
-    for (file, _line, func), (_cc, calls, _tt, cum, _callers) in stats.stats.items():  # type: ignore[attr-defined]
-        for key, name in PARTS:
-            where, _, fn = key.rpartition(":")
-            if (fn == func and file.endswith(where)) or (not where and key in func):
-                old = parts.get(name, (0, 0.0))
-                parts[name] = (old[0] + calls, old[1] + 1000 * cum)
-    listing = ""
-    if top:
-        buf = io.StringIO()
-        pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(top)
-        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
-        listing = buf.getvalue()
-    return parts, listing
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(top)
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    return buf.getvalue()
 
 
-def breakdown(parts: dict[str, tuple[int, float]]) -> str:
-    return ", ".join(f"{name} {parts[name][1]:.0f} ms ({parts[name][0]} calls)" for _, name in PARTS if name in parts)
+def parts_line(parts: dict[str, tuple[float, float]]) -> str:
+    bare_ms = parts["bare loop"][1]
+    return ", ".join(f"{n} {ms:.1f} ms ({100 * ms / bare_ms:.1f}%)" for n, (_c, ms) in parts.items())
 
 
 # --- report --------------------------------------------------------------------------------------------------
@@ -332,7 +344,7 @@ def breakdown(parts: dict[str, tuple[int, float]]) -> str:
 def section(results: list[tuple[Case, dict[str, Any]]], args: argparse.Namespace, fs: str) -> str:
     flags = "--quick" if args.quick else (f"--reps {args.reps} --min-seconds {args.min_seconds:.0f} "
                                           f"--warmup {args.warmup} --threads {args.threads} --big-n {args.big_n}")
-    flags += " --ablate" if args.ablate else ""
+    flags += f" --parts-runs {args.parts_runs}"
     lines = [
         HEADING, "",
         f"`bench/bench_eval.py` (`{flags}`), {time.strftime('%Y-%m-%d')}, CPU only, torch {torch.__version__}, "
@@ -345,7 +357,8 @@ def section(results: list[tuple[Case, dict[str, Any]]], args: argparse.Namespace
         "f-string (same text as the chat template, asserted), then per batch PIL open, `processor(..., "
         "padding=True)` left-padded, `model.generate(max_new_tokens=N, do_sample=False)`, `batch_decode`, no "
         "files; both give identical answers (asserted every round). `generate_texts` (diagnostic) = the runner's "
-        "per-batch step over the same batches, no files. Conditions in a rotating order each round, ratio = "
+        "per-batch step over the same batches, no files (organism only: on the 8x512 model the runner's own "
+        "work is too small a share to split). Conditions in a rotating order each round, ratio = "
         "median over rounds of x / bare loop within a round, [q1-q3] in brackets; at least `--reps` rounds, more "
         "until a model has been timed `--min-seconds`. Goal <= 1.05x (on wall time). The CPU-time ratio (process "
         "CPU seconds, same pairing) is a diagnostic that other jobs on the machine disturb much less; it leaves out "
@@ -357,33 +370,34 @@ def section(results: list[tuple[Case, dict[str, Any]]], args: argparse.Namespace
     for case, r in results:
         ratio = r["ratio"]["runner"]
         q1, q3 = r["quartiles"]["runner"]
-        g1, g3 = r["quartiles"]["generate_texts"]
+        gen = "-"
+        if "generate_texts" in r["ratio"]:
+            g1, g3 = r["quartiles"]["generate_texts"]
+            gen = f"{r['ratio']['generate_texts']:.3f}x [{g1:.2f}-{g3:.2f}]"
         c1, c3 = r["cpu_quartiles"]["runner"]
         s = case.settings
         lines.append(
             f"| {case.label} | {s.batch_size} x {s.max_new_tokens} | {r['reps']} | {r['median_s']['bare loop']:.3f} | "
             f"{r['median_s']['runner']:.3f} | {r['qps']['bare loop']:.0f} / {r['qps']['runner']:.0f} | "
             f"{ratio:.3f}x [{q1:.2f}-{q3:.2f}] | {r['cpu_ratio']['runner']:.3f}x [{c1:.2f}-{c3:.2f}] | "
-            f"{r['ratio']['generate_texts']:.3f}x [{g1:.2f}-{g3:.2f}] | "
+            f"{gen} | "
             f"{'met' if ratio <= GOAL else 'missed'} |")
-    ablations = [(case, r) for case, r in results if any(a in r["ratio"] for a in ABLATIONS)]
-    if ablations:
-        lines += ["", "Ablations (`--ablate`, diagnostics only: `runner, no fsync` = the per-batch `os.fsync` in "
-                  "`run_jobs` made a no-op; `runner, prompt cache` = `build_prompt` memoised by question):", "",
-                  "| model | condition | median (s) | x / bare [q1-q3] | runner / this [q1-q3] |",
-                  "|---|---|---:|---|---|"]
-        for case, r in ablations:
-            for name in ["runner", *ABLATIONS]:
-                q1, q3 = r["quartiles"][name]
-                saved, s1, s3 = median_and_quartiles(paired_ratios(r["times"], name)["runner"])
-                lines.append(f"| {case.label} | {name} | {r['median_s'][name]:.3f} | {r['ratio'][name]:.3f}x "
-                             f"[{q1:.2f}-{q3:.2f}] | {saved:.3f}x [{s1:.2f}-{s3:.2f}] |")
-    lines += ["", "Where one `run_pope` spends its time (one extra call per model under cProfile, cumulative; the "
-              "profiler inflates Python-heavy code, so this is a split, not a timing):", ""]
-    lines += [f"- {case.label}: {breakdown(r['parts'])}" for case, r in results]
+    lines += ["", f"Where `run_pope`'s time goes: {args.parts_runs} more calls per model after the timed rounds, "
+              "each after a bare loop, with each part timed where it is called (a wrapper around the function, ~1 "
+              "us a call): median ms per `run_pope` call and, in brackets, % of the median bare loop of this "
+              "phase; the runner's own parts first (the bare loop has none of them), then the work both do; "
+              "`other` = the rest (row JSON + writes, batching, decoding, `run_pope`'s own code).", "",
+              "| model | bare loop | " + " | ".join(n if n != "run_pope (total)" else "run_pope total"
+                                                   for n in PART_NAMES) + " |",
+              "|---|---:|" + "---:|" * len(PART_NAMES)]
+    for case, r in results:
+        bare_ms = r["parts"]["bare loop"][1]
+        cells = [f"{bare_ms:.1f}"] + [f"{ms:.1f} ({100 * ms / bare_ms:.1f}%)"
+                                      for _calls, ms in (r["parts"][n] for n in PART_NAMES)]
+        lines.append(f"| {case.label} | " + " | ".join(cells) + " |")
     lines += ["", "Rerun: `HF_HUB_OFFLINE=1 PIP_NO_INDEX=1 .venv/bin/python bench/bench_eval.py` (full, rewrites "
               "this section; ~4 min on 2 cores), `--quick --no-write` for a smoke test (<1 min), `--profile` to "
-              "also print the top of each profile."]
+              "also print the top of a cProfile of one runner call per model."]
     return "\n".join(lines) + "\n"
 
 
@@ -423,22 +437,21 @@ def write_section(text: str, path: Path = RESULTS) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=10, help="minimum rounds per model")
-    parser.add_argument("--min-seconds", type=float, default=100.0,
+    parser.add_argument("--min-seconds", type=float, default=80.0,
                         help="keep adding rounds (up to 200) until a model has been timed this long")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--big-n", type=int, default=64, help="questions for the random 8x512 LLaVA")
     parser.add_argument("--tmp", default=None, help="folder for the sets and answer files (default: a temp dir)")
-    parser.add_argument("--quick", action="store_true", help="3 rounds, 1 warm-up, 200 + 32 questions")
+    parser.add_argument("--quick", action="store_true", help="3 rounds, 1 warm-up, 1 parts run, 200 + 32 questions")
     parser.add_argument("--profile", action="store_true", help="also print the top of each model's runner profile")
     parser.add_argument("--models", default="organism,big", help="which cases, comma-separated: organism, big")
-    parser.add_argument("--ablate", action="store_true",
-                        help="also time run_pope without its per-batch fsync and with memoised prompts")
+    parser.add_argument("--parts-runs", type=int, default=3, help="instrumented run_pope calls per model")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args()
     organism_n = None
     if args.quick:
-        args.reps, args.warmup, args.min_seconds, args.big_n, organism_n = 3, 1, 0.0, 32, 200
+        args.reps, args.warmup, args.min_seconds, args.big_n, args.parts_runs, organism_n = 3, 1, 0.0, 32, 1, 200
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     tmp = Path(tempfile.mkdtemp(prefix="bench_eval.", dir=args.tmp))
@@ -451,15 +464,17 @@ def main() -> None:
         for key in args.models.split(","):
             case = builders[key]()
             print(f"timing {case.label} ...", file=sys.stderr, flush=True)
-            r = measure(case, tmp, args.reps, args.warmup, args.min_seconds, ablate=args.ablate)
+            r = measure(case, tmp, args.reps, args.warmup, args.min_seconds)
             print(f"{case.label}: bare {r['median_s']['bare loop']:.3f}s runner {r['median_s']['runner']:.3f}s "
                   f"ratio {r['ratio']['runner']:.3f}x [{r['quartiles']['runner'][0]:.2f}-"
-                  f"{r['quartiles']['runner'][1]:.2f}], CPU time {r['cpu_ratio']['runner']:.3f}x (generate_texts {r['ratio']['generate_texts']:.3f}x), "
-                  f"{r['reps']} rounds, {r['yes']}/{r['n']} yes, first answers {r['sample']}", flush=True)
-            r["parts"], listing = profile_runner(case, tmp, top=30 if args.profile else 0)
-            print(f"  one profiled run_pope: {breakdown(r['parts'])}", flush=True)
-            if listing:
-                print(listing, flush=True)
+                  f"{r['quartiles']['runner'][1]:.2f}], CPU time {r['cpu_ratio']['runner']:.3f}x"
+                  + (f", generate_texts {r['ratio']['generate_texts']:.3f}x" if case.diagnostic else "")
+                  + f"; {r['reps']} rounds, {r['yes']}/{r['n']} yes, first "
+                  f"answers {r['sample']}", flush=True)
+            r["parts"] = timed_parts(case, tmp, args.parts_runs)
+            print(f"  parts: {parts_line(r['parts'])}", flush=True)
+            if args.profile:
+                print(profile_runner(case, tmp), flush=True)
             results.append((case, r))
         text = section(results, args, _filesystem(tmp))
     finally:

@@ -23,6 +23,7 @@ _LAZY = {
     "harvest": "haltrace.trace.store",
     "ActivationStore": "haltrace.trace.store",
     "conventions": "haltrace.conventions",
+    "explain": "haltrace.explain",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -4,15 +4,70 @@ Example::
 
     haltrace --version
     haltrace organism eval --json
+    haltrace --debug trace --prompt "..."      # a failure prints the full traceback (or HALTRACE_DEBUG=1)
+
+Every command runs inside one error boundary (:class:`HaltraceGroup`): haltrace's own errors
+(:class:`haltrace.errors.HaltraceError`) and the library errors a user's input causes (corrupt safetensors,
+invalid JSON, non-UTF-8 text, unreadable images, file-system errors, Hugging Face loading errors) print one
+``Error:`` message and exit with code 2; anything else prints one line and how to get the traceback (exit 1).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import warnings
+from typing import Any
 
 import typer
+import typer.exceptions as _typer_exceptions
+from typer.core import TyperGroup
 
 from haltrace._version import __version__
+from haltrace.errors import DEBUG_ENV, DEBUG_HINT, describe
+
+# exits, aborts and click's usage errors already print their own short message
+_PASS_THROUGH: tuple[type[BaseException], ...] = (typer.Exit, _typer_exceptions.Exit, _typer_exceptions.Abort,
+                                                  _typer_exceptions.TyperException)
+
+
+def _debug_requested(ctx: Any) -> bool:
+    env = os.environ.get(DEBUG_ENV, "").strip().lower()
+    return bool(ctx.meta.get("haltrace.debug")) or env not in ("", "0", "false", "no", "off")
+
+
+def _short_warning(message: Any, category: type[Warning], filename: str, lineno: int, line: Any = None) -> str:
+    return f"Warning: {message}\n"
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print ``Error: message`` on stderr and exit with ``code`` (2 = usage or input error)."""
+    typer.echo(f"Error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+class HaltraceGroup(TyperGroup):
+    """The error boundary of every command: see the module docstring."""
+
+    def invoke(self, ctx: Any) -> Any:
+        previous = warnings.formatwarning
+        warnings.formatwarning = _short_warning  # a warning is one line, not a source excerpt
+        try:
+            return super().invoke(ctx)
+        except _PASS_THROUGH:
+            raise
+        except Exception as exc:  # noqa: BLE001 - this is the boundary
+            if _debug_requested(ctx):
+                raise
+            known = describe(exc)
+            if known is not None:
+                fail(known[0], known[1])
+            text = str(exc).strip().splitlines()
+            fail(f"unexpected {type(exc).__name__}: {text[0] if text else ''} ({DEBUG_HINT}; please report "
+                 "it if the input looks right)", 1)
+        finally:
+            warnings.formatwarning = previous
+
 
 app = typer.Typer(
     name="haltrace",
@@ -20,6 +75,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    cls=HaltraceGroup,
 )
 
 
@@ -31,10 +89,14 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def main(
+    ctx: typer.Context,
     version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
                                  help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help=f"Print the full traceback when a command fails "
+                                                      f"(also {DEBUG_ENV}=1)."),
 ) -> None:
     """haltrace: trace, probe, steer and evaluate hallucinations in HF LLMs and VLMs."""
+    ctx.meta["haltrace.debug"] = debug
 
 
 # (module, attribute, group name or None to merge its commands at top level)
@@ -47,6 +109,7 @@ _COMMAND_MODULES: list[tuple[str, str, str | None]] = [
     ("haltrace.evals.cli", "app", None),
     ("haltrace.export.cli", "app", None),
     ("haltrace.demo_cli", "app", None),
+    ("haltrace.explain.cli", "app", None),
 ]
 
 for _module_name, _attr, _group in _COMMAND_MODULES:
@@ -57,8 +120,10 @@ for _module_name, _attr, _group in _COMMAND_MODULES:
             raise
         continue
     _sub = getattr(_module, _attr)
+    _sub.rich_markup_mode = None  # rich markup would eat "[objects]" and "[split=]" in help texts
     if _group is None:
         for _command in _sub.registered_commands:
             app.registered_commands.append(_command)
     else:
         app.add_typer(_sub, name=_group)
+

@@ -11,6 +11,10 @@ One command, one folder, one HTML report. Every number in it is measured in this
 5. **export**: the "unknown entity" direction exported as a haltrace vector and a llama.cpp GGUF control
    vector, read back, and applied to the *plain* HF model with :mod:`haltrace.deploy` (refusal rates, and
    agreement with haltrace's engine). A method that GGUF cannot express is refused, and the reason is shown.
+6. **explain**: three organism answers explained token by token with :func:`haltrace.explain` (a counterfactual
+   colour, a caption naming the absent partner, an unknown entity), each scored by the fitted TruthPrInt
+   detector (when it was among the methods) and the hallucination probe, one page each under ``explain/`` and
+   the same views inside the report.
 
 >>> from haltrace.demo import run_demo
 >>> summary = run_demo("out/demo")          # doctest: +SKIP
@@ -68,6 +72,7 @@ def run_demo(out: str | Path, *, model: str = "shapes-llava", methods: Sequence[
     timed("probe", lambda: _probe(m, out, probe_tasks, figures))
     timed("steer", lambda: _steer(m, out, methods, figures))
     timed("export", lambda: _export(m, folder, world, out, stages))
+    timed("explain", lambda: _explain_examples(eager, world, out, figures))
     summary = {"model": str(model), "folder": str(folder), "out": str(out), "stages": stages,
                "seconds": time.perf_counter() - started, "torch": torch.__version__,
                "threads": torch.get_num_threads(), "haltrace": haltrace.__version__}
@@ -225,6 +230,55 @@ def _export(m: Any, folder: Path, world: Any, out: Path, stages: dict[str, Any])
                    "max_abs_logit_diff_vs_engine": float((deployed_logits - engine_logits).abs().max())},
         "method_exports": refused,
     }
+
+
+def _explain_examples(eager: Any, world: Any, out: Path, figures: dict[str, Any]) -> dict[str, Any]:
+    """Three answers explained token by token: a counterfactual colour (the prior's competitor: the pixel
+    colour), a caption naming the absent partner (with the image's ground truth), an unknown entity (text only,
+    competitor: the refusal word). Picks the first held-out item where the organism shows the phenomenon."""
+    import haltrace
+    from haltrace.organism import tasks
+    from haltrace.organism.phenomena import OrganismRunner
+    from haltrace.organism.world import REFUSAL_WORD
+
+    runner = OrganismRunner(eager.hf, world)
+    detector = out / "interventions" / "truthprint"
+    detector = detector if (detector / "intervention.json").is_file() else None
+    probe = out / "probe-hallucination" / "vectors" / "mass_mean"
+    probe = probe if probe.with_suffix(".safetensors").is_file() else None
+    scores = {"detector": detector, "probe": probe}
+
+    cf = tasks.counterfactual_colour_set(world)[:40]
+    cf_answers = runner.answers(cf)
+    colour = next((ex for ex, a in zip(cf, cf_answers, strict=True) if a == ex.meta["prior"]), cf[0])
+    caps = tasks.caption_set(world)[:40]
+    captions = runner.captions(caps)
+    caption = next((ex for ex, c in zip(caps, captions, strict=True) if ex.meta["absent_partner"] in c.split()),
+                   caps[0])
+    unknown = tasks.entity_sets(world)["unknown_heldout"][:40]
+    unknown_answers = runner.answers(unknown)
+    entity = next((ex for ex, a in zip(unknown, unknown_answers, strict=True) if a != REFUSAL_WORD), unknown[0])
+    cases = [
+        ("counterfactual", f"A counterfactual colour: a {colour.meta['pixel']} {colour.meta['kind']} (prior colour "
+                           f"{colour.meta['prior']})",
+         dict(image=colour.image, prompt=tasks.plain_question(colour.prompt), competitor=colour.meta["pixel"])),
+        ("caption", f"A caption naming the absent partner ({caption.meta['absent_partner']}); in the image: "
+                    f"{', '.join(sorted(caption.scene.kinds))}",
+         dict(image=caption.image, prompt=caption.prompt, truth=sorted(caption.scene.kinds))),
+        ("entity", f"An unknown entity, never seen in training: {entity.meta['name']} (text only)",
+         dict(image=None, prompt=tasks.plain_question(entity.prompt), competitor=REFUSAL_WORD)),
+    ]
+    rows, datas = {}, []
+    for key, title, kw in cases:
+        ex = haltrace.explain(eager, kw.pop("image"), kw.pop("prompt"), title=title, **scores, **kw)
+        page = ex.save(out / "explain" / f"{key}.html")
+        datas.append(ex.data)
+        rows[key] = {"title": title, "answer": ex.answer, "page": str(page), "seconds": ex.data["seconds"],
+                     "hallucinated": (ex.answers[0]["chair"] or {}).get("hallucinated"),
+                     "scores": sorted(ex.data["scores"])}
+    figures["explain"] = datas
+    return {"examples": rows, "detector": str(detector) if detector else None,
+            "probe": str(probe) if probe else None}
 
 
 # ------------------------------------------------------------------------------------------------ helpers

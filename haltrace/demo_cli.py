@@ -54,8 +54,8 @@ def demo_cmd(
     if n_lens < 1:
         raise typer.BadParameter("must be >= 1", param_hint="--n-lens")
     err = Console(stderr=True)
-    stage_names = ["phenomena", "trace", "probe", "steer", "export"]
-    with Progress(TextColumn("[bold]demo[/] {task.description}"), BarColumn(), TextColumn("{task.completed}/5"),
+    stage_names = ["phenomena", "trace", "probe", "steer", "export", "explain"]
+    with Progress(TextColumn("[bold]demo[/] {task.description}"), BarColumn(), TextColumn("{task.completed}/6"),
                   TimeElapsedColumn(), console=err) as bar:
         job = bar.add_task("loading", total=len(stage_names))
 

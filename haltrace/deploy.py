@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -240,6 +241,24 @@ def _pre_hook(delta: _Delta) -> Any:
     return hook
 
 
+#: ``|alpha * direction|`` above this many times ``sqrt(hidden_size)`` (the norm of a unit-variance residual)
+#: is far outside what any implemented method's paper uses; warned about, not refused
+NORM_RATIO_WARN = 100.0
+
+
+def _warn_strength(delta: _Delta, alpha: float) -> None:
+    """Warn when the added vector will destroy the output: non-finite, or huge next to the residual stream."""
+    size = float(delta.base.float().norm())
+    typical = math.sqrt(max(delta.hidden_size, 1))
+    if not math.isfinite(size) or not bool(torch.isfinite(delta.base).all()):
+        warnings.warn(f"haltrace.deploy: alpha={alpha:g} times direction.{delta.layer} is not finite; every logit "
+                      "will be NaN", stacklevel=3)
+    elif size / typical > NORM_RATIO_WARN:
+        warnings.warn(f"haltrace.deploy: alpha={alpha:g} adds a vector of norm {size:.3g} at layer {delta.layer}, "
+                      f"{size / typical:.3g}x a typical residual norm (sqrt(hidden size) = {typical:.3g}); papers "
+                      "steer at <= ~10x, so expect NaN logits or noise", stacklevel=3)
+
+
 def apply(model: torch.nn.Module, vector: DeployedVector | str | Path, *, alpha: float | None = None,
           layers: torch.nn.ModuleList | None = None) -> DeployHandle:
     """Add ``alpha * direction`` at the vector's layers of ``model``; returns a handle to ``remove()`` it.
@@ -276,6 +295,7 @@ def apply(model: torch.nn.Module, vector: DeployedVector | str | Path, *, alpha:
         for L in vec.layers:
             delta = _Delta(_check_direction(f"direction.{L}", vec.directions[L], vec.hidden_size), scale,
                            vec.hidden_size, L)
+            _warn_strength(delta, scale)
             if vec.hook == "resid_post":
                 handles.append(blocks[L].register_forward_hook(_post_hook(delta)))
             else:

@@ -10,8 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from haltrace.errors import HaltraceError
 
-class ImageError(ValueError):
+
+class ImageError(HaltraceError):
     """An image cannot be opened: the message names the file and what to check."""
 
 

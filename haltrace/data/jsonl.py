@@ -28,9 +28,10 @@ from haltrace.data.items import (
     VQAQuestion,
     YesNoQuestion,
 )
+from haltrace.errors import HaltraceError
 
 
-class DataFormatError(ValueError):
+class DataFormatError(HaltraceError):
     """A data file is missing or malformed; the message names the file, line and field."""
 
 

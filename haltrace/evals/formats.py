@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from haltrace.errors import HaltraceError
 from haltrace.evals.chair import chair_metrics, default_phrases
 from haltrace.evals.chair_rules import chair_scores, check_rules, identity_table, read_synonym_table
 from haltrace.evals.counterfactual import counterfactual_rates, label_answers
@@ -37,7 +38,7 @@ from haltrace.evals.refusal import refusal_report
 POPE_QUESTION_KEYS = ("question_id", "image", "text", "label")
 
 
-class FormatError(ValueError):
+class FormatError(HaltraceError):
     """An evaluation file is missing, malformed or does not match its partner file."""
 
 
@@ -50,13 +51,21 @@ def _atomic_text(path: str | Path, text: str) -> Path:
     return path
 
 
+def _read_text(path: Path) -> str:
+    """The file's UTF-8 text; a file in another encoding is named (not a bare UnicodeDecodeError)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise FormatError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8") from None
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     """Rows of a JSONL file (blank lines skipped); errors name the file and line."""
     path = Path(path)
     if not path.is_file():
         raise FormatError(f"{path} not found")
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -166,7 +175,7 @@ def read_synonyms(path: str | Path) -> tuple[list[str], dict[str, str]]:
         raise FormatError(f"{path} not found; expected CHAIR's synonyms.txt (one class per line, "
                           "comma-separated, canonical name first)")
     vocab, inverse = [], {}
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in _read_text(path).splitlines():
         words = [w.strip().lower() for w in line.split(",") if w.strip()]
         if not words:
             continue
@@ -189,7 +198,7 @@ def read_captions(path: str | Path) -> dict[str, str]:
     path = Path(path)
     if not path.is_file():
         raise FormatError(f"{path} not found")
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
@@ -216,7 +225,10 @@ def read_objects(path: str | Path) -> dict[str, list[str]]:
     path = Path(path)
     if not path.is_file():
         raise FormatError(f"{path} not found; expected JSON {{image: [objects]}}")
-    data = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as exc:
+        raise FormatError(f"{path} is not valid JSON ({exc}); expected {{image: [objects]}}") from None
     if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
         raise FormatError(f"{path}: expected a JSON object mapping each image to a list of objects")
     return {str(k): [str(o) for o in v] for k, v in data.items()}

@@ -5,7 +5,8 @@ hub checkpoint): prompts are built by :func:`haltrace.models.prompting.build_pro
 or a ``{question}`` template), batches are left-padded, decoding is greedy or beam search, and everything can
 run under a fitted intervention.
 
-Resuming: rows are appended one batch at a time (flushed and fsynced), in the order of the jobs, with a
+Resuming: rows are appended one batch at a time (flushed; fsynced about once a second and at the end), in the
+order of the jobs, with a
 settings file next to them (``<answers>.run.json``). A second run of the same command keeps only whole batches
 that match the jobs, drops a torn last line, and continues; batches always start at multiples of
 ``batch_size``, so a resumed file is identical to an uninterrupted run's. Settings that differ (another model,
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -31,6 +33,9 @@ import torch
 from haltrace.data.images import open_images
 from haltrace.errors import HaltraceError
 from haltrace.models.prompting import build_prompt, prompt_style
+
+#: seconds between fsyncs of an answers file (every batch is flushed to the OS, which a kill -9 cannot lose)
+FSYNC_EVERY_S = 1.0
 
 
 @dataclass
@@ -133,11 +138,23 @@ def _batches(n: int, start: int, size: int) -> Iterator[range]:
 
 
 @torch.no_grad()
-def generate_texts(model: Any, jobs: Sequence[Job], settings: GenerationSettings, *, fitted: Any = None
-                   ) -> list[str]:
-    """Generated text for ``jobs`` (one batch, no files): the runner's inner step, also used by fits."""
-    prompts = [build_prompt(model, j.question, image=j.image is not None, template=settings.template)
-               for j in jobs]
+def generate_texts(model: Any, jobs: Sequence[Job], settings: GenerationSettings, *, fitted: Any = None,
+                   prompt_cache: dict | None = None) -> list[str]:
+    """Generated text for ``jobs`` (one batch, no files): the runner's inner step, also used by fits.
+
+    ``prompt_cache`` (a dict kept across batches) saves rendering the chat template again for a question seen
+    before: benchmark files repeat few question texts (POPE asks about a handful of objects).
+    """
+    from haltrace.models.base import require_local_weights
+
+    require_local_weights(model, "generation (the evaluation runner and generating fits)")
+    cache = prompt_cache if prompt_cache is not None else {}
+    prompts = []
+    for j in jobs:
+        key = (j.question, j.image is not None)
+        if key not in cache:
+            cache[key] = build_prompt(model, j.question, image=j.image is not None, template=settings.template)
+        prompts.append(cache[key])
     images = open_images([j.image for j in jobs])
     if images is not None and any(im is None for im in images):
         raise ValueError("a batch mixes items with and without images; run them separately")
@@ -172,17 +189,23 @@ def run_jobs(model: Any, jobs: Sequence[Job], out: str | Path, *, row: Callable[
         _rewrite(path, done)  # drop a torn line or a partial batch before appending
     if progress is not None:
         progress(len(done), len(jobs))
+    prompts: dict = {}
+    synced = time.monotonic()
     with open(path, "a", encoding="utf-8") as fh:
         for batch in _batches(len(jobs), len(done), settings.batch_size):
             chunk = [jobs[i] for i in batch]
-            texts = generate_texts(model, chunk, settings, fitted=fitted)
+            texts = generate_texts(model, chunk, settings, fitted=fitted, prompt_cache=prompts)
             rows = [row(job, text) for job, text in zip(chunk, texts, strict=True)]
             fh.write("".join(json.dumps(r) + "\n" for r in rows))
-            fh.flush()
-            os.fsync(fh.fileno())
+            fh.flush()  # in the OS after every batch: a killed process loses nothing written
+            if time.monotonic() - synced > FSYNC_EVERY_S:  # on disk about once a second (power loss)
+                os.fsync(fh.fileno())
+                synced = time.monotonic()
             done += rows
             if progress is not None:
                 progress(len(done), len(jobs))
+        fh.flush()
+        os.fsync(fh.fileno())
     path.chmod(0o644)
     return done
 

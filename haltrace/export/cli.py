@@ -68,6 +68,12 @@ def export_cmd(
         raise typer.BadParameter("--model-hint only applies to --format gguf", param_hint="--model-hint")
     if not vector.exists():
         raise typer.BadParameter(f"{vector} does not exist", param_hint="VECTOR")
+    from haltrace.errors import InputError, check_writable
+
+    try:
+        check_writable(out, "--out")
+    except InputError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--out") from None
     try:
         result = export(vector, out, format=fmt, model_hint=model_hint, n_layers=n_layers)
     except ImportError as exc:  # the optional gguf package

@@ -30,6 +30,31 @@ def _is_processor(obj: Any) -> bool:
     return hasattr(obj, "tokenizer") and hasattr(obj, "image_processor")
 
 
+def has_meta_weights(model: Any) -> bool:
+    """True when ``model`` (a :class:`Model` or anything with ``.hf``) holds no weights here: its module tree
+    is on the ``meta`` device, as ``load(..., remote=True)`` builds it."""
+    hf = getattr(model, "hf", None)
+    if not isinstance(hf, nn.Module):
+        return False
+    first = next(iter(hf.parameters()), None)
+    return first is not None and first.device.type == "meta"
+
+
+def require_local_weights(model: Any, what: str) -> None:
+    """Refuse ``what`` (e.g. "steering") on a model whose weights are not here (``load(..., remote=True)``).
+
+    >>> require_local_weights(model, "steering")  # doctest: +SKIP
+    """
+    if has_meta_weights(model):
+        from haltrace.errors import InputError
+
+        raise InputError(
+            f"{what} needs the model's weights in this process, but {getattr(model, 'name_or_path', 'the model')!r} "
+            "was loaded with remote=True: its modules are on the meta device and its forwards run on NDIF. Remote "
+            "models support capture, harvest, the logit lens and attention-to-image; load the model without "
+            "remote=True on a machine that can hold it for steering, method fits and generation.")
+
+
 class Model:
     """A loaded model: ``hf`` (the HF module), ``processor`` (VLMs) / ``tokenizer``, and its ``adapter``.
 
@@ -83,8 +108,10 @@ class Model:
 
     @property
     def device(self) -> torch.device:
-        """Device of the input embeddings (where inputs must go, also under a ``device_map``)."""
-        return self.adapter.embed.weight.device
+        """Device of the input embeddings (where inputs must go, also under a ``device_map``); the CPU for a
+        ``remote=True`` model (meta weights: nnsight ships CPU inputs to the server)."""
+        device = self.adapter.embed.weight.device
+        return torch.device("cpu") if device.type == "meta" else device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -178,6 +205,7 @@ class Model:
         """
         from haltrace.trace import capture as _cap
 
+        require_local_weights(self, "Model.hooks (hooks on the local modules during your own forwards)")
         if positions is None or (isinstance(positions, str) and positions == "all"):
             resolved = None
         elif inputs is not None:
@@ -196,6 +224,8 @@ class Model:
         >>> cap["resid_post.0"].shape  # doctest: +SKIP
         torch.Size([1, 1, 32])
         """
+        if backend == "hooks" and has_meta_weights(self):  # remote=True: the forward runs on NDIF via nnsight
+            backend = "nnsight"
         if backend == "hooks":  # the default: fastest (bench/RESULTS.md), no extra packages, every adapter
             from haltrace.trace.capture import capture
 

@@ -6,12 +6,54 @@
 
 from __future__ import annotations
 
+import json
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from haltrace.errors import ModelLoadError
 from haltrace.models.base import Model
+
+MODEL_FORMS = "an organism name (shapes-llava), a hub id (org/name) or a local model folder"
+
+
+def _looks_local(name: str) -> bool:
+    """A name only a local path can have: hub ids are ``name`` or ``org/name``."""
+    return (name.startswith((".", "~", "/", "\\")) or name.endswith(("/", "\\")) or name.count("/") > 1
+            or "\\" in name or Path(name).suffix in (".safetensors", ".bin", ".json", ".gguf"))
+
+
+def _check_path(name: str, path: str) -> None:
+    """Refuse a missing or non-model local path before Hugging Face turns it into a hub-id error."""
+    folder = Path(path).expanduser()
+    if folder.exists():
+        if not folder.is_dir():
+            raise ModelLoadError(f"--model {name}: {folder} is a file; give the model's folder (with config.json), "
+                                 f"{MODEL_FORMS}")
+        if not (folder / "config.json").is_file():
+            raise ModelLoadError(f"--model {name}: {folder} has no config.json, so it is not a Hugging Face model "
+                                 "folder (save one with save_pretrained, or train an organism with "
+                                 "`haltrace organism train`)")
+    elif _looks_local(name):
+        raise ModelLoadError(f"--model {name}: no such folder {folder}; give {MODEL_FORMS}")
+
+
+def _readable(path: str, what: str, call: Any) -> Any:
+    """``call()``, with a corrupt weights or config file of a local model named instead of a library trace."""
+    try:
+        return call()
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelLoadError(f"cannot read the {what} of {path}: a JSON file there is invalid or not UTF-8 "
+                             f"({err}); restore it (re-download or save_pretrained again)") from None
+    except Exception as err:
+        if type(err).__name__ != "SafetensorError":
+            raise
+        files = sorted(p.name for p in Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+        raise ModelLoadError(f"cannot read the weights of {path} ({', '.join(files) or 'safetensors'}): {err}. "
+                             "The file is truncated or not safetensors (a pickle is never loaded); "
+                             "re-download it or save the model again") from None
 
 
 def _resolve_name(name_or_path: str) -> str:
@@ -41,9 +83,15 @@ def load(name_or_path: str, *, device: str | torch.device | None = None, dtype: 
     """Load a model and its processor (VLM) or tokenizer (LLM), in eval mode.
 
     ``device`` defaults to CUDA when available, else CPU; with ``device_map=`` (in ``hf_kwargs``) accelerate
-    places the model and ``device`` is ignored. ``dtype`` is a torch dtype or its name. ``remote`` is only
-    recorded (``model.remote``) for the nnsight backend. Other keyword arguments (``revision``,
-    ``trust_remote_code``, ``device_map`` ...) go to ``from_pretrained``.
+    places the model and ``device`` is ignored. ``dtype`` is a torch dtype or its name. Other keyword arguments
+    (``revision``, ``trust_remote_code``, ``device_map`` ...) go to ``from_pretrained``.
+
+    ``remote=True`` (or an NDIF host URL) reads no weight file: the module tree is built from the config on
+    the ``meta`` device (hook names, adapters and the nnsight envoys need nothing more) and the processor or
+    tokenizer is loaded as usual. ``capture``, ``harvest``, the logit lens and attention-to-image then run
+    their forwards on NDIF through nnsight and bring back only the selected rows; anything that needs the
+    weights here (steering, method fits, generation) refuses such a model (:func:`require_local_weights`).
+    ``remote="local"`` loads the weights and runs nnsight's remote path in-process (a dry run).
 
     >>> model = load("gpt2", dtype="float32")  # doctest: +SKIP
     """
@@ -56,8 +104,9 @@ def load(name_or_path: str, *, device: str | torch.device | None = None, dtype: 
     )
 
     path = _resolve_name(name_or_path)
+    _check_path(str(name_or_path), path)
     shared = {k: hf_kwargs[k] for k in ("revision", "trust_remote_code", "token", "cache_dir") if k in hf_kwargs}
-    config = AutoConfig.from_pretrained(path, **shared)
+    config = _readable(path, "config", lambda: AutoConfig.from_pretrained(path, **shared))
     vlm = is_vlm_config(config)
     kwargs = dict(hf_kwargs)
     if dtype is not None:
@@ -65,8 +114,14 @@ def load(name_or_path: str, *, device: str | torch.device | None = None, dtype: 
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     auto = AutoModelForImageTextToText if vlm else AutoModelForCausalLM
-    hf_model = auto.from_pretrained(path, **kwargs)
-    if "device_map" not in hf_kwargs:
+    meta = remote is True or (isinstance(remote, str) and remote != "local")
+    if meta:  # NDIF holds the weights: the module tree from the config, on the meta device, no weight file read
+        build = {k: kwargs[k] for k in ("dtype", "attn_implementation", "trust_remote_code") if k in kwargs}
+        with torch.device("meta"):
+            hf_model = auto.from_config(config, **build)
+    else:
+        hf_model = _readable(path, "weights", lambda: auto.from_pretrained(path, **kwargs))
+    if "device_map" not in hf_kwargs and not meta:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         hf_model = hf_model.to(device)

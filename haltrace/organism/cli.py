@@ -84,7 +84,13 @@ def evaluate_cmd(
 
     path = _resolve(model)
     if write_sets is not None:
+        from haltrace.errors import InputError, check_writable
         from haltrace.organism.export_sets import write_eval_sets
+
+        try:
+            check_writable(write_sets, "--write-sets")
+        except InputError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--write-sets") from None
 
         write_eval_sets(load_world(path), write_sets)
     report = measure_phenomena(path)

@@ -25,8 +25,9 @@ app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False,
 
 def _fail(message: str) -> None:
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True)
     raise typer.Exit(code=2)
 
 
@@ -79,7 +80,10 @@ def probe(
     if (task is None) == (data is None):
         _fail("give exactly one of --task (" + ", ".join(TASKS) + ") or --data FILE.jsonl")
     err_console = Console(stderr=True)
+    from haltrace.errors import check_writable
+
     try:
+        check_writable(out, "--out")
         pset = load_jsonl(data) if data is not None else None  # bad files fail before the model loads
         if task is not None and task not in TASKS:
             build_task(task, None)  # raises the error listing tasks

@@ -140,18 +140,30 @@ def load_jsonl(path: str | Path) -> ProbeSet:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"label file {path} not found")
+    from haltrace.data.jsonl import DataFormatError
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataFormatError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
     raw: list[dict[str, Any]] = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: not valid JSON ({err})") from None
+            raise DataFormatError(f"{where}: not valid JSON ({err})") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or "label" not in obj:
-            raise ValueError(f"{where}: each line needs a \"prompt\" string and a \"label\", got "
-                             f"{sorted(obj) if isinstance(obj, dict) else type(obj).__name__}")
+            raise DataFormatError(f"{where}: each line needs a \"prompt\" string and a \"label\", got "
+                                  f"{sorted(obj) if isinstance(obj, dict) else type(obj).__name__}")
+        if not obj["prompt"].strip():
+            raise DataFormatError(f"{where}: \"prompt\" is empty; give the text to probe")
+        if not isinstance(obj["label"], (bool, int, str)) or (
+                isinstance(obj["label"], int) and not isinstance(obj["label"], bool) and obj["label"] not in (0, 1)):
+            raise DataFormatError(f"{where}: \"label\" must be 0/1, true/false or a class name (string), got "
+                                  f"{json.dumps(obj['label'])[:80]}")
         raw.append({**obj, "_where": where})
     if not raw:
         raise ValueError(f"{path} holds no rows")
@@ -176,8 +188,12 @@ def load_jsonl(path: str | Path) -> ProbeSet:
                                         f"paths are relative to the JSONL file's folder)")
             from PIL import Image
 
-            with Image.open(image_path) as im:
-                row["image"] = im.convert("RGB")
+            try:
+                with Image.open(image_path) as im:
+                    row["image"] = im.convert("RGB")
+            except (OSError, SyntaxError, ValueError) as err:  # UnidentifiedImageError, truncated files
+                raise DataFormatError(f"{where}: image {image_path} cannot be read ({err}); re-save it as PNG or "
+                                      "JPEG") from None
             row["image_path"] = str(r["image"])
         row["group"] = str(r.get("group", r.get("image", where.rsplit(":", 1)[1])))
         rows.append(row)

@@ -364,7 +364,8 @@ def fit_probes(X: torch.Tensor | Sequence[torch.Tensor], y: Sequence[int] | torc
         with _single_thread():
             Z, basis, mean, std, mm, theta, mm_bias = _layer_features(Xl, yt, masks, max_dim, n_sketch, gen)
         Zs.append(Z)
-        bases.append(basis)
+        bases.append(None if basis is None else basis[-1].clone())  # only the final (all-rows) basis is used
+        del basis
         means.append(mean)
         stds.append(std)
         mms.append(mm)
@@ -374,6 +375,7 @@ def fit_probes(X: torch.Tensor | Sequence[torch.Tensor], y: Sequence[int] | torc
             progress(1)
     L, K = len(X), n_folds
     Zall = torch.stack(Zs)  # [L, K+1, n, k]
+    del Zs  # the per-layer pieces: one copy of the features, not two
     k = Zall.shape[-1]
     nC = Cs_t.numel()
     # outer folds: inner splits + whole training part, all Cs; final: whole data, all Cs. On large sweeps the
@@ -402,7 +404,7 @@ def fit_probes(X: torch.Tensor | Sequence[torch.Tensor], y: Sequence[int] | torc
     beta = W_fin[rows, final_c]  # [L, k+1]
     weight, bias = [], []
     for i in range(L):
-        w_std = beta[i, :-1] if bases[i] is None else bases[i][K] @ beta[i, :-1]
+        w_std = beta[i, :-1] if bases[i] is None else bases[i] @ beta[i, :-1]
         w = w_std / stds[i][K]
         weight.append(w)
         bias.append(beta[i, -1] - (w * means[i][K]).sum())

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from haltrace.conventions import parse_hook
+from haltrace.errors import HaltraceError, share_tree
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -51,7 +52,7 @@ LAYER_CONVENTION = ("haltrace: resid_post.i = output of decoder block i = HF hid
 REPORT_FILE = "haltrace_train.json"
 
 
-class SAEError(ValueError):
+class SAEError(HaltraceError):
     """An SAE cannot be trained, loaded or applied as asked (the message says why and what to do)."""
 
 
@@ -437,9 +438,31 @@ def _to_inference(training_sae: Any) -> SAE:
 
 
 def _load_disk(path: str | os.PathLike, device: str = "cpu") -> SAE:
+    """SAELens' loader behind plain-word checks: ``cfg.json`` must be a JSON object, every ``*.safetensors``
+    a real safetensors file (never a pickle); whatever SAELens still rejects is named with the folder."""
     from sae_lens import SAE
+    from safetensors import SafetensorError
 
-    return SAE.load_from_disk(str(path), device=device)
+    from haltrace.steering.vector import VectorError, _check_container
+
+    folder = Path(path)
+    cfg_path = folder / "cfg.json"
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SAEError(f"{cfg_path} is not valid JSON ({err}); save the SAE again (`haltrace sae train`)") from None
+    if not isinstance(cfg, dict):
+        raise SAEError(f"{cfg_path} must hold a JSON object (SAELens' SAE config), got {type(cfg).__name__}")
+    for weights in sorted(folder.glob("*.safetensors")):
+        try:
+            _check_container(weights)
+        except VectorError as err:
+            raise SAEError(str(err)) from None
+    try:
+        return SAE.load_from_disk(str(path), device=device)
+    except (SafetensorError, KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise SAEError(f"{folder} is not a loadable SAELens SAE folder ({type(err).__name__}: {err}); check "
+                       "cfg.json and sae_weights.safetensors, or train one with `haltrace sae train`") from None
 
 
 # ------------------------------------------------------------------------------------------ save / load
@@ -458,6 +481,7 @@ def save_sae(training_sae: Any, out: str | os.PathLike, report: TrainReport | No
         training_sae.save_inference_model(tmp)
         if report is not None:
             (tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=1) + "\n", encoding="utf-8")
+        share_tree(tmp)  # mkdtemp makes the folder 0700: a shared SAE must be readable (0755 / 0644)
         old = None
         if out.exists():  # move the old folder aside first: os.replace cannot replace a non-empty folder
             old = Path(tempfile.mkdtemp(prefix=f".old-{out.name}-", dir=out.parent))

@@ -43,9 +43,14 @@ def train(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """Train an SAE on one hook of activation stores and report L0, explained variance and dead latents."""
+    from haltrace.errors import InputError, check_writable
     from haltrace.probes.sae import SAEError, train_sae
     from haltrace.trace.store import StoreError
 
+    try:
+        check_writable(out, "--out")
+    except InputError as err:
+        _fail(str(err))
     try:
         _, report = train_sae([str(s) for s in store], hook, d_sae, arch=arch, k=k, l1_coefficient=l1, lr=lr,
                               batch_size=batch_size, steps=steps, samples=samples, heldout_every=heldout_every,
@@ -124,6 +129,13 @@ def latents(
         folder = Path(sae_path)
         store = folder.parent / f"{folder.name}-entity-store"
     world = _organism_world(model_name)
+    if vectors is not None:
+        from haltrace.errors import InputError, check_writable
+
+        try:
+            check_writable(vectors, "--vectors")
+        except InputError as exc:
+            _fail(str(exc))
     model = haltrace.load(model_name)
     try:
         result = score_entity_latents(sae, model, world, store=store, unknown=unknown, top=top,

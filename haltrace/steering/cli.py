@@ -5,7 +5,7 @@ Examples::
 
     haltrace steer --method pvp --model shapes-llava --eval pope,counterfactual --alpha 4 --out runs/pvp
     haltrace steer --method vti --opt positions=last --opt n_pairs=64 --json
-    haltrace steer --method all --results artifacts/results/organism.md    # every registered method
+    haltrace steer --method all                 # every registered method -> out/results/organism.md
     haltrace steer --method all --opt pvp.alpha=4 --opt vti.alpha_text=1   # options scoped per method
     haltrace steer --from runs/pvp --eval counterfactual                    # a saved fit, no refitting
 
@@ -15,6 +15,7 @@ Examples::
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -25,7 +26,54 @@ import typer
 app = typer.Typer(help="Steer a model with a registered method and measure it.", no_args_is_help=True)
 
 DEFAULT_EVALS = "pope,chair,counterfactual,refusal"
-DEFAULT_RESULTS = "artifacts/results/organism.md"
+DEFAULT_RESULTS = "out/results/organism.md"  # never the shipped artifacts/results table unless asked for
+#: |alpha| * |vector| / |residual| above this is far outside every implemented method's paper (they steer at
+#: ratios up to ~10 at most); it is warned about, not refused
+NORM_RATIO_WARN = 100.0
+
+
+def check_output(path: Path | None, option: str) -> None:
+    """Refuse an output path that cannot be written before any work starts (a read-only file system, a
+    file where a folder is needed, no permission)."""
+    from haltrace.errors import InputError, check_writable
+
+    if path is not None:
+        try:
+            check_writable(path)
+        except InputError as exc:
+            raise typer.BadParameter(str(exc), param_hint=option) from None
+
+
+def warn_strength(fitted: Any, model: Any) -> None:
+    """Warn (never refuse) when a fitted intervention's strength will destroy the output: a non-finite vector,
+    or alpha * |vector| far above the residual norm at its layer."""
+    import warnings
+
+    for iv in getattr(fitted, "interventions", []) or []:
+        vector, alpha = getattr(iv, "vector", None), getattr(iv, "alpha", None)
+        if vector is None or alpha is None:
+            continue
+        try:
+            size = abs(float(alpha)) * float(vector.float().norm())
+        except (TypeError, ValueError, RuntimeError):
+            continue
+        if not math.isfinite(size):
+            warnings.warn(f"{fitted.method}: alpha * |vector| is not finite ({alpha}); every logit will be NaN",
+                          stacklevel=2)
+            continue
+        reference = _residual_norm(model, getattr(iv, "hook", ""))
+        if reference and size / reference > NORM_RATIO_WARN:
+            warnings.warn(f"{fitted.method}: alpha={alpha:g} adds a vector {size / reference:.3g}x the residual "
+                          f"norm at {iv.hook} (papers steer at <= ~10x); expect every answer to be noise",
+                          stacklevel=2)
+
+
+def _residual_norm(model: Any, hook: str) -> float | None:
+    """Typical residual norm at ``hook`` (cached per model): from the model's hidden size, since a unit-variance
+    residual of width d has norm sqrt(d); precise enough for a 100x warning threshold."""
+    hidden = getattr(getattr(model, "hf", None), "config", None)
+    d = getattr(getattr(hidden, "text_config", hidden), "hidden_size", None) if hidden is not None else None
+    return math.sqrt(d) if d else None
 
 
 def _console(quiet: bool):
@@ -221,6 +269,11 @@ def steer_cmd(
     if chair_dir is not None and coco_annotations is None:
         raise typer.BadParameter("--eval chair=IMAGE_DIR needs --coco-annotations DIR", param_hint="--eval")
     kwargs = _parse_opts(opt, alpha, layer)
+    for name, value in (("--alpha", alpha), ("--layer", layer)):
+        if value is not None and not math.isfinite(value):
+            raise typer.BadParameter(f"{value} is not a finite number", param_hint=name)
+    check_output(out, "--out")
+    check_output(results, "--results")
     console = _console(as_json)
     fit_items = _load_fit_data(fit_data, images) if fit_data is not None else None
     if from_dir is not None:
@@ -247,6 +300,11 @@ def steer_cmd(
         except ValueError as exc:  # lists the registry
             raise typer.BadParameter(str(exc), param_hint="--method") from None
     hf_model = _load(model, console)
+    if from_dir is None:  # every option checked before the baseline evaluation runs
+        try:
+            impl.check_options(hf_model, kwargs)
+        except ValueError as exc:  # the message names the option
+            raise typer.BadParameter(str(exc)) from None
     if from_dir is not None:  # install and remove once: a fit for another model fails now, not after the baseline
         try:
             with fitted.apply(hf_model):
@@ -275,6 +333,7 @@ def steer_cmd(
             except ValueError as exc:  # bad or missing fit data, a family the method refuses
                 raise typer.BadParameter(str(exc), param_hint="--fit-data") from None
     fit_seconds = time.perf_counter() - started
+    warn_strength(fitted, hf_model)
     try:
         after = _evaluate_all(hf_model, eval_names, files, console, method, fitted,
                               answers / "after" if files else None)
@@ -358,6 +417,13 @@ def _steer_all(model: str, evals: list[str], kwargs: dict, out: Path | None, res
     from haltrace.steering.results import results_json, run_methods, save_fitted, write_results
 
     hf_model = _load(model, console)
+    from haltrace.steering.registry import get_method
+
+    for name, kw in kwargs.items():  # every method's options checked before the baseline runs
+        try:
+            get_method(name).check_options(hf_model, kw)
+        except ValueError as exc:
+            raise typer.BadParameter(f"{name}: {exc}") from None
     with console.status("baseline ...") as status:
         try:
             run = run_methods(hf_model, evals, on_step=lambda name: status.update(f"{name}: fitting and "

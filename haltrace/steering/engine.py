@@ -364,6 +364,9 @@ def attach(model: Any, *interventions: Any) -> SteeringHandle:
 
     Everything is validated before any hook is installed, so a bad intervention leaves the model untouched.
     """
+    from haltrace.models.base import require_local_weights
+
+    require_local_weights(model, "steering")
     items = _flatten(interventions)
     if not items:
         raise ValueError("no interventions given")

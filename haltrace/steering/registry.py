@@ -11,6 +11,7 @@ True
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -58,6 +59,9 @@ class FittedIntervention:
         """Install everything for the duration of the block; hooks are removed on exit, also on error."""
         from contextlib import ExitStack
 
+        from haltrace.models.base import require_local_weights
+
+        require_local_weights(model, f"applying a fitted {self.method or 'intervention'}")
         with ExitStack() as stack:
             if self.interventions:
                 stack.enter_context(steer(model, *self.interventions))
@@ -104,10 +108,51 @@ class Method:
     def fit(self, model: Any, data: Any = None, **kwargs: Any) -> FittedIntervention:  # pragma: no cover
         raise NotImplementedError
 
+    def check_options(self, model: Any, kwargs: dict[str, Any]) -> None:
+        """Refuse fit options that cannot work before anything expensive runs: a name ``fit`` does not take, a
+        non-finite number, a ``layer``/``layers`` outside the model. Raises :class:`haltrace.errors.InputError`
+        naming the option (the methods' own checks stay; this only runs them earlier)."""
+        check_fit_options(self, model, kwargs)
+
     def restore(self, state: dict[str, Any]) -> FittedIntervention:
         """Rebuild the hooks (and ``generate_kwargs``) of a fitted intervention from its saved ``state``."""
         raise NotImplementedError(f"{self.name} does not restore saved hooks; refit it with "
                                   f"get_method({self.name!r}).fit(model)")
+
+
+def _numbers(value: Any) -> list[Any]:
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, (int, float)):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [v for item in value for v in _numbers(item)]
+    return []
+
+
+def check_fit_options(method: Method, model: Any, kwargs: dict[str, Any]) -> None:
+    """See :meth:`Method.check_options`."""
+    import inspect
+    import math
+
+    from haltrace.errors import InputError
+
+    params = inspect.signature(method.fit).parameters
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    named = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    for key, value in kwargs.items():
+        option = f"--{key}" if key in ("alpha", "layer") else f"--opt {key}"
+        if not open_ended and key not in params:
+            raise InputError(f"{option}: {method.name} has no fit option {key!r}; its options: {', '.join(named)}")
+        for number in _numbers(value):
+            if isinstance(number, float) and not math.isfinite(number):
+                raise InputError(f"{option}={value}: must be a finite number")
+        n_layers = getattr(model, "n_layers", None)
+        if key in ("layer", "layers") and n_layers:
+            for layer in _numbers(value):
+                if not isinstance(layer, int) or not -n_layers <= layer < n_layers:
+                    raise InputError(f"{option}={value}: layer {layer} is out of range; {getattr(model, 'name_or_path', 'the model')} "
+                                     f"has layers 0..{n_layers - 1}")
 
 
 def register_method(cls: type[Method]) -> type[Method]:
@@ -117,6 +162,17 @@ def register_method(cls: type[Method]) -> type[Method]:
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
         raise ValueError(f"method name {cls.name!r} is already registered by {_REGISTRY[cls.name].__name__}")
     _REGISTRY[cls.name] = cls
+    fit = cls.__dict__.get("fit")
+    if fit is not None and not getattr(fit, "_refuses_remote", False):
+        @functools.wraps(fit)
+        def checked_fit(self: Method, model: Any, *args: Any, **kwargs: Any) -> FittedIntervention:
+            from haltrace.models.base import require_local_weights
+
+            require_local_weights(model, f"fitting {cls.name} (its fit runs forwards and hooks here)")
+            return fit(self, model, *args, **kwargs)
+
+        checked_fit._refuses_remote = True  # type: ignore[attr-defined]
+        cls.fit = checked_fit  # type: ignore[method-assign]
     return cls
 
 

@@ -23,7 +23,14 @@ from typing import Any
 
 import torch
 
+from haltrace.errors import HaltraceError
+
 FORMAT_NAME = "haltrace.fitted_intervention"
+
+
+class FitFileError(HaltraceError):
+    """A saved fit (``intervention.json`` / ``intervention.safetensors``) is corrupt, truncated or a pickle."""
+
 FORMAT_VERSION = 1
 
 # (flat key, label, rate?) -- the headline metrics of the results table, in column order
@@ -183,27 +190,51 @@ def load_fitted(folder: str | Path) -> Any:
     >>> with fitted.apply(model):                     # doctest: +SKIP
     ...     model.hf.generate(**inputs, **fitted.generate_kwargs)
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from haltrace.steering.engine import Add, NormPreservingAdd, Project, ScaleHeads
-    from haltrace.steering.registry import FittedIntervention, get_method
-    from haltrace.steering.vti import RotateTowards
+    from haltrace.steering.vector import VectorError, _check_container
 
     folder = Path(folder)
     json_path, tensor_path = folder / "intervention.json", folder / "intervention.safetensors"
     if not json_path.is_file() or not tensor_path.is_file():
         raise FileNotFoundError(f"{folder} lacks intervention.json / intervention.safetensors; "
                                 "write them with `haltrace steer --out DIR`")
-    manifest = json.loads(json_path.read_text())
-    if manifest.get("format") != FORMAT_NAME:
-        raise ValueError(f"{json_path} is not a haltrace fitted intervention (format={manifest.get('format')!r})")
+    try:
+        manifest = json.loads(json_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise FitFileError(f"{json_path} is not valid JSON ({err}); write the folder again with "
+                           "`haltrace steer --out DIR`") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        manifest = manifest if isinstance(manifest, dict) else {}
+        raise FitFileError(f"{json_path} is not a haltrace fitted intervention (format={manifest.get('format')!r})")
     method = str(manifest.get("method"))
     needs_hooks = bool(manifest.get("custom_hooks") or manifest.get("generate_kwargs"))
     if needs_hooks and not manifest.get("state"):
         raise ValueError(f"{json_path} holds a {method} fit whose hooks were not saved (restorable: false; written "
                          f"by an older haltrace or by a method without restore); refit it with "
                          f"`haltrace steer --method {method} --out DIR`")
-    tensors = load_file(str(tensor_path))
+    try:
+        _check_container(tensor_path)  # pickles, torch.save zips and truncated files, in plain words
+        tensors = load_file(str(tensor_path))
+    except VectorError as err:
+        raise FitFileError(str(err)) from None
+    except SafetensorError as err:
+        raise FitFileError(f"{tensor_path} is not a readable safetensors file ({err})") from None
+    try:
+        return _rebuild(manifest, tensors, json_path)
+    except (KeyError, TypeError, IndexError) as err:
+        raise FitFileError(f"{json_path} is incomplete or does not match {tensor_path} (missing or wrong "
+                           f"entry {err}); write the folder again with `haltrace steer --out DIR`") from None
+
+
+def _rebuild(manifest: dict, tensors: dict, json_path: Path) -> Any:
+    from haltrace.steering.engine import Add, NormPreservingAdd, Project, ScaleHeads
+    from haltrace.steering.registry import FittedIntervention, get_method
+    from haltrace.steering.vti import RotateTowards
+
+    method = str(manifest.get("method"))
+    needs_hooks = bool(manifest.get("custom_hooks") or manifest.get("generate_kwargs"))
     # a fixed table of engine types: the file names a type, it never chooses what gets imported
     kinds = {"Add": Add, "NormPreservingAdd": NormPreservingAdd, "Project": Project, "ScaleHeads": ScaleHeads,
              "RotateTowards": RotateTowards}

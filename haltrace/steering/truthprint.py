@@ -179,12 +179,68 @@ class TruthfulGate:
 
 
 # ----------------------------------------------------------------------------- the method
-def _fit_probe(x: np.ndarray, y: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+def detector_rows(feats: dict[int, np.ndarray], layers: Sequence[int], rows: np.ndarray) -> np.ndarray:
+    """``rows`` (a boolean mask) of the blocks ``layers`` concatenated, float32, built block by block (one
+    ``[rows, sum d]`` array; never the concatenation of every row first)."""
+    idx = np.flatnonzero(rows)
+    out = np.empty((len(idx), sum(feats[i].shape[1] for i in layers)), dtype=np.float32)
+    col = 0
+    for i in layers:
+        d = feats[i].shape[1]
+        out[:, col:col + d] = feats[i][idx]
+        col += d
+    return out
+
+
+def fit_detector(feats: dict[int, np.ndarray], layers: Sequence[int], y: np.ndarray, rows: np.ndarray, c: float
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Logistic regression (``C=c``) on the standardised concatenated states of ``layers`` at ``rows``:
+    ``(mean, scale, weight, bias)`` in standardised units. Memory: one float32 copy of the training rows,
+    standardised in place (per block, so no full-size temporaries)."""
     from sklearn.linear_model import LogisticRegression
 
-    mean, scale = x.mean(0), x.std(0) + 1e-6
-    clf = LogisticRegression(C=c, max_iter=2000).fit((x - mean) / scale, y)
+    x = detector_rows(feats, layers, rows)
+    mean = np.empty(x.shape[1], dtype=np.float32)
+    scale = np.empty(x.shape[1], dtype=np.float32)
+    for lo in range(0, x.shape[1], 4096):
+        blk = x[:, lo:lo + 4096]
+        mean[lo:lo + 4096] = blk.mean(0)
+        scale[lo:lo + 4096] = blk.std(0) + 1e-6
+        blk -= mean[lo:lo + 4096]
+        blk /= scale[lo:lo + 4096]
+    clf = LogisticRegression(C=c, max_iter=2000).fit(x, y[rows])
     return mean, scale, clf.coef_[0], float(clf.intercept_[0])
+
+
+def detector_scores(feats: dict[int, np.ndarray], layers: Sequence[int], rows: np.ndarray, mean: np.ndarray,
+                    scale: np.ndarray, weight: np.ndarray, bias: float) -> np.ndarray:
+    """Decision values ``((x - mean) / scale) . weight + bias`` at ``rows``, block by block."""
+    idx = np.flatnonzero(rows)
+    out = np.full(len(idx), bias, dtype=np.float64)
+    col = 0
+    for i in layers:
+        d = feats[i].shape[1]
+        out += ((feats[i][idx] - mean[col:col + d]) / scale[col:col + d]) @ weight[col:col + d]
+        col += d
+    return out
+
+
+def select_detector(feats: dict[int, np.ndarray], y: np.ndarray, train: np.ndarray, val: np.ndarray,
+                    candidates: Sequence[Sequence[int]], probe_cs: Sequence[float]
+                    ) -> tuple[dict[str, Any], list[dict[str, Any]], tuple[np.ndarray, np.ndarray, np.ndarray, float]]:
+    """Every (layers, C) candidate fitted on ``train`` and scored by AUROC on ``val``; returns the pick (best
+    AUROC, then fewer blocks, then smaller C), every candidate's record, and the pick's fit."""
+    records, best_fit, pick = [], None, None
+    for cand in candidates:
+        for c in probe_cs:
+            fit = fit_detector(feats, cand, y, train, c)
+            rec = {"layers": list(cand), "C": c, "val_auroc": _auroc(detector_scores(feats, cand, val, *fit), y[val])}
+            records.append(rec)
+            key = (rec["val_auroc"], -len(rec["layers"]), -rec["C"])
+            if pick is None or key > (pick["val_auroc"], -len(pick["layers"]), -pick["C"]):
+                pick, best_fit = rec, fit
+    assert pick is not None and best_fit is not None
+    return pick, records, best_fit
 
 
 @register_method
@@ -235,17 +291,9 @@ class TruthPrInt(Method):
             candidates_l = [sorted({int(x) for x in layers})]
         else:
             candidates_l = [[i] for i in range(n)] + [list(range(i, n)) for i in range(n - 1)]
-        scores_l = []
-        for cand in candidates_l:
-            xc = np.concatenate([feats[i] for i in cand], 1)
-            for c in probe_cs:
-                m_, s_, w_, b_ = _fit_probe(xc[train], y[train], c)
-                scores_l.append({"layers": cand, "C": c, "val_auroc": _auroc(((xc[val] - m_) / s_) @ w_ + b_, y[val])})
-        pick = max(scores_l, key=lambda r: (r["val_auroc"], -len(r["layers"]), -r["C"]))
+        pick, scores_l, (mean, scale, weight, bias) = select_detector(feats, y, train, val, candidates_l, probe_cs)
         det_layers, probe_c = pick["layers"], pick["C"]
         chosen = det_layers[-1]
-        xdet = np.concatenate([feats[i] for i in det_layers], 1)
-        mean, scale, weight, bias = _fit_probe(xdet[train], y[train], probe_c)
         x = acts[f"resid_post.{chosen}"]
 
         fit_rows = torch.from_numpy(~held)
@@ -277,7 +325,7 @@ class TruthPrInt(Method):
         # Exact and cheap: questions are independent and the detector reads states the shift cannot change, so
         # one forward per alpha with the gate always open gives every threshold's answers (fired -> shifted).
         p_val = TruthfulGate(det_layers, mean, scale, weight, bias, d, alpha=0.0, threshold=0.0).probability(
-            torch.from_numpy(xdet[held])).numpy()
+            torch.from_numpy(detector_rows(feats, det_layers, held))).numpy()
         shifted = {}
         for a in alphas:
             with TruthfulGate(det_layers, mean, scale, weight, bias, d, alpha=a, threshold=0.0)(model):

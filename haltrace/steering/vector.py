@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from haltrace._version import __version__
+from haltrace.errors import HaltraceError
 from haltrace.steering.engine import STEERABLE
 
 FORMAT_NAME = "haltrace.steering_vector"
@@ -58,7 +59,7 @@ _V2_KEYS = ("model_revision", "layer_convention", "haltrace_version", "data_fing
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 
 
-class VectorError(ValueError):
+class VectorError(HaltraceError):
     """A steering vector file is missing, corrupt, or does not fit the model."""
 
 

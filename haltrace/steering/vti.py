@@ -18,8 +18,11 @@ Layer convention: the textual direction for block ``L`` is read at ``resid_post.
 ``hidden_states[L+1]``, the paper's index ``L`` after it drops the embedding entry) and applied at
 ``mlp_out.L`` (the official code's pairing; methods-vlm.md §3 pitfall 3). Vision layer ``k`` uses the vision
 tower's ``hidden_states[k+1]`` (output of encoder layer ``k``) for the direction and that layer's MLP output
-for the edit. The visual PCA groups one demo's whole ``[token, d_v]`` difference per layer (the per-layer
-reading of pitfall 1, not the official code's raw reshape).
+for the edit. The visual PCA is one float32 PCA per (layer, token) row over the demos (``[N, d_v]`` each,
+on the model's device), as the official code fits one direction per token position; the differences are
+held once (``[N, layers, tokens, d_v]`` float32, filled in place) and the masked copies are averaged as
+they come out of the tower, so the fit's peak stays near the differences it must hold (bench/RESULTS.md,
+"Fit memory at 7B widths").
 
 ``alpha_text``/``alpha_image`` are chosen on the fit data when not given: the pair with the largest drop of
 the false-"yes" rate on the partner (adversarial) questions of a fit POPE set, subject to recall on present
@@ -125,25 +128,60 @@ def mask_patches(pixels: torch.Tensor, patch: int, ratio: float, rng: np.random.
 
 @torch.no_grad()
 def _vision_states(model: Any, pixels: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """``[n, n_layers_v, T_v, d_v]`` outputs of every vision encoder block (embeddings dropped)."""
+    """``[n_layers_v, T_v, d_v]`` outputs of every vision encoder block (embeddings dropped), averaged over the
+    ``n`` images of ``pixels`` as they come out (never the ``[n, layers, T_v, d_v]`` stack)."""
     tower = model.adapter.vision_tower
-    outs = []
+    total: torch.Tensor | None = None
     for s in range(0, pixels.shape[0], batch):
         hs = tower(pixels[s:s + batch].to(model.device, model.dtype), output_hidden_states=True).hidden_states
-        outs.append(torch.stack([h.float().cpu() for h in hs[1:]], 1))
-    return torch.cat(outs)
+        part = torch.stack([h.float().sum(0) for h in hs[1:]])
+        total = part if total is None else total + part
+    return (total / pixels.shape[0]).cpu()
 
 
-def mean_plus_pc1(diffs: torch.Tensor) -> torch.Tensor:
-    """``diffs [N, ...]`` -> mean over N + unit first principal component (sign: largest |score| positive)."""
-    flat = diffs.reshape(diffs.shape[0], -1).double()
-    mean = flat.mean(0)
-    centred = flat - mean
-    if diffs.shape[0] < 2 or float(centred.norm()) == 0.0:
-        return mean.float().reshape(diffs.shape[1:])
-    u, _, vh = torch.linalg.svd(centred, full_matrices=False)
-    pc1 = vh[0] * torch.sign(u[u[:, 0].abs().argmax(), 0])  # svd_flip on u, as VTI's pca.py
-    return (mean + pc1).float().reshape(diffs.shape[1:])
+def mean_plus_pc1(diffs: torch.Tensor, *, row_dims: int = 0, device: torch.device | str | None = None,
+                  chunk_bytes: int = 64 * 2**20) -> torch.Tensor:
+    """``diffs [N, ...]`` -> mean over N + unit first principal component (sign: largest |score| positive).
+
+    ``row_dims`` leading dims after N index independent *rows*, each with its own PCA over its remaining
+    (feature) dims: ``row_dims=0`` is one PCA of the whole flattened difference; VTI's visual direction uses
+    ``row_dims=2`` on ``[N, layer, token, d_v]`` -- one PCA per (layer, token) row, as the official code fits
+    one direction per token position. Float32 throughout; each block of rows (about ``chunk_bytes``) is moved
+    to ``device`` (default: where ``diffs`` is), so the extra memory is a block, not a copy of ``diffs``.
+    PC1 comes from the ``[N, N]`` Gram matrix of the centred rows (``N`` demos is small), whose top
+    eigenvector ``u`` gives ``pc1 = u^T C / ||u^T C||``; the sign follows VTI's ``svd_flip`` on ``u``.
+
+    >>> mean_plus_pc1(torch.randn(5, 3, 4)).shape
+    torch.Size([3, 4])
+    >>> mean_plus_pc1(torch.randn(5, 3, 4), row_dims=1).shape
+    torch.Size([3, 4])
+    """
+    n = diffs.shape[0]
+    out_shape = diffs.shape[1:]
+    rows = int(np.prod(out_shape[:row_dims])) if row_dims else 1
+    feats = diffs[0].numel() // max(rows, 1)
+    x = diffs.reshape(n, rows, feats)
+    dev = torch.device(device) if device is not None else diffs.device
+    out = torch.empty(rows, feats, dtype=torch.float32)
+    step = max(1, int(chunk_bytes // max(1, n * feats * 4)))
+    for lo in range(0, rows, step):
+        block = x[:, lo:lo + step].to(dev, torch.float32).transpose(0, 1)  # [R, N, F] (a view when on dev)
+        mean = block.mean(1)  # [R, F]
+        if n < 2:
+            out[lo:lo + step] = mean.cpu()
+            continue
+        centred = block - mean[:, None]
+        gram = torch.bmm(centred, centred.transpose(1, 2)).double()  # [R, N, N]
+        evals, evecs = torch.linalg.eigh(gram)
+        u = evecs[..., -1].float()  # top eigenvector, [R, N]
+        sign = torch.sign(u.gather(1, u.abs().argmax(1, keepdim=True)))  # svd_flip on u
+        pc1 = torch.bmm((u * sign)[:, None, :], centred)[:, 0]  # [R, F]
+        norm = pc1.norm(dim=-1, keepdim=True)
+        flat = (evals[..., -1] <= 0) | (norm[:, 0] == 0)  # no spread in this row: the mean alone
+        pc1 = torch.where(flat[:, None], torch.zeros_like(pc1), pc1 / norm.clamp_min(1e-30))
+        out[lo:lo + step] = (mean + pc1).cpu()
+        del block, centred, gram
+    return out.reshape(out_shape)
 
 
 def mask_patch_rows(rows: torch.Tensor, channels: int, ratio: float, rng: np.random.Generator) -> torch.Tensor:
@@ -166,19 +204,20 @@ def mask_patch_rows(rows: torch.Tensor, channels: int, ratio: float, rng: np.ran
 def _flat_vision_states(model: Any, copies: torch.Tensor, grid: torch.Tensor, max_rows: int = 16384
                         ) -> torch.Tensor:
     """:func:`_vision_states` for a flat-patch tower: ``copies [n, n_patches, F]`` of one image with grid
-    ``grid [3]`` -> ``[n, n_layers_v, n_patches, d_v]`` (rows in the tower's own order, which is what its
-    blocks -- and so :func:`vision_hooks` -- see)."""
+    ``grid [3]`` -> ``[n_layers_v, n_patches, d_v]`` averaged over the copies (rows in the tower's own order,
+    which is what its blocks -- and so :func:`vision_hooks` -- see)."""
     tower = model.adapter.vision_tower
     n, per = copies.shape[:2]
     step = max(1, max_rows // per)
-    outs = []
+    total: torch.Tensor | None = None
     for s in range(0, n, step):
         chunk = copies[s:s + step]
         hs = tower(chunk.reshape(-1, chunk.shape[-1]).to(model.device, model.dtype),
                    grid_thw=grid[None].repeat(chunk.shape[0], 1).to(model.device),
                    output_hidden_states=True).hidden_states
-        outs.append(torch.stack([h.float().cpu().reshape(chunk.shape[0], per, -1) for h in hs[1:]], 1))
-    return torch.cat(outs)
+        part = torch.stack([h.float().reshape(chunk.shape[0], per, -1).sum(0) for h in hs[1:]])
+        total = part if total is None else total + part
+    return (total / n).cpu()
 
 
 def _refuse(model: Any, reason: str) -> ValueError:
@@ -189,7 +228,8 @@ def _refuse(model: Any, reason: str) -> ValueError:
 
 def visual_direction(model: Any, images: Sequence[Any], *, mask_ratio: float = 0.99, num_trials: int = 50,
                      seed: int = FIT_SEED) -> torch.Tensor:
-    """``[n_layers_v, T_v, d_v]`` VTI visual direction: mean + PC1 of (masked-average - clean) states.
+    """``[n_layers_v, T_v, d_v]`` VTI visual direction: mean + PC1 of (masked-average - clean) states, one
+    float32 PCA per (layer, token) row, on the model's device.
 
     Towers fed ``[B, 3, H, W]`` (CLIP, SigLIP) mask ``[3, H, W]`` patches; LLaVA-NeXT's ``[B, crops, 3, H, W]``
     uses each image's first crop (the whole image resized to the tower's input; the direction then applies to
@@ -208,13 +248,16 @@ def visual_direction(model: Any, images: Sequence[Any], *, mask_ratio: float = 0
         raise _refuse(model, f"its image processor returns pixel_values of shape {tuple(pixels.shape)}, neither "
                              "[B, 3, H, W] images nor flat patches with image_grid_thw")
     patch = int(model.adapter.vision_tower.config.patch_size)
-    diffs = []
-    for img in pixels:
+    diffs: torch.Tensor | None = None  # [N, layers, T_v, d_v] float32, filled in place (held once)
+    for i, img in enumerate(pixels):
         masked = torch.stack([mask_patches(img, patch, mask_ratio, rng) for _ in range(num_trials)])
-        stable = _vision_states(model, masked).mean(0)
-        clean = _vision_states(model, img[None])[0]
-        diffs.append(stable - clean)
-    return mean_plus_pc1(torch.stack(diffs))
+        stable = _vision_states(model, masked)
+        stable -= _vision_states(model, img[None])
+        if diffs is None:
+            diffs = torch.empty(len(pixels), *stable.shape, dtype=torch.float32)
+        diffs[i] = stable
+        del stable
+    return mean_plus_pc1(diffs, row_dims=2, device=model.device)
 
 
 def _flat_visual_direction(model: Any, pixels: torch.Tensor, grid_thw: torch.Tensor, mask_ratio: float,
@@ -229,13 +272,16 @@ def _flat_visual_direction(model: Any, pixels: torch.Tensor, grid_thw: torch.Ten
     if pixels.dim() != 2 or pixels.shape[0] != per * len(grid_thw):
         raise _refuse(model, f"pixel_values {tuple(pixels.shape)} is not one row per patch of "
                              f"{len(grid_thw)} images of {per} patches")
-    diffs = []
-    for rows, grid in zip(pixels.reshape(len(grid_thw), per, -1), grid_thw, strict=True):
+    diffs: torch.Tensor | None = None
+    for i, (rows, grid) in enumerate(zip(pixels.reshape(len(grid_thw), per, -1), grid_thw, strict=True)):
         masked = torch.stack([mask_patch_rows(rows, channels, mask_ratio, rng) for _ in range(num_trials)])
-        stable = _flat_vision_states(model, masked, grid).mean(0)
-        clean = _flat_vision_states(model, rows[None], grid)[0]
-        diffs.append(stable - clean)
-    return mean_plus_pc1(torch.stack(diffs))
+        stable = _flat_vision_states(model, masked, grid)
+        stable -= _flat_vision_states(model, rows[None], grid)
+        if diffs is None:
+            diffs = torch.empty(len(grid_thw), *stable.shape, dtype=torch.float32)
+        diffs[i] = stable
+        del stable
+    return mean_plus_pc1(diffs, row_dims=2, device=model.device)
 
 
 def vision_hooks(directions: torch.Tensor, step: float):
@@ -340,7 +386,7 @@ class VTI(Method):
         bad = [f"{h} {p.hallucinated}" for h, p in zip(heads, pairs, strict=True)]
         pos = last_token_states(model, good, images)
         neg = last_token_states(model, bad, images)
-        text_dir = mean_plus_pc1(pos - neg)  # [L, d]
+        text_dir = mean_plus_pc1(pos - neg, device=model.device)  # [L, d]
         # the visual half is optional: skipped when every candidate image strength is 0
         vis_dir = (visual_direction(model, images, mask_ratio=mask_ratio, num_trials=num_trials, seed=seed)
                    if any([alpha_image] if alpha_image is not None else image_grid) else None)

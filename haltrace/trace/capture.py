@@ -320,6 +320,12 @@ def capture(
     >>> cap = capture(model, model.prepare("a red circle"), ["resid_post.0", "mlp_out.1"], positions="last")
     ... # doctest: +SKIP
     """
+    from haltrace.models.base import has_meta_weights
+
+    if has_meta_weights(model):  # load(..., remote=True): no weights here, the forward runs on NDIF
+        from haltrace.trace.backends.nnsight_backend import capture_nnsight
+
+        return capture_nnsight(model, inputs, hooks_, positions, **forward_kwargs)
     pos = resolve_positions(positions, inputs, model.image_token_mask)
     points = parse_hooks(model, hooks_)
     cap = Capture(positions=pos, n_layers=model.n_layers)

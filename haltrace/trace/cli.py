@@ -32,7 +32,9 @@ MODEL_HELP = "Organism name (shapes-llava), hub id or local model folder."
 # --- helpers -----------------------------------------------------------------------------------------------
 
 def _fail(message: str) -> NoReturn:
-    Console(stderr=True).print(f"[bold red]Error:[/] {message}", highlight=False)
+    from rich.markup import escape
+
+    Console(stderr=True).print(f"[bold red]Error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(2)
 
 
@@ -51,8 +53,27 @@ def _load(model: str, *, eager: bool, console: Console) -> Any:
             _fail(f"cannot load model {model!r}: {exc}")
 
 
+def _check_prompt(prompt: str | None) -> None:
+    if prompt is not None and not prompt.strip():
+        _fail("--prompt is empty; give the text to run, e.g. --prompt \"<image> what colour is the shape ?\"")
+
+
+def _check_out(path: Path | None, option: str) -> None:
+    from haltrace.errors import InputError, check_writable
+
+    if path is not None:
+        try:
+            check_writable(path, option)
+        except InputError as exc:
+            _fail(str(exc))
+
+
 def _inputs(model: Any, prompt: str, image: Path | None) -> Any:
     images = None
+    token = getattr(getattr(model, "processor", None), "image_token", None)
+    if image is None and model.is_vlm and token and token in prompt:
+        _fail(f"--prompt contains the image placeholder {token} but no --image was given; pass --image FILE, or "
+              f"drop {token} for a text-only prompt")
     if image is not None:
         if not image.is_file():
             _fail(f"image file not found: {image}")
@@ -154,6 +175,8 @@ def trace(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:
     """Capture activations for one prompt: summary table, optional safetensors dump and attention-to-image."""
+    _check_prompt(prompt)
+    _check_out(out, "--out")
     console = _console(as_json)
     m = _load(model, eager=attention_to_image, console=console)
     inputs = _inputs(m, prompt, image)
@@ -229,6 +252,8 @@ def lens(
     """Logit lens per layer: top tokens and target ranks for a prompt, or prior-vs-pixel over an organism task."""
     if (prompt is None) == (task is None):
         _fail("give exactly one of --prompt or --task")
+    _check_prompt(prompt)
+    _check_out(html, "--html")
     if task is not None:
         if task not in TASKS:
             _fail(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")

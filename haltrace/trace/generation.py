@@ -92,7 +92,10 @@ def trace_generation(
     ...                       ["resid_post.3"], max_new_tokens=20, attention_to_image=True)  # doctest: +SKIP
     >>> tr.text[0], tr.activations["resid_post.3"].shape                                       # doctest: +SKIP
     """
+    from haltrace.models.base import require_local_weights
     from haltrace.trace.capture import parse_hooks
+
+    require_local_weights(model, "trace_generation (generate() runs here)")
 
     points = parse_hooks(model, list(hooks))
     if any(p.kind == "attn_pattern" for p in points):

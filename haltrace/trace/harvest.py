@@ -33,6 +33,7 @@ from haltrace._version import __version__
 from haltrace.trace.store import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    LOCK_FILE,
     MANIFEST,
     METADATA,
     OFFSETS_KEY,
@@ -46,6 +47,7 @@ from haltrace.trace.store import (
     hook_layouts,
     read_manifest,
     shard_name,
+    store_lock,
     write_manifest,
 )
 
@@ -175,8 +177,12 @@ def _run_batch(model: Any, examples: list[Any], layouts: dict[str, str], positio
         raise ValueError("some examples in a batch have an 'image' and others don't; split the data set into "
                          "text-only and image examples and harvest them into separate stores")
     inputs = model.prepare(prompts, images=images) if images is not None else model.prepare(prompts)
+    from haltrace.models.base import has_meta_weights
+
+    # load(..., remote=True): the forward runs on NDIF; ship back the selected rows only, not the logits
+    remote = {"backend": "nnsight", "output": False} if has_meta_weights(model) else {}
     with torch.no_grad():
-        captured = model.capture(inputs, hooks=list(layouts), positions=None if ragged else positions)
+        captured = model.capture(inputs, hooks=list(layouts), positions=None if ragged else positions, **remote)
     out: dict[str, torch.Tensor] = {}
     lengths = None
     if ragged:
@@ -274,6 +280,14 @@ def _clear_store_files(root: Path) -> None:
                     p.unlink()
 
 
+def _refuse_foreign(root: Path) -> None:
+    """Raise :class:`StoreError` when ``root`` holds files but no store (someone else's folder)."""
+    if not (root / MANIFEST).exists() and [p for p in root.iterdir()
+                                           if not p.name.startswith(TMP_PREFIX) and p.name != LOCK_FILE]:
+        raise StoreError(f"out directory {root} is not empty and holds no haltrace store; pick an empty or "
+                         f"new directory, or pass overwrite=True (it only removes store files)")
+
+
 def _default_shard_size(batch: dict[str, torch.Tensor], rows: int, batch_size: int, n: int) -> int:
     bytes_per_row = max(1, sum(t.numel() * t.element_size() for t in batch.values()) // max(rows, 1))
     size = max(batch_size, (DEFAULT_SHARD_BYTES // bytes_per_row) // batch_size * batch_size)
@@ -319,7 +333,18 @@ def harvest(model: Any, dataset: Iterable[Mapping[str, Any]], hooks: Sequence[st
     _check_reiterable(dataset)
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
+    if not overwrite:
+        _refuse_foreign(root)  # before the lock file is created: a refused folder is left exactly as it was
+    with store_lock(root):  # a second harvest into the same folder waits here for the first to finish
+        return _harvest_into(model, dataset, hooks, root, rule, ragged, batch_size=batch_size,
+                             shard_size=shard_size, dtype=dtype, progress=progress, overwrite=overwrite,
+                             _after_shard=_after_shard)
 
+
+def _harvest_into(model: Any, dataset: Any, hooks: list[str], root: Path, rule: Any, ragged: bool, *,
+                  batch_size: int, shard_size: int | None, dtype: torch.dtype, progress: bool, overwrite: bool,
+                  _after_shard: Callable[[int], None] | None) -> ActivationStore:
+    """The body of :func:`harvest`, run while holding the store folder's lock."""
     # what is already in ``out``?
     old: dict[str, Any] | None = None
     if overwrite:
@@ -330,9 +355,8 @@ def harvest(model: Any, dataset: Iterable[Mapping[str, Any]], hooks: Sequence[st
                 old = read_manifest(root)
             except StoreError as err:
                 raise StoreError(f"{err}. Use a new out directory or overwrite=True.") from None
-        elif [p for p in root.iterdir() if not p.name.startswith(TMP_PREFIX)]:
-            raise StoreError(f"out directory {root} is not empty and holds no haltrace store; pick an empty or "
-                             f"new directory, or pass overwrite=True (it only removes store files)")
+        else:
+            _refuse_foreign(root)
 
     # pass 1: fingerprint + metadata into a temp file, installed only once we know the store is compatible
     meta_tmp = root / f"{TMP_PREFIX}{METADATA}"

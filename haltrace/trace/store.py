@@ -37,6 +37,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from haltrace.conventions import GLOBAL_HOOKS
+from haltrace.errors import FILE_MODE, HaltraceError, share
 
 FORMAT_NAME = "haltrace.activation_store"
 FORMAT_VERSION = 1
@@ -52,9 +54,10 @@ METADATA = "metadata.jsonl"
 SHARD_DIR = "shards"
 OFFSETS_KEY = "__offsets__"
 TMP_PREFIX = ".tmp-"
+LOCK_FILE = ".haltrace-lock"  # advisory lock held by a harvest writing into the folder
 
 
-class StoreError(ValueError):
+class StoreError(HaltraceError):
     """A store directory is missing, corrupt, incomplete or incompatible."""
 
 
@@ -76,6 +79,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        share(tmp)  # mkstemp makes 0600; everything haltrace writes is 0644 (under the usual umask)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -83,6 +87,37 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+@contextmanager
+def store_lock(root: str | os.PathLike, *, wait: bool = True) -> Iterator[None]:
+    """Hold an advisory lock (``flock``) on the store folder ``root`` for the duration of the block.
+
+    A second writer into the same folder waits until the first has finished (a line on stderr says whom it
+    waits for) or, with ``wait=False``, raises :class:`StoreError`. The lock file ``.haltrace-lock`` stays
+    in the folder; the lock itself goes away with the process, also when it is killed.
+    """
+    import fcntl
+    import sys
+
+    path = Path(root) / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            if not wait:
+                raise StoreError(f"another harvest (pid {holder}) is writing to {root}; wait for it to finish or "
+                                 "choose another folder") from None
+            print(f"haltrace: waiting for another harvest (pid {holder}) writing to {root} to finish ...",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

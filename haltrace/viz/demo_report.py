@@ -58,6 +58,11 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
                      f"haltrace.deploy: refusal on known names {dep['refusal_known_before']:.3f} -> "
                      f"{dep['refusal_known_after']:.3f}; deploy vs engine max |dlogit| "
                      f"{dep['max_abs_logit_diff_vs_engine']:.1e}", _f(ex["seconds"], 1)))
+    if "explain" in st:
+        ex = st["explain"]["examples"]
+        rows.append(("explain", "; ".join(f"{k}: {v['answer']!r}" + (f" (hallucinated: {', '.join(v['hallucinated'])})"
+                                                                   if v.get("hallucinated") else "")
+                                          for k, v in ex.items()), _f(st["explain"]["seconds"], 1)))
     rows.append(("total", "", _f(summary.get("seconds"), 1)))
     return rows
 
@@ -138,6 +143,19 @@ def write_demo_report(summary: dict[str, Any], figures: dict[str, Any], path: st
                   f"<p>full table with provenance: {html.escape(st['steer']['table'])}</p>"]
     if "export" in st:
         parts += ["<h2>5. Export and deploy</h2>", _export_section(st["export"])]
+    if "explain" in st and figures.get("explain"):
+        from haltrace.viz.explain_page import page_script, render_fragment
+
+        if done["n"] == 0:  # no figure inlined plotly.js yet: the explain views need it
+            from plotly.offline import get_plotlyjs
+
+            parts.append(f"<script type='text/javascript'>{get_plotlyjs()}</script>")
+        parts += ["<h2>6. Explain: three answers, token by token</h2>",
+                  "<p>Each view: the image, the answer as tokens coloured by a score; click a token for its logit "
+                  "lens over the image patches, its attention to the image and its curves over layers. Standalone "
+                  "pages: " + ", ".join(html.escape(v["page"]) for v in st["explain"]["examples"].values()) + "</p>",
+                  page_script()]
+        parts += [render_fragment(d, f"demo{i}") for i, d in enumerate(figures["explain"])]
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>haltrace demo</title><style>"
             "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
             "margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:13px}</style>"

@@ -20,12 +20,13 @@ pytestmark = pytest.mark.slow
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
-EXPECTED = ["01_trace_and_logit_lens", "02_probes_and_saes", "03_steer_and_evaluate", "04_export_and_deploy"]
+EXPECTED = ["01_trace_and_logit_lens", "02_probes_and_saes", "03_steer_and_evaluate", "04_export_and_deploy",
+            "05_explain_one_answer"]
 CELL_TIMEOUT_S = 1200  # a hang guard: a loaded 2-core machine runs 5-10x slower than an idle one
 CPU_BUDGET_S = 180
 
 
-def test_the_four_notebooks_are_there():
+def test_the_notebooks_are_there():
     assert [p.stem for p in NOTEBOOKS] == EXPECTED
 
 

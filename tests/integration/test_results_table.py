@@ -9,8 +9,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from haltrace.steering import registry
 from haltrace.cli import app
+from haltrace.steering import registry
 from haltrace.steering.engine import Add
 from haltrace.steering.registry import FittedIntervention, Method
 

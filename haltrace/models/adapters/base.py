@@ -174,6 +174,15 @@ class Adapter:
     def is_vlm(self) -> bool:
         return self.vision_tower is not None
 
+    def patch_grid(self, inputs: Any, n_image_tokens: int, row: int = 0, image_size: tuple[int, int] | None = None,
+                   processor: Any = None) -> Any:
+        """Where the ``n_image_tokens`` image tokens of row ``row`` sit on the image: a
+        :class:`~haltrace.models.grids.PatchGrid` (no views, with a note, for a family without a known grid).
+        ``image_size`` is the original ``(width, height)``; ``processor`` the model's processor."""
+        from haltrace.models.grids import no_grid
+
+        return no_grid(self.family, n_image_tokens, f"haltrace knows no patch grid for the {self.family} family")
+
     # --- dimensions ------------------------------------------------------------------------------------
     @property
     def n_layers(self) -> int:

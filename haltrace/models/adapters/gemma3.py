@@ -17,3 +17,8 @@ from haltrace.models.adapters.llava import LlavaAdapter
 @register_adapter("gemma3")
 class Gemma3Adapter(LlavaAdapter):
     family = "gemma3"
+
+    def patch_grid(self, inputs, n_image_tokens, row=0, image_size=None, processor=None):  # type: ignore[override]
+        from haltrace.models.grids import gemma3_grid
+
+        return gemma3_grid(self.config, n_image_tokens)

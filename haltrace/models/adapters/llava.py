@@ -30,3 +30,8 @@ class LlavaAdapter(DecoderAdapter):
     @property
     def projector(self) -> nn.Module | None:  # type: ignore[override]
         return self._inner.multi_modal_projector
+
+    def patch_grid(self, inputs, n_image_tokens, row=0, image_size=None, processor=None):  # type: ignore[override]
+        from haltrace.models.grids import llava_grid
+
+        return llava_grid(self.config, processor, n_image_tokens, image_size)

@@ -16,3 +16,8 @@ from haltrace.models.adapters.llava import LlavaAdapter
 @register_adapter("llava_next")
 class LlavaNextAdapter(LlavaAdapter):
     family = "llava_next"
+
+    def patch_grid(self, inputs, n_image_tokens, row=0, image_size=None, processor=None):  # type: ignore[override]
+        from haltrace.models.grids import llava_next_grid
+
+        return llava_next_grid(self.config, inputs, n_image_tokens, row)

@@ -82,3 +82,8 @@ class Qwen2VLAdapter(LlavaAdapter):
 
         return [visual.register_forward_pre_hook(pre, with_kwargs=True),
                 visual.register_forward_hook(post, with_kwargs=True)]
+
+    def patch_grid(self, inputs, n_image_tokens, row=0, image_size=None, processor=None):  # type: ignore[override]
+        from haltrace.models.grids import qwen_vl_grid
+
+        return qwen_vl_grid(self.config, inputs, n_image_tokens, row)

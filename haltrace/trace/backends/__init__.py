@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from haltrace.errors import HaltraceError
+
 if TYPE_CHECKING:
     from haltrace.conventions import HookPoint
     from haltrace.models.base import Model
@@ -43,7 +45,7 @@ _TL_VISION_FAMILIES = frozenset({"llava", "llava_next"})
 _ARANGE_POSITION_FAMILIES = frozenset({"gpt2", "llama", "mistral", "qwen2", "llava", "llava_next", "gemma3"})
 
 
-class UnsupportedHookError(ValueError):
+class UnsupportedHookError(HaltraceError):
     """A hook that the chosen backend cannot capture for this model; the message names the alternatives."""
 
 
