@@ -37,6 +37,7 @@ HEADING = "## Explain cost"
 NEW_TOKENS = 32
 GOAL_RATIO, GOAL_ORGANISM_S = 3.0, 5.0
 
+from bench import paired  # noqa: E402
 from bench.paired import median_and_quartiles, paired_ratios, paired_rounds  # noqa: E402
 
 
@@ -150,17 +151,8 @@ def section(results: list[tuple[str, dict[str, Any]]], args: argparse.Namespace)
 
 
 def write_section(text: str, path: Path = RESULTS) -> None:
-    """Replace (or append) this file's own section (``HEADING``) of RESULTS.md, keeping the others."""
-    current = path.read_text() if path.exists() else "# haltrace benchmarks\n"
-    start = current.find(HEADING + "\n")
-    if start < 0:
-        new = current.rstrip() + "\n\n" + text
-    else:
-        nxt = current.find("\n## ", start + len(HEADING))
-        new = current[:start] + text + (current[nxt:] if nxt >= 0 else "")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(new)
-    os.replace(tmp, path)
+    """This bench's section of RESULTS.md (``HEADING``), the others kept."""
+    paired.write_section(text, HEADING, path)
 
 
 def main() -> None:

@@ -42,6 +42,7 @@ HEADING = "## Steering overhead"
 NEW_TOKENS = 64
 GOAL, IDEAL = 1.05, 1.03
 
+from bench import paired  # noqa: E402
 from bench.paired import median_and_quartiles, paired_ratios, paired_rounds  # noqa: E402
 from haltrace.models import Model  # noqa: E402
 from haltrace.steering import Add, steer  # noqa: E402
@@ -163,17 +164,8 @@ def section(results: list[tuple[str, dict[str, Any]]], args: argparse.Namespace)
 
 
 def write_section(text: str, path: Path = RESULTS) -> None:
-    """Replace (or append) this file's section of RESULTS.md, keeping the others; temp file + rename."""
-    current = path.read_text() if path.exists() else "# haltrace benchmarks\n"
-    start = current.find(HEADING + "\n")
-    if start < 0:
-        new = current.rstrip() + "\n\n" + text
-    else:
-        nxt = current.find("\n## ", start + len(HEADING))
-        new = current[:start] + text + (current[nxt:] if nxt >= 0 else "")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(new)
-    os.replace(tmp, path)
+    """This bench's section of RESULTS.md (``HEADING``), the others kept."""
+    paired.write_section(text, HEADING, path)
 
 
 def main() -> None:

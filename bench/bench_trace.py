@@ -35,7 +35,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -49,6 +48,7 @@ sys.path.insert(0, str(REPO))
 RESULTS = REPO / "bench" / "RESULTS.md"
 HEADING = "## Trace capture"
 
+from bench import paired  # noqa: E402
 from bench.paired import median_and_quartiles, paired_ratios, paired_rounds  # noqa: E402
 from haltrace.models import Model  # noqa: E402
 from haltrace.trace.backends import capture_with  # noqa: E402
@@ -229,18 +229,7 @@ def render(cases: list[tuple[str, dict[str, dict[str, float]]]], harvest: str | 
 
 def write_section(section: str, path: Path = RESULTS) -> None:
     """Replace (or append) the ``## Trace capture`` section of RESULTS.md; temp file + rename, so atomic."""
-    text = path.read_text() if path.exists() else "# haltrace benchmarks\n\n"
-    start = text.find(HEADING + "\n")
-    if start < 0:
-        new = text.rstrip() + "\n\n" + section
-    else:
-        nxt = text.find("\n## ", start + len(HEADING))
-        new = text[:start] + section + ("\n" + text[nxt + 1:] if nxt >= 0 else "")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".RESULTS.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(new)
-    os.replace(tmp, path)
-
+    paired.write_section(section, HEADING, path)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -8,9 +8,11 @@ baseline taken within the same round (so machine load that changes between round
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 
 def paired_rounds(run: Callable[[str], float], names: Sequence[str], reps: int, min_seconds: float = 0.0,
@@ -39,3 +41,18 @@ def median_and_quartiles(values: Sequence[float]) -> tuple[float, float, float]:
     """``(median, q1, q3)``."""
     q1, _, q3 = statistics.quantiles(values, n=4)
     return statistics.median(values), q1, q3
+
+
+def write_section(text: str, heading: str, path: Path) -> None:
+    """Replace (or append) one bench's own section (starting at ``heading``) of RESULTS.md, keeping the others;
+    temp file + rename, so a killed run never leaves the file half-written."""
+    current = path.read_text() if path.exists() else "# haltrace benchmarks\n"
+    start = current.find(heading + "\n")
+    if start < 0:
+        new = current.rstrip() + "\n\n" + text
+    else:
+        nxt = current.find("\n## ", start + len(heading))
+        new = current[:start] + text + (current[nxt:] if nxt >= 0 else "")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(new)
+    os.replace(tmp, path)
