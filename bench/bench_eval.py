@@ -11,7 +11,7 @@ same answers (checked every round). Conditions, timed in the same run, in a rota
   tokens, stripped; texts collected in a list, no files
 * ``runner``: ``run_pope(model, question_file, images, <fresh folder>, GenerationSettings(...))``: reads and
   checks the question file, writes the settings file, builds every prompt with the chat template, opens the
-  images, prepares, generates, decodes, appends each batch's rows (flush + fsync) and scores the answers
+  images, prepares, generates, decodes, appends each batch's rows (flushed; fsync about once a second) and scores the answers
 * ``generate_texts`` (diagnostic, organism only): the runner's inner step (``haltrace.evals.runner.generate_texts``)
   over the same batches, no files: splits the overhead into the per-batch step and the file/resume/scoring part
 
@@ -67,6 +67,7 @@ HEADING = "## Eval runner"
 GOAL = 1.05
 POPE_FILE = "pope_adversarial.jsonl"
 
+from bench import paired  # noqa: E402
 from bench.paired import median_and_quartiles, paired_ratios, paired_rounds  # noqa: E402
 from haltrace.evals.benchmarks import pope_answer_path, run_pope  # noqa: E402
 from haltrace.evals.runner import GenerationSettings, Job, generate_texts  # noqa: E402
@@ -185,7 +186,7 @@ def inner_steps(case: Case) -> list[str]:
 
 
 #: the runner's own work (the bare loop has none of it), then the work both do, as timed by ``instrumented``
-OWN_PARTS = ["fsync after each batch", "build_prompt", "load_items", "settings file (_check_record)", "_read_done",
+OWN_PARTS = ["fsync", "build_prompt", "load_items", "settings file (_check_record)", "_read_done",
              "pope_metrics"]
 SHARED_PARTS = ["open_images", "prepare", "generate"]
 PART_NAMES = [*OWN_PARTS, *SHARED_PARTS, "other", "run_pope (total)"]
@@ -215,7 +216,7 @@ def instrumented(model: Model) -> Iterator[dict[str, list[float]]]:
     real_os = runner.os
 
     class _Os:  # runner's ``os`` with a timed fsync (the per-batch one; the settings file's is in _check_record)
-        fsync = staticmethod(timed("fsync after each batch", real_os.fsync))
+        fsync = staticmethod(timed("fsync", real_os.fsync))
 
         def __getattr__(self, attr: str) -> Any:
             return getattr(real_os, attr)
@@ -421,17 +422,8 @@ def _filesystem(path: Path) -> str:
 
 
 def write_section(text: str, path: Path = RESULTS) -> None:
-    """Replace (or append) this file's section of RESULTS.md, keeping the others; temp file + rename."""
-    current = path.read_text() if path.exists() else "# haltrace benchmarks\n"
-    start = current.find(HEADING + "\n")
-    if start < 0:
-        new = current.rstrip() + "\n\n" + text
-    else:
-        nxt = current.find("\n## ", start + len(HEADING))
-        new = current[:start] + text + (current[nxt:] if nxt >= 0 else "")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(new)
-    os.replace(tmp, path)
+    """This bench's section of RESULTS.md (``HEADING``), the others kept."""
+    paired.write_section(text, HEADING, path)
 
 
 def main() -> None:
