@@ -185,11 +185,13 @@ def eval_cmd(
                 pope_settings=settings_from(max_new_tokens or 32, num_beams, batch_size, prompt_template),
                 chair_settings=settings_from(max_new_tokens or 512, num_beams, batch_size, prompt_template),
                 out=out, overwrite=overwrite, parser=parser, rules=rules, console=console, coco_split=coco_split))
+            from haltrace.distributed import rank_world
             from haltrace.trace.store import atomic_write_text
 
-            atomic_write_text(out / "report.json", json.dumps({"model": model, "report": report}, indent=1,
-                                                              default=str) + "\n")
-            (out / "report.json").chmod(0o644)
+            if rank_world()[0] == 0:  # data-parallel: every rank holds the merged answers; one writes the report
+                atomic_write_text(out / "report.json", json.dumps({"model": model, "report": report}, indent=1,
+                                                                  default=str) + "\n")
+                (out / "report.json").chmod(0o644)
         elif not report:
             from haltrace.steering.cli import evaluate_organism
 

@@ -115,7 +115,7 @@ def _rewrite(path: Path, rows: Sequence[dict]) -> None:
     path.chmod(0o644)
 
 
-def _check_record(path: Path, record: dict, overwrite: bool) -> None:
+def _check_record(path: Path, record: dict, overwrite: bool, *, write: bool = True) -> None:
     from haltrace.trace.store import atomic_write_text
 
     meta = path.with_name(path.name + ".run.json")
@@ -127,6 +127,8 @@ def _check_record(path: Path, record: dict, overwrite: bool) -> None:
                               "would mix them: use another --out, or --overwrite to start again")
     elif overwrite and path.exists():
         path.unlink()
+    if not write:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(meta, json.dumps(record, indent=1, sort_keys=True) + "\n")
     meta.chmod(0o644)
@@ -172,17 +174,91 @@ def generate_texts(model: Any, jobs: Sequence[Job], settings: GenerationSettings
     return [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
 
 
+def part_path(out: str | Path, rank: int, world: int) -> Path:
+    """``<answers>.rank<r>-of-<w>.jsonl``: the part of a data-parallel run that rank ``r`` writes."""
+    path = Path(out)
+    return path.with_name(f"{path.name}.rank{rank}-of-{world}.jsonl")
+
+
+def _parts_world(path: Path) -> int:
+    """The world size of unmerged parts next to ``path`` (0 when there are none); refuses a mix."""
+    import re
+
+    worlds = set()
+    for p in path.parent.glob(f"{path.name}.rank*-of-*.jsonl"):
+        m = re.fullmatch(re.escape(path.name) + r"\.rank(\d+)-of-(\d+)\.jsonl", p.name)
+        if m:
+            worlds.add(int(m.group(2)))
+    if len(worlds) > 1:
+        raise ResumeError(f"{path.parent} holds parts of {path.name} from runs with {sorted(worlds)} processes; "
+                          "delete the parts of the one you do not want to resume")
+    return worlds.pop() if worlds else 0
+
+
+def _remove_part(part: Path) -> None:
+    for p in (part, part.with_name(part.name + ".run.json")):
+        p.unlink(missing_ok=True)
+
+
 def run_jobs(model: Any, jobs: Sequence[Job], out: str | Path, *, row: Callable[[Job, str], dict],
              key_field: str, settings: GenerationSettings | None = None, fitted: Any = None, task: str = "",
              overwrite: bool = False, progress: Callable[[int, int], None] | None = None) -> list[dict]:
     """Generate for every job not yet in ``out`` and append its ``row(job, text)``; returns every row.
 
     ``progress(done, total)`` is called after each batch (the CLI draws a bar with an ETA from it).
+
+    Data-parallel (``torchrun`` / ``accelerate launch``: ``RANK`` and ``WORLD_SIZE`` set): rank ``r`` of ``w``
+    takes a contiguous run of whole batches (:func:`haltrace.distributed.rank_slice`) and writes it, resumably,
+    to ``<answers>.rank<r>-of-<w>.jsonl``; after a gloo barrier rank 0 merges the parts into ``out`` in job
+    order (then byte for byte a single-process run's file) and removes them; every rank returns every row.
+    Resuming reuses the parts: relaunch with the same number of processes, or run once in a single process,
+    which finishes each part in turn and merges.
     """
+    from haltrace.distributed import barrier, rank_slice, rank_world
+
     settings = settings or GenerationSettings()
     if not jobs:
         raise ValueError("nothing to generate: no questions or images given")
     path = Path(out)
+    rank, world = rank_world()
+    parts = world if world > 1 else (0 if overwrite else _parts_world(path))
+    if parts < 2:
+        return _run_file(model, jobs, path, row=row, key_field=key_field, settings=settings, fitted=fitted,
+                         task=task, overwrite=overwrite, progress=progress)
+    record = run_record(model, settings, fitted, task)
+    if path.exists() and not overwrite:  # a finished merge, or another run's file: never mixed
+        _check_record(path, record, False, write=False)
+        merged = _read_done(path, jobs, key_field, settings.batch_size)
+        if len(merged) == len(jobs):
+            return merged
+    mine = range(rank, rank + 1) if world > 1 else range(parts)
+    for r in mine:
+        span = rank_slice(len(jobs), settings.batch_size, r, parts)
+        part = part_path(path, r, parts)
+        if len(span):
+            _run_file(model, [jobs[i] for i in span], part, row=row, key_field=key_field, settings=settings,
+                      fitted=fitted, task=task, overwrite=overwrite, progress=progress)
+    barrier()
+    rows: list[dict] = []
+    for r in range(parts):
+        span = rank_slice(len(jobs), settings.batch_size, r, parts)
+        if len(span):
+            rows += _read_done(part_path(path, r, parts), [jobs[i] for i in span], key_field, settings.batch_size)
+    if len(rows) != len(jobs):
+        raise RuntimeError(f"data-parallel merge of {path}: the parts hold {len(rows)} of {len(jobs)} rows")
+    barrier()  # every rank has read the parts before rank 0 replaces them by the merged file
+    if world == 1 or rank == 0:
+        _check_record(path, record, True)
+        _rewrite(path, rows)
+        for r in range(parts):
+            _remove_part(part_path(path, r, parts))
+    return rows
+
+
+def _run_file(model: Any, jobs: Sequence[Job], path: Path, *, row: Callable[[Job, str], dict], key_field: str,
+              settings: GenerationSettings, fitted: Any = None, task: str = "", overwrite: bool = False,
+              progress: Callable[[int, int], None] | None = None) -> list[dict]:
+    """The single-process runner: one answers file, appended batch by batch, resumable."""
     _check_record(path, run_record(model, settings, fitted, task), overwrite)
     done = _read_done(path, jobs, key_field, settings.batch_size)
     if path.exists() and path.read_text(encoding="utf-8") != "".join(json.dumps(r) + "\n" for r in done):

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,7 @@ def load(name_or_path: str, *, device: str | torch.device | None = None, dtype: 
          attn_implementation: str | None = None, remote: bool = False, **hf_kwargs: Any) -> Model:
     """Load a model and its processor (VLM) or tokenizer (LLM), in eval mode.
 
-    ``device`` defaults to CUDA when available, else CPU; with ``device_map=`` (in ``hf_kwargs``) accelerate
+    ``device`` defaults to CUDA when available (``cuda:$LOCAL_RANK`` under torchrun), else CPU; with ``device_map=`` (in ``hf_kwargs``) accelerate
     places the model and ``device`` is ignored. ``dtype`` is a torch dtype or its name. Other keyword arguments
     (``revision``, ``trust_remote_code``, ``device_map`` ...) go to ``from_pretrained``.
 
@@ -122,8 +123,10 @@ def load(name_or_path: str, *, device: str | torch.device | None = None, dtype: 
     else:
         hf_model = _readable(path, "weights", lambda: auto.from_pretrained(path, **kwargs))
     if "device_map" not in hf_kwargs and not meta:
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device is None:  # under torchrun / accelerate launch each rank takes its own GPU (LOCAL_RANK)
+            local = os.environ.get("LOCAL_RANK")
+            device = ("cpu" if not torch.cuda.is_available()
+                      else f"cuda:{int(local) % torch.cuda.device_count()}" if local and local.isdigit() else "cuda")
         hf_model = hf_model.to(device)
     hf_model.eval()
     if vlm:

@@ -183,7 +183,7 @@ def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _newton(Z: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, Cs: torch.Tensor, *, max_iter: int = 30,
-            tol: float = 1e-5, hessian_rows: int = 2048, chunk_bytes: float = 160e6) -> torch.Tensor:
+            tol: float = 1e-5, hessian_rows: int = 2048, chunk_bytes: float = 80e6) -> torch.Tensor:
     """Batched L2 logistic regression: ``Z [G, n, k]``, ``masks [G, Q, n]`` -> weights ``[G, Q*nC, k+1]``.
 
     Problem ``(g, q, c)`` minimises ``mean_{train rows}(log-loss) + ||w||^2 / (2 C_c n_train)`` (the same
@@ -356,14 +356,24 @@ def fit_probes(X: torch.Tensor | Sequence[torch.Tensor], y: Sequence[int] | torc
     gen = torch.Generator().manual_seed(seed)
     if len(X) == 0:
         raise ValueError("X holds no layers")
-    Zs, bases, means, stds, mms, thetas, mm_biases = [], [], [], [], [], [], []
+    L, K = len(X), n_folds
+    # every layer's features go straight into two preallocated tensors: the outer folds' [L, K, n, k] (a
+    # contiguous [L*K, n, k] for the batched solve, no copy) and the final fit's [L, n, k]
+    Zout: torch.Tensor | None = None
+    Zfin: torch.Tensor | None = None
+    bases, means, stds, mms, thetas, mm_biases = [], [], [], [], [], []
     for i in range(len(X)):  # one layer in memory at a time when X is a lazy sequence
         Xl = X[i].float()
         if Xl.dim() != 2 or Xl.shape[0] != n:
             raise ValueError(f"each layer must be [n={n}, d], got {tuple(Xl.shape)}")
         with _single_thread():
             Z, basis, mean, std, mm, theta, mm_bias = _layer_features(Xl, yt, masks, max_dim, n_sketch, gen)
-        Zs.append(Z)
+        if Zout is None:
+            Zout = torch.empty(L, K, *Z.shape[1:], dtype=Z.dtype)
+            Zfin = torch.empty(L, *Z.shape[1:], dtype=Z.dtype)
+        Zout[i] = Z[:K]
+        Zfin[i] = Z[K]
+        del Z
         bases.append(None if basis is None else basis[-1].clone())  # only the final (all-rows) basis is used
         del basis
         means.append(mean)
@@ -373,20 +383,22 @@ def fit_probes(X: torch.Tensor | Sequence[torch.Tensor], y: Sequence[int] | torc
         mm_biases.append(mm_bias)
         if progress is not None:
             progress(1)
-    L, K = len(X), n_folds
-    Zall = torch.stack(Zs)  # [L, K+1, n, k]
-    del Zs  # the per-layer pieces: one copy of the features, not two
-    k = Zall.shape[-1]
+    assert Zout is not None and Zfin is not None
+    k = Zout.shape[-1]
     nC = Cs_t.numel()
     # outer folds: inner splits + whole training part, all Cs; final: whole data, all Cs. On large sweeps the
     # solver's [groups, rows, problems] tensors are big enough for every thread to pay off (bench: 1.4x on 2
     # cores); small sweeps such as the organism's stay on one thread, which is faster on a busy machine.
     big = L * K * n * masks.shape[1] * nC >= BIG_SOLVE
     with nullcontext() if big else _single_thread():
-        W_out = _newton(Zall[:, :K].reshape(L * K, n, k), yt, masks[:K].repeat(L, 1, 1), Cs_t)
-        W_fin = _newton(Zall[:, K], yt, masks[K:, -1:].expand(L, 1, n), Cs_t)
-    Za = torch.cat([Zall[:, :K], torch.ones(L, K, n, 1)], dim=-1).reshape(L * K, n, k + 1)
-    scores = torch.bmm(Za, W_out.transpose(1, 2)).view(L, K, n, inner_folds + 1, nC)
+        W_out = _newton(Zout.view(L * K, n, k), yt, masks[:K].repeat(L, 1, 1), Cs_t)
+        W_fin = _newton(Zfin, yt, masks[K:, -1:].expand(L, 1, n), Cs_t)
+    del Zfin
+    # scores one layer at a time (the same per-matrix products as one [L*K, n, k+1] bmm, without that copy)
+    W_l = W_out.view(L, K, *W_out.shape[1:])
+    scores = torch.stack([torch.bmm(torch.cat([Zout[i], torch.ones(K, n, 1)], dim=-1), W_l[i].transpose(1, 2))
+                          for i in range(L)]).view(L, K, n, inner_folds + 1, nC)
+    del Zout
     # inner validation AUROC: split j of fold f validates on fold-f training rows outside split j
     valid = (masks[:K, -1:] & ~masks[:K, :inner_folds])  # [K, J, n]
     inner_scores = scores[..., :inner_folds, :].permute(0, 1, 3, 4, 2)  # [L, K, J, nC, n]

@@ -152,13 +152,26 @@ def attention_to_image(
     pos = resolve_positions(positions, inputs, model.image_token_mask)
     if pos is None:
         pos = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
-    recorder = ImageAttentionRecorder(model, image_mask, layers, positions=pos)
-    with recorder.attached(), torch.no_grad():
-        model.hf(**inputs)
+    from haltrace.models.base import has_meta_weights
+
+    if has_meta_weights(model):  # remote=True: the eager forward runs on NDIF; the query rows come back
+        from haltrace.trace.backends.nnsight_backend import capture_nnsight
+
+        require_eager(model)
+        picked = _layer_list(model, layers)
+        cap = capture_nnsight(model, inputs, [f"attn_pattern.{i}" for i in picked], pos, output=False)
+        keys = image_mask.to(torch.float32)
+        ratio = torch.stack([torch.einsum("bhpk,bk->bph", cap[f"attn_pattern.{i}"].float().cpu(), keys.cpu())
+                             for i in picked], dim=2)
+    else:
+        recorder = ImageAttentionRecorder(model, image_mask, layers, positions=pos)
+        with recorder.attached(), torch.no_grad():
+            model.hf(**inputs)
+        picked, ratio = recorder.layers, recorder.stacked()
     mask = inputs.get("attention_mask")
     valid = (mask if mask is not None else torch.ones_like(ids)).bool()
     # keys a causal row at position p may see: non-pad tokens at positions <= p
     n_keys = torch.stack([(valid[b, :] & (torch.arange(ids.shape[1], device=ids.device) <= p[:, None])).sum(-1)
                           for b, p in enumerate(pos)])
-    return ImageAttention(ratio=recorder.stacked(), layers=recorder.layers, positions=pos,
+    return ImageAttention(ratio=ratio, layers=picked, positions=pos,
                           n_image=image_mask.sum(-1), n_keys=n_keys)

@@ -43,12 +43,16 @@ def _console(quiet: bool) -> Console:
     return Console(stderr=True, quiet=quiet)
 
 
-def _load(model: str, *, eager: bool, console: Console) -> Any:
+REMOTE_HELP = ("Run the forward on NDIF through nnsight: the model is built on the meta device from its config "
+               "(no weights downloaded or loaded here); the server must host the checkpoint.")
+
+
+def _load(model: str, *, eager: bool, console: Console, remote: bool = False) -> Any:
     import haltrace
 
     with console.status(f"loading {model} ..."):
         try:
-            return haltrace.load(model, attn_implementation="eager" if eager else None)
+            return haltrace.load(model, attn_implementation="eager" if eager else None, remote=remote)
         except (OSError, ValueError) as exc:  # missing folder / organism, unknown architecture
             _fail(f"cannot load model {model!r}: {exc}")
 
@@ -173,12 +177,13 @@ def trace(
                                             help="Also print the per-layer attention of the last prompt token "
                                                  "on image tokens (loads the model with eager attention)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+    remote: bool = typer.Option(False, "--remote", help=REMOTE_HELP),
 ) -> None:
     """Capture activations for one prompt: summary table, optional safetensors dump and attention-to-image."""
     _check_prompt(prompt)
     _check_out(out, "--out")
     console = _console(as_json)
-    m = _load(model, eager=attention_to_image, console=console)
+    m = _load(model, eager=attention_to_image, console=console, remote=remote)
     inputs = _inputs(m, prompt, image)
     names = _hook_names(m, hooks)
     try:
@@ -248,6 +253,7 @@ def lens(
     batch_size: int = typer.Option(16, "--batch-size", help="--task: items per forward."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
     html: Path | None = typer.Option(None, "--html", help="Write a self-contained HTML figure here."),
+    remote: bool = typer.Option(False, "--remote", help=REMOTE_HELP + " --prompt only."),
 ) -> None:
     """Logit lens per layer: top tokens and target ranks for a prompt, or prior-vs-pixel over an organism task."""
     if (prompt is None) == (task is None):
@@ -257,10 +263,12 @@ def lens(
     if task is not None:
         if task not in TASKS:
             _fail(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+        if remote:
+            _fail("--remote works with --prompt; the organism tasks run locally")
         _lens_task(model, n, batch_size, as_json, html, apply_norm=not no_norm)
         return
     console = _console(as_json)
-    m = _load(model, eager=False, console=console)
+    m = _load(model, eager=False, console=console, remote=remote)
     inputs = _inputs(m, prompt, image)
     words = _split(targets)
     from haltrace.trace.lens import logit_lens, target_token_ids

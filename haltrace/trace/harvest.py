@@ -42,6 +42,7 @@ from haltrace.trace.store import (
     ActivationStore,
     StoreError,
     atomic_write,
+    atomic_write_text,
     check_shard_file,
     dtype_name,
     hook_layouts,
@@ -332,6 +333,13 @@ def harvest(model: Any, dataset: Iterable[Mapping[str, Any]], hooks: Sequence[st
     rule, ragged = _normalise_positions(positions)
     _check_reiterable(dataset)
     root = Path(out)
+    from haltrace.distributed import rank_world
+
+    rank, world = rank_world()
+    if world > 1:
+        return _harvest_parallel(model, dataset, hooks, root, rule, ragged, rank, world, batch_size=batch_size,
+                                 shard_size=shard_size, dtype=dtype, progress=progress, overwrite=overwrite,
+                                 _after_shard=_after_shard)
     root.mkdir(parents=True, exist_ok=True)
     if not overwrite:
         _refuse_foreign(root)  # before the lock file is created: a refused folder is left exactly as it was
@@ -345,6 +353,28 @@ def _harvest_into(model: Any, dataset: Any, hooks: list[str], root: Path, rule: 
                   batch_size: int, shard_size: int | None, dtype: torch.dtype, progress: bool, overwrite: bool,
                   _after_shard: Callable[[int], None] | None) -> ActivationStore:
     """The body of :func:`harvest`, run while holding the store folder's lock."""
+    manifest, rows, first = _prepare_store(model, dataset, hooks, root, rule, ragged, batch_size=batch_size,
+                                           shard_size=shard_size, dtype=dtype, overwrite=overwrite)
+
+    def record(entry: dict[str, Any]) -> None:
+        manifest["shards"] = sorted([e for e in manifest["shards"] if e["index"] != entry["index"]] + [entry],
+                                    key=lambda e: e["index"])
+        manifest["complete"] = len(manifest["shards"]) == manifest["n_shards"]
+        write_manifest(root, manifest)
+
+    _write_shards(model, rows, manifest, root, range(manifest["n_shards"]), {e["index"] for e in manifest["shards"]},
+                  rule, ragged, dtype, first, record, progress, _after_shard)
+    if not manifest["complete"]:  # everything was already done (resume of a finished store)
+        manifest["complete"] = True
+        write_manifest(root, manifest)
+    return ActivationStore.open(root)
+
+
+def _prepare_store(model: Any, dataset: Any, hooks: list[str], root: Path, rule: Any, ragged: bool, *,
+                   batch_size: int, shard_size: int | None, dtype: torch.dtype, overwrite: bool
+                   ) -> tuple[dict[str, Any], _Rows, Any]:
+    """Check or start the store in ``root`` (under its lock): metadata installed, manifest written with the
+    intact shards of an earlier run and the shard size fixed; returns (manifest, rows, first batch or None)."""
     # what is already in ``out``?
     old: dict[str, Any] | None = None
     if overwrite:
@@ -405,16 +435,25 @@ def _harvest_into(model: Any, dataset: Any, hooks: list[str], root: Path, rule: 
     size = manifest["shard_size"]
     manifest["n_shards"] = math.ceil(n / size)
     write_manifest(root, manifest)
-    done = {e["index"] for e in manifest["shards"]}
+    return manifest, rows, first
 
+
+def _write_shards(model: Any, rows: _Rows, manifest: dict[str, Any], root: Path, indices: Sequence[int],
+                  done: set[int], rule: Any, ragged: bool, dtype: torch.dtype, first: Any,
+                  record: Callable[[dict[str, Any]], None], progress: bool,
+                  _after_shard: Callable[[int], None] | None) -> None:
+    """Harvest and commit every shard in ``indices`` not in ``done``; ``record(entry)`` after each."""
+    n, size, batch_size = manifest["n_examples"], manifest["shard_size"], manifest["batch_size"]
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     bar = Progress(TextColumn("harvest"), BarColumn(), MofNCompleteColumn(), TextColumn("examples"),
                    TimeRemainingColumn(), console=Console(stderr=True), disable=not progress)
     with bar:
-        task = bar.add_task("harvest", total=n, completed=sum(e["stop"] - e["start"] for e in manifest["shards"]))
-        for index in range(manifest["n_shards"]):
+        total = sum(min(n, (i + 1) * size) - i * size for i in indices)
+        task = bar.add_task("harvest", total=total,
+                            completed=sum(min(n, (i + 1) * size) - i * size for i in indices if i in done))
+        for index in indices:
             if index in done:
                 continue
             start, stop = index * size, min(n, (index + 1) * size)
@@ -434,15 +473,86 @@ def _harvest_into(model: Any, dataset: Any, hooks: list[str], root: Path, rule: 
             atomic_write(path, lambda tmp, b=buffer, s=start, e=stop: save_file(
                 b.tensors(), tmp, metadata={"start": str(s), "stop": str(e), "format": FORMAT_NAME}))
             del buffer  # drop this shard's activations before the next shard starts
-            manifest["shards"] = sorted(
-                [e for e in manifest["shards"] if e["index"] != index]
-                + [{"index": index, "file": shard_name(index), "start": start, "stop": stop,
-                    "bytes": path.stat().st_size}], key=lambda e: e["index"])
-            manifest["complete"] = len(manifest["shards"]) == manifest["n_shards"]
-            write_manifest(root, manifest)
+            record({"index": index, "file": shard_name(index), "start": start, "stop": stop,
+                    "bytes": path.stat().st_size})
             if _after_shard is not None:
                 _after_shard(index)
-    if not manifest["complete"]:  # everything was already done (resume of a finished store)
-        manifest["complete"] = True
-        write_manifest(root, manifest)
+
+
+# ------------------------------------------------------------------------------------------- data-parallel
+PARTS_DIR = "parts"
+
+
+def _part_dir(root: Path, rank: int, world: int) -> Path:
+    return root / PARTS_DIR / f"rank{rank}-of-{world}"
+
+
+def _harvest_parallel(model: Any, dataset: Any, hooks: list[str], root: Path, rule: Any, ragged: bool, rank: int,
+                      world: int, *, batch_size: int, shard_size: int | None, dtype: torch.dtype, progress: bool,
+                      overwrite: bool, _after_shard: Callable[[int], None] | None) -> ActivationStore:
+    """:func:`harvest` under ``torchrun`` / ``accelerate launch``: rank 0 starts (or checks) the store; rank ``r``
+    harvests a contiguous run of shards (:func:`haltrace.distributed.rank_slice`) into ``shards/`` and records
+    them in its own ``parts/rank<r>-of-<w>/part.json`` under its own lock (no rank waits on another's lock);
+    after a barrier rank 0 merges the parts into ``manifest.json``. Resuming keeps every intact shard a rank
+    recorded, so a relaunch after a killed rank redoes only that rank's unfinished shards."""
+    from haltrace.distributed import barrier, rank_slice
+
+    first = None
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if not overwrite:
+            _refuse_foreign(root)
+        with store_lock(root):
+            if overwrite and (root / PARTS_DIR).exists():
+                import shutil
+
+                shutil.rmtree(root / PARTS_DIR)
+            _, _, first = _prepare_store(model, dataset, hooks, root, rule, ragged, batch_size=batch_size,
+                                         shard_size=shard_size, dtype=dtype, overwrite=overwrite)
+    barrier()  # the store is set up (metadata, shard size): every rank may start
+    manifest = read_manifest(root)
+    rows = _Rows(dataset)
+    indices = rank_slice(manifest["n_shards"], 1, rank, world)
+    mine = _part_dir(root, rank, world)
+    mine.mkdir(parents=True, exist_ok=True)
+    with store_lock(mine):
+        part_file = mine / "part.json"
+        recorded = json.loads(part_file.read_text()) if part_file.exists() else {"shards": [], "shapes": {}}
+        if not manifest["shapes"] and recorded["shapes"]:
+            manifest["shapes"] = recorded["shapes"]
+        entries = {e["index"]: e for e in manifest["shards"] if e["index"] in indices}
+        for entry in recorded["shards"]:
+            if entry["index"] in indices and not check_shard_file(root, entry, manifest["layouts"]):
+                entries[entry["index"]] = entry
+
+        def record(entry: dict[str, Any] | None = None) -> None:
+            if entry is not None:
+                entries[entry["index"]] = entry
+            atomic_write_text(part_file, json.dumps({"shards": sorted(entries.values(), key=lambda e: e["index"]),
+                                                     "shapes": manifest["shapes"]}))
+
+        _write_shards(model, rows, manifest, root, indices, set(entries), rule, ragged, dtype,
+                      first if 0 in indices else None, record, progress, _after_shard)
+        record()
+    barrier()  # every rank's shards are on disk
+    if rank == 0:
+        with store_lock(root):
+            manifest = read_manifest(root)
+            merged = {e["index"]: e for e in manifest["shards"]}
+            for r in range(world):
+                part_file = _part_dir(root, r, world) / "part.json"
+                part = json.loads(part_file.read_text()) if part_file.exists() else {"shards": [], "shapes": {}}
+                for entry in part["shards"]:
+                    merged[entry["index"]] = entry
+                manifest["shapes"] = manifest["shapes"] or part["shapes"]
+            manifest["shards"] = sorted(merged.values(), key=lambda e: e["index"])
+            manifest["complete"] = len(manifest["shards"]) == manifest["n_shards"]
+            if not manifest["complete"]:
+                raise StoreError(f"data-parallel harvest into {root}: the parts hold {len(manifest['shards'])} of "
+                                 f"{manifest['n_shards']} shards")
+            write_manifest(root, manifest)
+            import shutil
+
+            shutil.rmtree(root / PARTS_DIR, ignore_errors=True)
+    barrier()  # the merged manifest is written
     return ActivationStore.open(root)

@@ -149,37 +149,62 @@ def project(
 
     >>> res = project(model, torch.randn(2, 1, 3, model.hidden_size), ["red"], vocab_chunk=16)  # doctest: +SKIP
     """
-    if resid.dim() < 2:
-        raise ValueError(f"resid must be [L, ..., d], got shape {tuple(resid.shape)}")
+    return _lens(model, resid, None, targets, apply_norm=apply_norm, top_k=top_k, vocab_chunk=vocab_chunk,
+                 return_logits=return_logits, layers=layers, positions=positions)
+
+
+def project_logits(model: Model, logits: torch.Tensor, targets: Sequence[str | int] = (), *, top_k: int = 10,
+                   vocab_chunk: int = 32768, return_logits: bool = False, layers: Sequence[str] | None = None,
+                   positions: torch.Tensor | None = None) -> LensResult:
+    """:func:`project` for lens logits computed elsewhere (``logits [L, ..., V]``, norm, unembedding and softcap
+    already applied): a ``remote=True`` model's lens, whose projection runs on NDIF."""
+    return _lens(model, None, logits, targets, apply_norm=False, top_k=top_k, vocab_chunk=vocab_chunk,
+                 return_logits=return_logits, layers=layers, positions=positions)
+
+
+def _lens(model: Model, resid: torch.Tensor | None, given: torch.Tensor | None, targets: Sequence[str | int], *,
+          apply_norm: bool, top_k: int, vocab_chunk: int, return_logits: bool, layers: Sequence[str] | None,
+          positions: torch.Tensor | None) -> LensResult:
+    src = resid if given is None else given
+    if src.dim() < 2:
+        raise ValueError(f"resid must be [L, ..., d], got shape {tuple(src.shape)}")
     if vocab_chunk < 1 or top_k < 0:
         raise ValueError("vocab_chunk must be >= 1 and top_k >= 0")
     head = model.adapter.unembed
     weight, bias = head.weight, getattr(head, "bias", None)
     norm = model.adapter.final_norm
     cap = _softcap(model)
-    vocab = weight.shape[0]
+    vocab = weight.shape[0] if given is None else given.shape[-1]
     k = min(top_k, vocab)
     ids, pieces = target_token_ids(model.tokenizer, list(targets)) if targets else ([], [])
     bad = [t for t, i in zip(targets, ids, strict=True) if i >= vocab]
     if bad:
         raise ValueError(f"targets {bad} map to ids beyond the unembedding ({vocab} rows)")
-    tid = torch.tensor(ids, dtype=torch.long, device=weight.device)
-    lead = resid.shape[1:-1]
+    tid = torch.tensor(ids, dtype=torch.long, device=weight.device if given is None else given.device)
+    lead = src.shape[1:-1]
 
     def logits_of(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         z = (x @ w.T if b is None else torch.addmm(b, x, w.T)).float()
         return cap * torch.tanh(z / cap) if cap else z
 
+    def z_of(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        if given is not None:
+            return x[:, start:stop].float()
+        return logits_of(x, weight[start:stop], None if bias is None else bias[start:stop])
+
     outs: dict[str, list[torch.Tensor]] = {key: [] for key in ("top_ids", "top_lp", "lse", "rank", "tlogit",
                                                               "logits")}
     with torch.no_grad():
-        for r in resid:
+        for r in src:
             x = r.reshape(-1, r.shape[-1])
-            if apply_norm:  # recomputed from this layer's own residual (device_map: the norm may sit elsewhere)
-                x = norm(x.to(_device_of(norm, x.device), weight.dtype))
-            x = x.to(weight.device, weight.dtype)
+            if given is not None:
+                t_logit = x[:, tid].float() if ids else None
+            else:
+                if apply_norm:  # recomputed from this layer's own residual (device_map: the norm may sit elsewhere)
+                    x = norm(x.to(_device_of(norm, x.device), weight.dtype))
+                x = x.to(weight.device, weight.dtype)
+                t_logit = logits_of(x, weight[tid], None if bias is None else bias[tid]) if ids else None
             n = x.shape[0]
-            t_logit = logits_of(x, weight[tid], None if bias is None else bias[tid]) if ids else None
             lse = torch.full((n,), float("-inf"), device=x.device)
             rank = torch.zeros(n, len(ids), dtype=torch.long, device=x.device)
             best_v = torch.empty(n, 0, device=x.device)
@@ -187,7 +212,7 @@ def project(
             full = []
             for start in range(0, vocab, vocab_chunk):
                 stop = min(start + vocab_chunk, vocab)
-                z = logits_of(x, weight[start:stop], None if bias is None else bias[start:stop])
+                z = z_of(x, start, stop)
                 lse = torch.logaddexp(lse, torch.logsumexp(z, dim=-1))
                 for j, target in enumerate(ids):  # one target at a time: [n, chunk] booleans, never [n, T, chunk]
                     greater = z > t_logit[:, j:j + 1]
@@ -212,7 +237,7 @@ def project(
                 outs["logits"].append(torch.cat(full, -1).reshape(*lead, -1))
     stack = {key: torch.stack(v) if v else None for key, v in outs.items()}
     result = LensResult(
-        layers=list(layers) if layers is not None else [str(i) for i in range(resid.shape[0])],
+        layers=list(layers) if layers is not None else [str(i) for i in range(src.shape[0])],
         positions=positions, top_ids=stack["top_ids"], top_logprobs=stack["top_lp"],
         log_normaliser=stack["lse"], targets=[str(t) for t in targets], target_ids=ids, target_token_ids=pieces,
         logits=stack["logits"],
@@ -257,6 +282,14 @@ def logit_lens(
     """
     hooks = lens_hooks(model, layers, stream)
     pos = resolve_positions(positions, inputs, model.image_token_mask)
+    from haltrace.models.base import has_meta_weights
+
+    if has_meta_weights(model):  # remote=True: norm + unembedding run on NDIF; only [L, B, P, V] logits return
+        from haltrace.trace.backends.nnsight_backend import lens_logits_nnsight
+
+        logits = lens_logits_nnsight(model, inputs, hooks, pos, apply_norm=apply_norm, softcap=_softcap(model))
+        return project_logits(model, logits, targets, top_k=top_k, vocab_chunk=vocab_chunk,
+                              return_logits=return_logits, layers=hooks, positions=pos)
     cap = capture(model, inputs, hooks, pos)
     resid = torch.stack([cap[h] for h in hooks])
     cap.clear()

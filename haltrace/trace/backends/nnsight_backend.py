@@ -200,6 +200,7 @@ def _trace(wrapper: Any, call: dict[str, Any], trace_kw: dict[str, Any], plan: l
     # locals (envoys, tensors, ints), never haltrace code, so the server needs nothing but nnsight.
     import nnsight
 
+    out = None  # set before the block: a remote run returns only saved values, and None is never saved
     with wrapper.trace(**call, **trace_kw):
         got = {}
         rows = None if pos is None else torch.arange(pos.shape[0], device=pos.device).unsqueeze(1)
@@ -222,5 +223,63 @@ def _trace(wrapper: Any, call: dict[str, Any], trace_kw: dict[str, Any], plan: l
                     x = x.reshape(*x.shape[:2], n_heads, head_dim)
                 got[name] = x.detach().clone()
         got = nnsight.save(got)
-        out = wrapper.output.save() if want_output else None
+        if want_output:
+            out = wrapper.output.save()
     return got, out
+
+
+def lens_logits_nnsight(model: Model, inputs: Mapping[str, Any], hooks: Sequence[str], pos: torch.Tensor | None, *,
+                        apply_norm: bool = True, softcap: float | None = None,
+                        remote: bool | str | None = None) -> torch.Tensor:
+    """Logit-lens logits ``[L, B, P, V]`` (float32) of the residual ``hooks`` at ``pos``, with the final norm and
+    the unembedding applied *inside* the trace: a ``remote=True`` model's lens runs on NDIF and ships back only
+    the selected rows' logits (never the weights, never every position).
+
+    >>> z = lens_logits_nnsight(model, inputs, ["resid_post.0"], None)  # doctest: +SKIP
+    """
+    if remote is None:
+        remote = getattr(model, "remote", False)
+    points = parse_hooks(model, hooks)
+    check_vision_inputs(points, inputs)
+    wrapper = wrapper_for(model, remote)
+    paths = _module_paths(model)
+    plan = [(wrapper.get(path) if path else wrapper, what, names) for path, what, names in build_plan(model, points)]
+    norm = wrapper.get(paths[id(model.adapter.final_norm)])
+    head = wrapper.get(paths[id(model.adapter.unembed)])
+    call = dict(inputs)
+    if _is_pipeline_wrapper(wrapper) and "position_ids" not in call:
+        derived = default_position_ids(model, call)
+        if derived is not None:
+            call["position_ids"] = derived
+    if remote is True or (isinstance(remote, str) and remote != "local"):
+        warnings.warn("nnsight remote results are unpickled (torch.load(weights_only=False)); only trace on "
+                      "servers you trust", stacklevel=2)
+    trace_kw = {"remote": remote} if remote else {}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        got = _lens_trace(wrapper, call, trace_kw, plan, pos, norm, head, apply_norm, softcap)
+    return torch.stack([got[h].cpu() for h in hooks])
+
+
+def _lens_trace(wrapper: Any, call: dict[str, Any], trace_kw: dict[str, Any], plan: list, pos: torch.Tensor | None,
+                norm: Any, head: Any, apply_norm: bool, softcap: float | None) -> dict[str, torch.Tensor]:
+    # shipped to the server as is: torch and the captured locals only
+    import nnsight
+
+    with wrapper.trace(**call, **trace_kw):
+        got = {}
+        rows = None if pos is None else torch.arange(pos.shape[0], device=pos.device).unsqueeze(1)
+        for envoy, what, names in plan:
+            raw = envoy.input if what == "input" else envoy.output
+            x = raw[0] if isinstance(raw, (tuple, list)) else raw
+            if rows is not None:
+                x = x[rows, pos.to(x.device)]
+            if apply_norm:
+                x = norm(x)
+            z = head(x).float()
+            if softcap:
+                z = softcap * torch.tanh(z / softcap)
+            for name, _kind in names:
+                got[name] = z.detach().clone()
+        got = nnsight.save(got)
+    return got
