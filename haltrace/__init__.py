@@ -24,6 +24,18 @@ _LAZY = {
     "ActivationStore": "haltrace.trace.store",
     "conventions": "haltrace.conventions",
     "explain": "haltrace.explain",
+    "steer": "haltrace.steering.engine",
+    "Add": "haltrace.steering.engine",
+    "Project": "haltrace.steering.engine",
+    "SteeringVector": "haltrace.steering.vector",
+    "get_method": "haltrace.steering.registry",
+    "list_methods": "haltrace.steering.registry",
+    "save_fitted": "haltrace.steering.results",
+    "load_fitted": "haltrace.steering.results",
+    "logit_lens": "haltrace.trace.lens",
+    "attention_to_image": "haltrace.trace.attention",
+    "evaluate": "haltrace.evals.suite",
+    "load_items": "haltrace.data",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -42,8 +42,14 @@ from haltrace.data.images import open_image
 from haltrace.data.items import CaptionItem, of_kind
 from haltrace.data.sources import default_fit_data
 from haltrace.models.adapters.base import cached_length, first_tensor
-from haltrace.steering.fitdata import item_prompts, items_fingerprint, require_vlm
-from haltrace.steering.pvp import FIT_SEED, last_token_states, layer_record
+from haltrace.steering.fitdata import (
+    item_prompts,
+    items_fingerprint,
+    last_token_states,
+    layer_record,
+    require_vlm,
+)
+from haltrace.steering.pvp import FIT_SEED
 from haltrace.steering.registry import FittedIntervention, Method, register_method
 from haltrace.trace.capture import temporary_hooks
 from haltrace.trace.lens import image_token_confidence, target_token_ids

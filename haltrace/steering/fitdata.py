@@ -177,3 +177,40 @@ def items_fingerprint(items: Sequence[Any]) -> str:
             else:
                 digest.update(repr(value).encode() + b"\0")
     return digest.hexdigest()[:16]
+
+
+@torch.no_grad()
+def last_token_states(model: Any, prompts: Sequence[str], images: Sequence[Any] | None = None, *,
+                      hooks: Sequence[str] | None = None, batch_size: int = 64) -> torch.Tensor:
+    """``[N, len(hooks), d]`` float32 activations at each ready-made prompt's last token (default: every
+    ``resid_post``); :func:`prompt_states` stacked.
+
+    >>> states = last_token_states(model, ["<image> what colour is the cup ? answer :"], [img])  # doctest: +SKIP
+    """
+    hooks = list(hooks) if hooks is not None else [f"resid_post.{i}" for i in range(model.n_layers)]
+    _, acts = prompt_states(model, prompts, images, hooks, batch_size=batch_size)
+    return torch.stack([acts[h] for h in hooks], 1)
+
+
+@torch.no_grad()
+def next_words(model: Any, prompts: Sequence[str], images: Sequence[Any] | None = None, *,
+               interventions: Sequence[Any] = (), batch_size: int = 64) -> list[str]:
+    """Greedy next word after each ready-made prompt, under ``interventions`` (one forward, no generate)."""
+    from contextlib import nullcontext
+
+    from haltrace.steering.engine import steer
+
+    with steer(model, *interventions) if interventions else nullcontext():
+        logits, _ = prompt_states(model, prompts, images, [], batch_size=batch_size)
+    return [model.tokenizer.decode([tok]).strip() for tok in logits.argmax(-1).tolist()]
+
+
+def layer_record(hook: str, paper_index: str) -> dict[str, str]:
+    """Provenance entry for a layer: the haltrace hook, its HF hidden_states index, and the paper's index."""
+    from haltrace.conventions import hidden_states_index, parse_hook
+
+    point = parse_hook(hook)
+    rec = {"haltrace": point.name, "paper": paper_index}
+    if point.kind in ("resid_pre", "resid_post"):
+        rec["hf_hidden_states_index"] = str(hidden_states_index(point))
+    return rec

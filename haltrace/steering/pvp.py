@@ -24,25 +24,29 @@ fit items. The paper adds with scale 1 and no selection rule (its layers come fr
 >>> fitted.provenance["layers"]                                                 # doctest: +SKIP
 {'haltrace': 'resid_post.2', ...}
 
-This module also holds small helpers shared by the other VLM methods (last-token states without padding,
-answers under steering, data fingerprints).
+The helpers it shares with the other VLM methods (last-token states without padding, answers under steering,
+layer records) live in :mod:`haltrace.steering.fitdata`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from haltrace.data.images import open_image
 from haltrace.data.items import PvPItem, VQAQuestion, of_kind
 from haltrace.data.sources import default_fit_data
-from haltrace.steering.engine import Add, steer
-from haltrace.steering.fitdata import item_prompts, items_fingerprint, require_vlm
+from haltrace.steering.engine import Add
+from haltrace.steering.fitdata import (
+    item_prompts,
+    items_fingerprint,
+    last_token_states,
+    layer_record,
+    next_words,
+    require_vlm,
+)
 from haltrace.steering.registry import FittedIntervention, Method, register_method
 
 __all__ = ["PvP", "PvPItem", "last_token_states", "next_words", "normalise_answer"]
@@ -51,83 +55,6 @@ PAPER = ("Golovanevsky, Rudman et al., 'Pixels Versus Priors: Controlling Knowle
          "Models through Visual Counterfacts', arXiv 2505.17127 (EMNLP 2025); code rsinghlab/pixels_vs_priors@52d8ae0")
 #: seed of the default fit data an organism's data source draws (the held-out eval sets use their own seeds)
 FIT_SEED = 12345
-
-
-# --------------------------------------------------------------------------------------- shared helpers
-
-def fingerprint(prompts: Sequence[str], images: Sequence[Any] | None = None, extra: Any = None) -> str:
-    """sha256 (16 hex) over prompts, image bytes and any JSON-able ``extra`` (recorded in provenance)."""
-    h = hashlib.sha256()
-    for p in prompts:
-        h.update(p.encode() + b"\0")
-    for im in images or ():
-        arr = np.asarray(im)
-        h.update(str(arr.shape).encode() + arr.tobytes())
-    if extra is not None:
-        h.update(json.dumps(extra, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16]
-
-
-def _groups_by_length(model: Any, prompts: Sequence[str], batch_size: int) -> list[list[int]]:
-    """Indices grouped by token length (then chunked): batches without padding, so RoPE positions match an
-    unpadded forward whatever the padding side."""
-    lengths = [len(model.tokenizer(p)["input_ids"]) for p in prompts]
-    groups: dict[int, list[int]] = {}
-    for i, n in enumerate(lengths):
-        groups.setdefault(n, []).append(i)
-    out = []
-    for idx in groups.values():
-        out += [idx[s:s + batch_size] for s in range(0, len(idx), batch_size)]
-    return out
-
-
-def _prepare(model: Any, prompts: Sequence[str], images: Sequence[Any] | None, idx: Sequence[int]) -> Any:
-    return model.prepare([prompts[i] for i in idx], None if images is None else [open_image(images[i]) for i in idx])
-
-
-@torch.no_grad()
-def last_token_states(model: Any, prompts: Sequence[str], images: Sequence[Any] | None = None, *,
-                      hooks: Sequence[str] | None = None, batch_size: int = 64) -> torch.Tensor:
-    """``[N, len(hooks), d]`` float32 activations at each prompt's last token (default: every ``resid_post``).
-
-    >>> states = last_token_states(model, ["<image> what colour is the cup ? answer :"], [img])  # doctest: +SKIP
-    """
-    hooks = list(hooks) if hooks is not None else [f"resid_post.{i}" for i in range(model.n_layers)]
-    if images is not None and len(images) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
-    out = torch.empty(len(prompts), len(hooks), model.hidden_size)
-    for idx in _groups_by_length(model, prompts, batch_size):
-        cap = model.capture(_prepare(model, prompts, images, idx), hooks, positions="last")
-        out[idx] = torch.stack([cap[h][:, -1].float().cpu() for h in hooks], 1)
-    return out
-
-
-@torch.no_grad()
-def next_words(model: Any, prompts: Sequence[str], images: Sequence[Any] | None = None, *,
-               interventions: Sequence[Any] = (), batch_size: int = 64) -> list[str]:
-    """Greedy next word after each prompt (the organism answers in one word), under ``interventions``."""
-    answers: list[str] = [""] * len(prompts)
-    for idx in _groups_by_length(model, prompts, batch_size):
-        inputs = _prepare(model, prompts, images, idx)
-        if interventions:
-            with steer(model, *interventions):
-                logits = model.hf(**inputs).logits[:, -1]
-        else:
-            logits = model.hf(**inputs).logits[:, -1]
-        for i, tok in zip(idx, logits.argmax(-1).tolist(), strict=True):
-            answers[i] = model.tokenizer.decode([tok]).strip()
-    return answers
-
-
-def layer_record(hook: str, paper_index: str) -> dict[str, str]:
-    """Provenance entry for a layer: the haltrace hook, its HF hidden_states index, and the paper's index."""
-    from haltrace.conventions import hidden_states_index, parse_hook
-
-    point = parse_hook(hook)
-    rec = {"haltrace": point.name, "paper": paper_index}
-    if point.kind in ("resid_pre", "resid_post"):
-        rec["hf_hidden_states_index"] = str(hidden_states_index(point))
-    return rec
 
 
 # --------------------------------------------------------------------------------------- the method

@@ -34,6 +34,8 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,6 +135,29 @@ class SteeringVector:
         if layer not in self.layers:
             raise KeyError(f"layer {layer} is not steered by this vector; its layers are {self.layers}")
         return self.direction[layer] if isinstance(self.direction, dict) else self.direction
+
+    def interventions(self, alpha: float | None = None) -> list[Any]:
+        """One engine ``Add`` per layer at ``<hook>.<layer>``, with this vector's positions and phase; ``alpha``
+        overrides the saved strength."""
+        from haltrace.steering.engine import Add
+
+        scale = self.alpha if alpha is None else float(alpha)
+        return [Add(f"{self.hook}.{layer}", self.for_layer(layer), alpha=scale, positions=self.positions,
+                    phase=self.phase) for layer in self.layers]
+
+    @contextmanager
+    def apply(self, model: Any, alpha: float | None = None) -> Iterator[Any]:
+        """Steer ``model`` with this vector for the block (checked against the model first); hooks are removed
+        on exit, also on error.
+
+        >>> with SteeringVector.load("out/probes/vectors/mass_mean", model).apply(model, alpha=2.0):  # doctest: +SKIP
+        ...     model.hf.generate(**inputs, max_new_tokens=8)
+        """
+        from haltrace.steering.engine import steer
+
+        self.validate(model)
+        with steer(model, *self.interventions(alpha)) as handle:
+            yield handle
 
     def validate(self, model: Any = None, *, hidden_size: int | None = None, n_layers: int | None = None) -> None:
         """Check shapes and finiteness, and (given a model or sizes) that it fits; raise :class:`VectorError`."""

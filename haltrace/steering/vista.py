@@ -36,8 +36,7 @@ import torch
 
 from haltrace.models.adapters.base import cached_length, first_tensor
 from haltrace.steering.erasure import image_forward_inputs
-from haltrace.steering.fitdata import require_vlm
-from haltrace.steering.pvp import layer_record
+from haltrace.steering.fitdata import layer_record, require_vlm
 from haltrace.steering.registry import FittedIntervention, Method, register_method
 from haltrace.steering.vti import rotate_towards
 from haltrace.trace.capture import temporary_hooks

@@ -50,8 +50,15 @@ from haltrace.data.images import open_image
 from haltrace.data.items import CaptionPair, YesNoQuestion, of_kind
 from haltrace.data.sources import default_fit_data
 from haltrace.steering.engine import Add
-from haltrace.steering.fitdata import item_prompts, items_fingerprint, require_vlm
-from haltrace.steering.pvp import FIT_SEED, last_token_states, layer_record, next_words
+from haltrace.steering.fitdata import (
+    item_prompts,
+    items_fingerprint,
+    last_token_states,
+    layer_record,
+    next_words,
+    require_vlm,
+)
+from haltrace.steering.pvp import FIT_SEED
 from haltrace.steering.registry import FittedIntervention, Method, register_method
 from haltrace.trace.capture import temporary_hooks
 

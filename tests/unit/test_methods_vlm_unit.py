@@ -8,7 +8,8 @@ import torch
 
 from haltrace.data import CaptionItem, CaptionPair, PvPItem
 from haltrace.steering.erasure import ProjectAway, erase, erasure_hooks, text_representations
-from haltrace.steering.pvp import PvP, last_token_states
+from haltrace.steering.fitdata import last_token_states
+from haltrace.steering.pvp import PvP
 from haltrace.steering.registry import list_methods
 from haltrace.steering.vista import VISTA, default_sla_layers, steering_vectors
 from haltrace.steering.vti import (

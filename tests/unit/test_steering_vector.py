@@ -77,3 +77,30 @@ def test_constructors_find_the_planted_direction():
         assert cos > 0.95, vec.method
         assert abs(float(vec.direction.norm()) - 3.0) < 0.3  # residual units, not unit norm
     assert (mm.method, pca.method, probe.method) == ("mass_mean", "pca_diff", "probe")
+
+
+def test_apply_steers_like_the_engine_and_the_quick_start_names_resolve():
+    import haltrace
+    from haltrace.models import Model
+    from haltrace.models.tiny import build_tiny, build_tiny_inputs
+
+    hf, tok = build_tiny("llama")
+    model, inputs = Model.from_hf(hf, tok, name="tiny-llama"), build_tiny_inputs("llama", tok)
+    vec = haltrace.SteeringVector(direction=torch.ones(model.hidden_size), layers=[0, 1],
+                                  hidden_size=model.hidden_size, alpha=2.0, n_layers=model.n_layers)
+    with torch.no_grad():
+        before = model.hf(**inputs).logits
+        with vec.apply(model):
+            steered = model.hf(**inputs).logits
+        with haltrace.steer(model, *[haltrace.Add(f"resid_post.{i}", torch.ones(model.hidden_size), alpha=2.0)
+                                     for i in (0, 1)]):
+            by_hand = model.hf(**inputs).logits
+        assert torch.equal(steered, by_hand) and not torch.allclose(steered, before)
+        assert torch.equal(model.hf(**inputs).logits, before)  # removed on exit
+        with pytest.raises(VectorError):
+            with haltrace.SteeringVector(direction=torch.ones(model.hidden_size), layers=[5],
+                                         hidden_size=model.hidden_size).apply(model):
+                pass
+    for name in ("load", "steer", "Add", "Project", "SteeringVector", "get_method", "list_methods", "save_fitted",
+                 "load_fitted", "logit_lens", "attention_to_image", "evaluate", "harvest", "ActivationStore"):
+        assert getattr(haltrace, name) is not None, name
