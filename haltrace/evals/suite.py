@@ -28,7 +28,9 @@ def organism_world(model: Any):
     path = resolve_organism(model.name_or_path) or Path(model.name_or_path)
     if not (Path(path) / "world.json").exists():
         raise ValueError(f"{model.name_or_path!r} is not a ShapesWorld organism (no world.json): the built-in "
-                         "evaluations need the organism's world; evaluate real checkpoints on POPE/CHAIR files")
+                         "evaluations need the organism's world; evaluate other models on benchmark files: "
+                         "`haltrace eval --pope FILE --images DIR` / `--chair-images DIR --coco-annotations DIR`, "
+                         "`haltrace steer ... --eval pope=FILE,chair=IMAGE_DIR`")
     return load_world(path)
 
 
