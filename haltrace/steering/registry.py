@@ -104,6 +104,9 @@ class Method:
 
     name: str = ""
     summary: str = ""
+    #: fit options that the paper sets per evaluation (``{"chair": {"task": "caption"}}``): the results table fits
+    #: the method once more with them for that evaluation, unless the user set those options
+    eval_fit_options: dict[str, dict[str, Any]] = {}
 
     def fit(self, model: Any, data: Any = None, **kwargs: Any) -> FittedIntervention:  # pragma: no cover
         raise NotImplementedError

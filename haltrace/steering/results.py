@@ -269,13 +269,24 @@ def evaluate_method(model: Any, name: str, evals: Sequence[str], before: Mapping
 
     row: dict[str, Any] = {"method": name}
     started = time.perf_counter()
+    method = get_method(name)
+    kwargs = dict(fit_kwargs or {})
+    # evaluations the paper runs under other fit options (VISTA's caption lambda on CHAIR), unless the user set them
+    per_eval = {e: opts for e, opts in method.eval_fit_options.items()
+                if e in evals and not set(opts) & set(kwargs)}
     try:
         row["stage"] = "fit"
-        fitted = get_method(name).fit(model, **dict(fit_kwargs or {}))
+        fitted = method.fit(model, **kwargs)
         row["fit_seconds"] = time.perf_counter() - started
         row["fitted"] = fitted
         row["stage"] = "evaluate"
-        after = evaluate(model, evals, fitted=fitted, world=world, keep_answers=True)
+        rest = [e for e in evals if e not in per_eval]
+        after = evaluate(model, rest, fitted=fitted, world=world, keep_answers=True) if rest else {}
+        for e, opts in per_eval.items():
+            after |= evaluate(model, [e], fitted=method.fit(model, **kwargs, **opts), world=world,
+                              keep_answers=True)
+        if per_eval:
+            row["per_eval_fit_options"] = per_eval
     except Exception as exc:  # a broken method is reported in the table, never hidden
         row["error"] = f"{type(exc).__name__}: {exc}"
         row["traceback"] = traceback.format_exc(limit=4)
@@ -331,7 +342,10 @@ def results_markdown(run: Mapping[str, Any], *, command: str = "") -> str:
         "Cells are `before → after`. Flip rates are after-only (before is 0 by definition): of the items the "
         "baseline answered with the prior colour, the share now answered with the pixel colour, and the reverse.",
         "Lower is better for false-yes, CHAIR_i, pixel→prior flips and refusal on known names; higher is better "
-        "for recall, pixel rate, prior→pixel flips and refusal on unknown names.", "",
+        "for recall, pixel rate, prior→pixel flips and refusal on unknown names.",
+        *[f"- {row['method']}: " + "; ".join(f"{e} evaluated under its fit with {opts}" for e, opts in
+                                             row["per_eval_fit_options"].items()) + " (the paper's per-task setting)"
+          for row in run["rows"] if row.get("per_eval_fit_options")], "",
         "| method | " + " | ".join(label for _, label, _ in HEADLINE) + " | fit+eval s |",
         "|---" * (len(HEADLINE) + 2) + "|",
         "| (baseline) | " + " | ".join(_fmt(base[k]) for k, _, _ in HEADLINE) + " | |",
@@ -376,6 +390,8 @@ def results_json(run: Mapping[str, Any]) -> dict[str, Any]:
             item.update(headline=headline(row["after"], row.get("flips") or {}),
                         metrics=flatten_metrics(row["after"]), flips=row.get("flips"),
                         seconds=row.get("seconds"), provenance=_jsonable(dict(row["fitted"].provenance), {}, "p"))
+            if row.get("per_eval_fit_options"):
+                item["per_eval_fit_options"] = row["per_eval_fit_options"]
         rows.append(item)
     return {"model": str(run["model"]), "date": run["date"], "evals": run["evals"],
             "baseline": {"headline": headline(run["before"]), "metrics": flatten_metrics(run["before"])},

@@ -152,6 +152,8 @@ class VISTA(Method):
     """
 
     name = "vista"
+    # the official code uses lambda 0.17 for captions and 0.01 for POPE: CHAIR is evaluated under the caption fit
+    eval_fit_options = {"chair": {"task": "caption"}}
     summary = "VISTA: per-image (with - without image) steering of MLP outputs + late-layer logit mixing"
 
     def fit(self, model: Any, data: Any = None, *, task: str = "pope", lam: float | None = None,
