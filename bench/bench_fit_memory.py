@@ -48,21 +48,13 @@ ROWS = {
 }
 
 
-def _rss_mb() -> float:
-    """Current resident set size in MiB (Linux /proc; falls back to the peak)."""
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def child(row: str, n: int) -> dict[str, Any]:
     """One measurement in this (fresh) process."""
     import numpy as np
     import torch
 
     sys.path.insert(0, str(REPO))
+    from bench.bench_harvest_memory import _rss_mb
     from haltrace.probes.linear import fit_probes
     from haltrace.steering.truthprint import select_detector
     from haltrace.steering.vti import mean_plus_pc1

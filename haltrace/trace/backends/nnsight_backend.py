@@ -112,6 +112,19 @@ def _ndif_wrapper(model: Model) -> Any:
     return TransformersModel(name, revision=model.revision, task=task, **pre, **extra)
 
 
+def _trace_call(model: Any, wrapper: Any, call: dict, remote: Any) -> dict:
+    """The forward's keyword arguments for a trace: HF's default positions pinned for a pipeline wrapper (nnsight's
+    TransformersModel re-batches text inputs and would add mask-derived ones), and a warning for remote traces."""
+    if _is_pipeline_wrapper(wrapper) and "position_ids" not in call:
+        derived = default_position_ids(model, call)
+        if derived is not None:
+            call["position_ids"] = derived
+    if remote is True or (isinstance(remote, str) and remote != "local"):
+        warnings.warn("nnsight remote results are unpickled (torch.load(weights_only=False)); only trace on "
+                      "servers you trust", stacklevel=3)
+    return call
+
+
 def _is_pipeline_wrapper(wrapper: Any) -> bool:
     from nnsight.modeling.transformers import TransformersModel
 
@@ -173,15 +186,7 @@ def capture_nnsight(
     pos = resolve_positions(positions, inputs, model.image_token_mask)
     wrapper = wrapper_for(model, remote)
     plan = [(wrapper.get(path) if path else wrapper, what, names) for path, what, names in build_plan(model, points)]
-    call = {**inputs, **forward_kwargs}
-    if _is_pipeline_wrapper(wrapper) and "position_ids" not in call:
-        # TransformersModel re-batches text inputs and would add mask-derived positions; pin HF's default
-        derived = default_position_ids(model, call)
-        if derived is not None:
-            call["position_ids"] = derived
-    if remote is True or (isinstance(remote, str) and remote != "local"):
-        warnings.warn("nnsight remote results are unpickled (torch.load(weights_only=False)); only trace on "
-                      "servers you trust", stacklevel=2)
+    call = _trace_call(model, wrapper, {**inputs, **forward_kwargs}, remote)
     n_heads, head_dim = model.adapter.n_heads, model.adapter.head_dim
     trace_kw = {"remote": remote} if remote else {}
     with torch.no_grad(), warnings.catch_warnings():
@@ -246,14 +251,7 @@ def lens_logits_nnsight(model: Model, inputs: Mapping[str, Any], hooks: Sequence
     plan = [(wrapper.get(path) if path else wrapper, what, names) for path, what, names in build_plan(model, points)]
     norm = wrapper.get(paths[id(model.adapter.final_norm)])
     head = wrapper.get(paths[id(model.adapter.unembed)])
-    call = dict(inputs)
-    if _is_pipeline_wrapper(wrapper) and "position_ids" not in call:
-        derived = default_position_ids(model, call)
-        if derived is not None:
-            call["position_ids"] = derived
-    if remote is True or (isinstance(remote, str) and remote != "local"):
-        warnings.warn("nnsight remote results are unpickled (torch.load(weights_only=False)); only trace on "
-                      "servers you trust", stacklevel=2)
+    call = _trace_call(model, wrapper, dict(inputs), remote)
     trace_kw = {"remote": remote} if remote else {}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
