@@ -35,10 +35,8 @@ import torch
 
 from haltrace.conventions import HookPoint, hidden_states_index, hook_from_hidden_states_index, parse_hook
 from haltrace.errors import HaltraceError
+from haltrace.steering.interventions import RESIDUAL, placement_refusals  # noqa: F401  (gguf uses both)
 from haltrace.steering.vector import SteeringVector, VectorError
-
-#: hooks on the residual stream itself; everything else is inside a block
-RESIDUAL = ("resid_post", "resid_pre")
 # what a plain additive vector is, said once for every refusal message
 _PLAIN = ("only a plain residual add exports: one fixed vector added to the residual stream after a block, at "
           "every token, in the prompt and during generation (what a llama.cpp control vector does)")
@@ -50,53 +48,18 @@ class ExportError(HaltraceError):
 
 # ------------------------------------------------------------------------------------------- refusals
 def intervention_refusals(item: Any) -> list[str]:
-    """Why one engine intervention is not a plain residual add (empty list when it is).
+    """Why one engine intervention is not a plain residual add (empty list when it is). Each intervention type
+    answers for itself (:meth:`~haltrace.steering.interventions.Intervention.export_refusals`): only an exact
+    ``Add`` can be a control vector, so a new type is refused until it says otherwise.
 
     >>> from haltrace.steering import Add
     >>> intervention_refusals(Add("resid_post.2", torch.ones(4), positions="last"))
     ["Add at resid_post.2 applies only at positions='last'; llama.cpp adds a control vector at every token position (it has no position masks)"]
     """
-    from haltrace.steering.engine import Add, NormPreservingAdd, Project, ScaleHeads
-
-    hook, name = getattr(item, "hook", "?"), type(item).__name__
-    kind = str(hook).partition(".")[0]
-    if isinstance(item, NormPreservingAdd):
-        return [f"NormPreservingAdd at {hook} rescales every token back to its own norm after adding, so the "
-                "change depends on the activation; llama.cpp only adds a fixed vector"]
-    if isinstance(item, Project):
-        return [f"Project at {hook} removes each token's component along {tuple(item.directions.shape)[0]} "
-                "direction(s) (x - w·Px), which depends on the activation; llama.cpp only adds a fixed vector"]
-    if isinstance(item, ScaleHeads):
-        return [f"ScaleHeads at {hook} multiplies attention heads {list(item.heads)} by {item.factor} inside "
-                "attention; llama.cpp control vectors only add to the residual stream after a block, never to heads"]
-    if type(item) is not Add:  # subclasses (VTI's RotateTowards, ...) change what "add" means: never export them
-        return [f"{name} at {hook} is not a plain Add (a {name} computes its edit from the activation); llama.cpp "
-                "only adds a fixed vector"]
-    reasons = []
-    if item.head is not None:
-        reasons.append(f"Add at {hook} with head={item.head} edits one attention head's slice of the o_proj input; "
-                       "llama.cpp has no per-head hook")
-    elif kind not in RESIDUAL:
-        reasons.append(f"Add at {hook} edits the {kind} activation inside the block, not the residual stream; llama.cpp "
-                       "adds control vectors only to the residual stream at the end of a block (fit at resid_post)")
-    return reasons + placement_refusals(f"{name} at {hook}", item.positions, item.phase)
-
-
-def placement_refusals(label: str, positions: Any, phase: str) -> list[str]:
-    """Why an add on ``positions`` in ``phase`` is not what llama.cpp does (it adds at every token, while
-    reading the prompt and while generating alike); ``label`` names the edit in the messages.
-
-    >>> placement_refusals("phase", "all", "prompt")
-    ['phase applies only in the prompt phase; llama.cpp adds a control vector while reading the prompt and while generating alike']
-    """
-    reasons = []
-    if positions != "all":
-        reasons.append(f"{label} applies only at positions={positions!r}; llama.cpp adds a control vector at every "
-                       "token position (it has no position masks)")
-    if phase != "both":
-        reasons.append(f"{label} applies only in the {phase} phase; llama.cpp adds a control vector while reading "
-                       "the prompt and while generating alike")
-    return reasons
+    refusals = getattr(item, "export_refusals", None)
+    if refusals is None:
+        return [f"{type(item).__name__} is not an engine intervention; llama.cpp only adds a fixed vector"]
+    return list(refusals())
 
 
 def fitted_refusals(fitted: Any) -> list[str]:

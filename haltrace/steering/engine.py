@@ -1,12 +1,15 @@
-"""The intervention engine: add, project out, norm-preserving add, and head scaling, at any hook, on chosen
-positions, in the prompt phase, the generation phase or both, correct under the KV cache.
+"""The intervention engine: the one runtime every steering method installs through.
 
-Positions are *absolute* token indices of the running sequence. A pre-hook on the top-level model works out,
-for every forward, which absolute positions the current tokens occupy (``attention_mask`` length minus the
-number of new tokens, i.e. the KV-cache offset), so the same rule means the same tokens in a plain forward, in
-``generate()``'s prefill and in each decoding step. The first forward whose offset is 0 defines the prompt
-(its length, its last real token per row, its image tokens); later forwards with an offset belong to the
-generation phase.
+An intervention (see :mod:`haltrace.steering.interventions`) says what to do (add, project out, norm-preserving
+add, scale heads, a gated edit, a context-aware edit), where (a hook site), on which tokens (``positions``) and
+when (the prompt phase, the generation phase or both). :func:`steer` installs any mix of them and of fitted
+methods for a ``with`` block; the sequence bookkeeping (:mod:`haltrace.steering.context`) keeps positions correct
+under the KV cache, so the same rule means the same tokens in a plain forward, in ``generate()``'s prefill and in
+each decoding step.
+
+Sites: ``resid_pre.L`` / ``resid_post.L`` (block input / output), ``attn_out.L``, ``mlp_out.L``, ``head_out.L``
+(the o_proj input, viewed per head), ``logits`` (the model's output logits), ``vision_resid_post.K`` /
+``vision_mlp_out.K`` (vision-tower block K's output / MLP output).
 
 >>> import haltrace
 >>> from haltrace.steering import Add, steer
@@ -19,288 +22,34 @@ Hooks are removed when the block exits, also when it raises.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from haltrace.conventions import HookPoint, parse_hook
-from haltrace.models.adapters.base import forward_offset, last_real_token
+from haltrace.conventions import LOGITS_HOOK, HookPoint
+from haltrace.models.adapters.base import first_tensor
+from haltrace.steering.context import ForwardContext
+from haltrace.steering.interventions import (  # noqa: F401  (the engine's public names)
+    POSITION_RULES,
+    STEERABLE,
+    Add,
+    Gated,
+    Intervention,
+    LinearDetector,
+    NormPreservingAdd,
+    Phase,
+    PositionRule,
+    Project,
+    ScaleHeads,
+    from_state,
+    register_state_type,
+    to_state,
+)
 
-Phase = Literal["prompt", "generation", "both"]
-PositionRule = str | Sequence[int]  # "all" | "last" | "image" | "text" | absolute prompt indices
-STEERABLE = ("resid_pre", "resid_post", "attn_out", "mlp_out", "head_out")
-
-
-def _check_finite(name: str, value: torch.Tensor | float) -> None:
-    ok = math.isfinite(value) if isinstance(value, (int, float)) else bool(torch.isfinite(value).all())
-    if not ok:
-        raise ValueError(f"{name} contains NaN or inf; steering with it would corrupt every output")
-
-
-@dataclass
-class Intervention:
-    """Base: where (``hook``), on which tokens (``positions``) and when (``phase``)."""
-
-    hook: str
-    positions: PositionRule = field(default="all", kw_only=True)
-    phase: Phase = field(default="both", kw_only=True)
-
-    def __post_init__(self) -> None:
-        if self.phase not in ("prompt", "generation", "both"):
-            raise ValueError(f"phase must be 'prompt', 'generation' or 'both', got {self.phase!r}")
-        if isinstance(self.positions, str) and self.positions not in ("all", "last", "image", "text"):
-            raise ValueError(f"positions must be 'all', 'last', 'image', 'text' or a list of prompt indices, "
-                             f"got {self.positions!r}")
-
-    def point(self, model: Any) -> HookPoint:
-        point = parse_hook(self.hook, model.n_layers, vision=model.is_vlm)
-        if point.kind not in STEERABLE:
-            raise ValueError(f"cannot steer at {point.name!r}: steerable hooks are "
-                             f"{', '.join(k + '.<layer>' for k in STEERABLE)}")
-        return point
-
-    def width(self, model: Any, point: HookPoint) -> int:
-        return model.head_dim if point.kind == "head_out" else model.hidden_size
-
-    def validate(self, model: Any) -> HookPoint:
-        return self.point(model)
-
-    def edit(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-
-def _vector(value: Any) -> torch.Tensor:
-    return torch.as_tensor(value, dtype=torch.float32).detach().clone()
-
-
-@dataclass
-class Add(Intervention):
-    """``x <- x + alpha * vector`` (ActAdd / CAA / ITI-style)."""
-
-    vector: torch.Tensor = field(default=None)  # type: ignore[assignment]
-    alpha: float = 1.0
-    #: at ``head_out.L`` only: add a ``head_dim`` vector to this head's slice of the o_proj input;
-    #: without it the vector must span the whole o_proj input (``n_heads * head_dim``)
-    head: int | None = field(default=None, kw_only=True)
-    _head_slice: slice | None = field(default=None, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.vector is None:
-            raise ValueError("Add needs a vector")
-        self.vector = _vector(self.vector)
-        _check_finite("steering vector", self.vector)
-        _check_finite("alpha", float(self.alpha))
-
-    def validate(self, model: Any) -> HookPoint:
-        point = self.point(model)
-        if self.head is not None and point.kind != "head_out":
-            raise ValueError(f"head= only applies at head_out.<layer>, not {point.name!r}")
-        if point.kind == "head_out" and self.head is not None:
-            if not 0 <= self.head < model.n_heads:
-                raise ValueError(f"head {self.head} invalid: this model has heads 0..{model.n_heads - 1}")
-            expect, what = model.head_dim, "head"
-            self._head_slice = slice(self.head * model.head_dim, (self.head + 1) * model.head_dim)
-        elif point.kind == "head_out":
-            expect, what = model.n_heads * model.head_dim, "o_proj input (n_heads * head_dim)"
-        else:
-            expect, what = model.hidden_size, "hidden"
-        if self.vector.dim() != 1 or self.vector.shape[0] != expect:
-            raise ValueError(f"vector for {point.name} has shape {tuple(self.vector.shape)} but the model's "
-                             f"{what} size is {expect}: vector size {self.vector.shape[-1]} != model size {expect}")
-        return point
-
-    def _delta(self, x: torch.Tensor) -> torch.Tensor:
-        """``alpha * vector`` (placed in its head's slice with ``head=``) on x's device and dtype, cached:
-        during decoding, rebuilding it costs more than the add itself (bench_steer). The key holds alpha and
-        the vector's version counter, so in-place changes are picked up. A vector made under
-        ``torch.inference_mode()`` has no version counter: its delta is rebuilt on every call instead."""
-        if self.vector.is_inference():
-            return self._build_delta(x)
-        key = (x.device, x.dtype, x.shape[-1], float(self.alpha), id(self.vector), self.vector._version)
-        cache = self.__dict__.setdefault("_delta_cache", {})
-        delta = cache.get(key)
-        if delta is None:
-            delta = self._build_delta(x)
-            cache.clear()
-            cache[key] = delta
-        return delta
-
-    def _build_delta(self, x: torch.Tensor) -> torch.Tensor:
-        delta = (self.alpha * self.vector).to(device=x.device, dtype=x.dtype)
-        if self._head_slice is None:
-            return delta
-        full = torch.zeros(x.shape[-1], device=x.device, dtype=x.dtype)
-        full[self._head_slice] = delta
-        return full
-
-    def edit(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        delta = self._delta(x)
-        return x + delta if mask is None else torch.addcmul(x, mask.to(x.dtype), delta)
-
-
-@dataclass
-class NormPreservingAdd(Add):
-    """Add, then rescale each token back to its original norm (VTI/VISTA-style shift that keeps scale)."""
-
-    def edit(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        shifted = super().edit(x, mask)
-        scale = x.norm(dim=-1, keepdim=True) / shifted.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-        return shifted * scale
-
-
-@dataclass
-class Project(Intervention):
-    """``x <- x - weight * P x`` with ``P`` the projector onto span(``directions``) (ProjectAway, ablations).
-
-    ``directions`` is ``[d]`` or ``[k, d]``; it is orthonormalised once. ``weight=1`` removes the component.
-    """
-
-    directions: torch.Tensor = field(default=None)  # type: ignore[assignment]
-    weight: float = 1.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.directions is None:
-            raise ValueError("Project needs directions")
-        d = _vector(self.directions)
-        d = d.unsqueeze(0) if d.dim() == 1 else d
-        _check_finite("projection directions", d)
-        _check_finite("weight", float(self.weight))
-        if d.dim() != 2 or bool((d.norm(dim=-1) == 0).any()):
-            raise ValueError(f"directions must be [d] or [k, d] with non-zero rows, got shape {tuple(d.shape)}")
-        q, _ = torch.linalg.qr(d.T)  # orthonormal basis of the span, [d, k]
-        self.basis = q.T.contiguous()
-        self.directions = d
-
-    def validate(self, model: Any) -> HookPoint:
-        point = self.point(model)
-        expect = self.width(model, point)
-        if self.directions.shape[-1] != expect:
-            raise ValueError(f"directions for {point.name} have size {self.directions.shape[-1]} but the model's "
-                             f"hidden size is {expect}")
-        return point
-
-    def edit(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        basis = self.basis.to(device=x.device, dtype=x.dtype)
-        removed = (x @ basis.T) @ basis * self.weight
-        return x - removed if mask is None else x - mask.to(x.dtype) * removed
-
-
-@dataclass
-class ScaleHeads(Intervention):
-    """Multiply chosen heads' outputs (the input of o_proj) by ``factor`` (VHR-style head reinforcement).
-
-    ``hook`` must be ``head_out.<layer>``.
-    """
-
-    heads: Sequence[int] = ()
-    factor: float = 1.0
-    _n_heads: int = field(default=0, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_finite("factor", float(self.factor))
-        self.heads = [int(h) for h in self.heads]
-
-    def validate(self, model: Any) -> HookPoint:
-        point = self.point(model)
-        if point.kind != "head_out":
-            raise ValueError(f"ScaleHeads works on head_out.<layer>, got {point.name!r}")
-        bad = [h for h in self.heads if not 0 <= h < model.n_heads]
-        if bad or not self.heads:
-            raise ValueError(f"heads {bad or '[]'} invalid: this model has heads 0..{model.n_heads - 1}")
-        return point
-
-    def edit(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        # x is [B, T, n_heads * head_dim] here; work on a head view
-        batch, seq, width = x.shape
-        n_heads = self._n_heads
-        scale = torch.ones(n_heads, dtype=x.dtype, device=x.device)
-        scale[self.heads] = self.factor
-        scaled = (x.view(batch, seq, n_heads, width // n_heads) * scale[:, None]).view(batch, seq, width)
-        return scaled if mask is None else torch.where(mask.bool(), scaled, x)
-
-
-class _SequenceState:
-    """Which absolute positions the current forward covers, and the prompt's facts (set on its prefill)."""
-
-    def __init__(self, model: Any):
-        self.model = model
-        self.offset = 0
-        self.length = 0
-        self.prompt_length: int | None = None
-        self.last_prompt: torch.Tensor | None = None  # [B] absolute index of each row's last real prompt token
-        self.image: torch.Tensor | None = None  # [B, prompt_length] bool
-        self._masks: dict[tuple, torch.Tensor | None] = {}
-
-    def on_forward(self, _module: Any, args: tuple, kwargs: dict) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        embeds = kwargs.get("inputs_embeds")
-        current = ids if ids is not None else embeds
-        if current is None:
-            raise RuntimeError("steering needs input_ids or inputs_embeds in the forward call")
-        self.length = int(current.shape[1])
-        self.offset = forward_offset(kwargs, self.length)
-        mask = kwargs.get("attention_mask")
-        self._masks.clear()
-        if self.offset == 0:  # a new prompt (plain forward, or generate's prefill)
-            self.prompt_length = self.length
-            if mask is not None and mask.dim() == 2:
-                self.last_prompt = last_real_token(mask)
-            else:
-                self.last_prompt = torch.full((current.shape[0],), self.length - 1, dtype=torch.long)
-            self.image = self.model.image_token_mask(ids) if (ids is not None and self.model.is_vlm) else None
-
-    def mask(self, positions: PositionRule, phase: Phase, device: torch.device) -> torch.Tensor | None | bool:
-        """[B, T, 1] float mask for the current forward, None for "every token", False for "no token"."""
-        if phase == "both" and isinstance(positions, str) and positions == "all":
-            return None  # the common case: no tensor work, no lookups
-        key = (positions if isinstance(positions, str) else tuple(positions), phase)
-        if key in self._masks:
-            return self._masks[key]
-        prompt_len = self.prompt_length if self.prompt_length is not None else self.offset + self.length
-        # the current tokens sit at absolute positions offset .. offset+length-1: decide phase membership with
-        # ints, so the no-op and every-token cases launch no kernel and never sync
-        all_prompt = self.offset + self.length <= prompt_len
-        no_prompt = self.offset >= prompt_len
-        if (phase == "prompt" and no_prompt) or (phase == "generation" and all_prompt):
-            result: torch.Tensor | None | bool = False
-        elif positions == "all" and ((phase == "prompt" and all_prompt) or (phase == "generation" and no_prompt)):
-            result = None
-        else:
-            absolute = torch.arange(self.offset, self.offset + self.length, device=device)
-            result = self._build(positions, phase, absolute, absolute < prompt_len, prompt_len, device)
-        self._masks[key] = result
-        return result
-
-    def _build(self, positions, phase, absolute, in_prompt, prompt_len, device) -> torch.Tensor:
-        batch = self.last_prompt.shape[0] if self.last_prompt is not None else 1
-        phase_mask = {"prompt": in_prompt, "generation": ~in_prompt,
-                      "both": torch.ones_like(in_prompt)}[phase].expand(batch, -1)
-        if positions == "all":
-            sel = torch.ones_like(phase_mask)
-        elif positions == "last":
-            sel = absolute.unsqueeze(0) == self.last_prompt.to(device).unsqueeze(1)
-        elif positions in ("image", "text"):
-            if self.image is None:
-                raise ValueError(f"positions={positions!r} needs a vision-language model and input_ids")
-            img = torch.zeros(batch, self.length, dtype=torch.bool, device=device)
-            inside = absolute < prompt_len
-            if bool(inside.any()):
-                img[:, inside] = self.image.to(device)[:, absolute[inside]]
-            sel = img if positions == "image" else (in_prompt.expand(batch, -1) & ~img) | ~in_prompt
-        else:
-            idx = torch.tensor([p + prompt_len if p < 0 else p for p in positions], device=device)
-            if bool(((idx < 0) | (idx >= prompt_len)).any()):
-                raise ValueError(f"steering positions {list(positions)} out of range for a prompt of "
-                                 f"{prompt_len} tokens (valid 0..{prompt_len - 1} or negative from the end)")
-            sel = (absolute.unsqueeze(1) == idx.unsqueeze(0)).any(1).unsqueeze(0).expand(batch, -1)
-        return (sel & phase_mask).unsqueeze(-1)
+#: kept for callers of the old name
+_SequenceState = ForwardContext
 
 
 class SteeringHandle:
@@ -343,13 +92,21 @@ def _flatten(interventions: Sequence[Any]) -> list[Intervention]:
             out.extend(_flatten(item))
         else:
             raise TypeError(f"not an intervention: {type(item).__name__}; use Add, Project, NormPreservingAdd, "
-                            "ScaleHeads, or a list of them")
+                            "ScaleHeads, Gated, or a list of them")
     return out
 
 
-def _module_and_kind(model: Any, point: HookPoint) -> tuple[torch.nn.Module, str]:
+def site(model: Any, point: HookPoint) -> tuple[torch.nn.Module, str]:
+    """The module to hook for ``point`` and how: ``"pre"`` (edit its first input) or ``"post"`` (its output);
+    ``"logits"`` edits the top-level model's output logits."""
     adapter = model.adapter
     i = point.layer
+    if point.kind == LOGITS_HOOK:
+        return model.hf, "logits"
+    if point.kind == "vision_resid_post":
+        return adapter.vision_blocks[i], "post"
+    if point.kind == "vision_mlp_out":
+        return adapter.vision_mlp(i), "post"
     return {
         "resid_pre": (adapter.layers[i], "pre"),
         "resid_post": (adapter.layers[i], "post"),
@@ -359,10 +116,17 @@ def _module_and_kind(model: Any, point: HookPoint) -> tuple[torch.nn.Module, str
     }[point.kind]
 
 
+# kept for callers of the old name
+_module_and_kind = site
+
+
 def attach(model: Any, *interventions: Any) -> SteeringHandle:
     """Install interventions on ``model`` and return a handle; prefer the :func:`steer` context manager.
 
     Everything is validated before any hook is installed, so a bad intervention leaves the model untouched.
+    Install order: the model-level bookkeeping pre-hook (only when some edit needs positions, reads or a
+    per-prompt step), then the read hooks (so a detector sees its site's output before any edit there), then
+    the edits in the order given.
     """
     from haltrace.models.base import require_local_weights
 
@@ -371,19 +135,25 @@ def attach(model: Any, *interventions: Any) -> SteeringHandle:
     if not items:
         raise ValueError("no interventions given")
     points = [item.validate(model) for item in items]
+    reads: dict[str, HookPoint] = {}
     for item in items:
-        if isinstance(item, ScaleHeads):
-            item._n_heads = model.n_heads
-    state = _SequenceState(model)
+        for name in item.reads(model):
+            reads.setdefault(name, Intervention(name).point(model))
+    ctx = ForwardContext(model, [item for item in items if item.prepares])
     handles: list[Any] = []
     try:
-        # only position- or phase-restricted edits need to know where each forward sits in the sequence; an
-        # every-token edit skips the model-level pre-hook (one hooked call and its bookkeeping per decoding step)
-        if any(not _every_token(item) for item in items):
-            handles.append(model.hf.register_forward_pre_hook(state.on_forward, with_kwargs=True))
+        # only position-, phase- or context-dependent edits need to know where each forward sits in the
+        # sequence; an every-token edit skips the model-level pre-hook (one hooked call per decoding step)
+        if reads or ctx.preparers or any(not _every_token(item) for item in items):
+            handles.append(model.hf.register_forward_pre_hook(ctx.on_forward, with_kwargs=True))
+        if any(p.kind.startswith("vision_") for p in points):
+            handles.append(model.adapter.vision_tower.register_forward_pre_hook(ctx.on_vision, with_kwargs=True))
+        for name, point in reads.items():
+            module, kind = site(model, point)
+            handles.append(_install_read(module, kind, name, ctx))
         for item, point in zip(items, points, strict=True):
-            module, kind = _module_and_kind(model, point)
-            handles.append(_install(module, kind, item, state))
+            module, kind = site(model, point)
+            handles.append(_install(module, kind, item, ctx))
     except BaseException:
         for h in handles:
             h.remove()
@@ -392,20 +162,36 @@ def attach(model: Any, *interventions: Any) -> SteeringHandle:
 
 
 def _every_token(item: Intervention) -> bool:
-    return item.phase == "both" and isinstance(item.positions, str) and item.positions == "all"
+    return (item.phase == "both" and isinstance(item.positions, str) and item.positions == "all"
+            and type(item).edit_at is Intervention.edit_at)
 
 
-def _install(module: torch.nn.Module, kind: str, item: Intervention, state: _SequenceState) -> Any:
+def _install_read(module: torch.nn.Module, kind: str, name: str, ctx: ForwardContext) -> Any:
+    if kind == "pre":
+        def pre(_m: Any, args: tuple, kwargs: dict) -> None:
+            if not ctx.busy:
+                ctx.reads[name] = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values())))
+        return module.register_forward_pre_hook(pre, with_kwargs=True)
+
+    def post(_m: Any, _args: tuple, output: Any) -> None:
+        if not ctx.busy:
+            ctx.reads[name] = output.logits if kind == "logits" else first_tensor(output)
+    return module.register_forward_hook(post)
+
+
+def _install(module: torch.nn.Module, kind: str, item: Intervention, ctx: ForwardContext) -> Any:
     if type(item) is Add and _every_token(item):
         def apply(x: torch.Tensor) -> torch.Tensor:
             # the common steering vector (an Add on every token of every forward): no mask to look up
-            return x + item._delta(x)
+            return x if ctx.busy else x + item._delta(x)
     else:
         def apply(x: torch.Tensor) -> torch.Tensor:
-            mask = state.mask(item.positions, item.phase, x.device)
+            if ctx.busy:
+                return x
+            mask = ctx.mask(item.positions, item.phase, x.device)
             if mask is False:
                 return x
-            return item.edit(x, mask)
+            return item.edit_at(x, mask, ctx)
 
     if kind == "pre":
         def pre(_m: Any, args: tuple, kwargs: dict) -> Any:
@@ -414,6 +200,12 @@ def _install(module: torch.nn.Module, kind: str, item: Intervention, state: _Seq
             key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
             return args, {**kwargs, key: apply(kwargs[key])}
         return module.register_forward_pre_hook(pre, with_kwargs=True)
+
+    if kind == "logits":
+        def on_logits(_m: Any, _args: tuple, output: Any) -> Any:
+            output.logits = apply(output.logits)
+            return output
+        return module.register_forward_hook(on_logits)
 
     def post(_m: Any, _args: tuple, output: Any) -> Any:
         if isinstance(output, torch.Tensor):

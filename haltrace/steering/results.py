@@ -31,7 +31,7 @@ FORMAT_NAME = "haltrace.fitted_intervention"
 class FitFileError(HaltraceError):
     """A saved fit (``intervention.json`` / ``intervention.safetensors``) is corrupt, truncated or a pickle."""
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each intervention row carries its registered state
 
 # (flat key, label, rate?) -- the headline metrics of the results table, in column order
 HEADLINE: list[tuple[str, str, bool]] = [
@@ -40,13 +40,18 @@ HEADLINE: list[tuple[str, str, bool]] = [
     ("chair.chair_i", "CHAIR_i", True),
     ("chair.mean_length", "caption length", False),
     ("counterfactual.pixel_rate", "CF pixel rate", True),
-    ("counterfactual.prior_to_pixel", "CF flip prior->pixel", True),
+    ("counterfactual.most_prior_to_pixel", "CF flip prior->pixel, most-X prompt (PvP headline)", True),
+    ("counterfactual.prior_to_pixel", "CF flip prior->pixel, this-X prompt", True),
     ("counterfactual.pixel_to_prior", "CF flip pixel->prior", True),
+    ("counterfactual.most.other_rate", "CF broken answers, most-X", True),
+    ("counterfactual.other_rate", "CF broken answers, this-X", True),
     ("refusal.refusal_unknown", "refusal (unknown)", True),
     ("refusal.refusal_known", "refusal (known)", True),
 ]
 _SKIP = {"n", "tp", "fp", "tn", "fn", "mentions", "hallucinated", "n_known", "n_unknown_heldout",
          "n_prior", "n_pixel"}
+#: after-only flip rates (:func:`haltrace.evals.counterfactual.counterfactual_flips`), reported as counterfactual.KEY
+FLIP_KEYS = ("prior_to_pixel", "pixel_to_prior", "most_prior_to_pixel", "most_pixel_to_prior")
 
 
 # ------------------------------------------------------------------------------------------ flattening
@@ -87,7 +92,7 @@ def compare(before: Mapping[str, Any], after: Mapping[str, Any],
         change = a[key] - b[key]
         rows.append({"metric": key, "before": b[key], "after": a[key], "change": change,
                      "relative": change / b[key] if b[key] else None})
-    for key in ("prior_to_pixel", "pixel_to_prior"):
+    for key in FLIP_KEYS:
         if flips and flips.get(key) is not None:
             rows.append({"metric": f"counterfactual.{key}", "before": 0.0, "after": float(flips[key]),
                          "change": float(flips[key]), "relative": None})
@@ -115,20 +120,13 @@ def _jsonable(value: Any, tensors: dict[str, torch.Tensor], key: str) -> Any:
 
 
 def _describe(item: Any, i: int, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-    from haltrace.steering.engine import Add, Project, ScaleHeads
+    """One manifest row: the type, site and placement for readers, and the registered state that rebuilds it
+    (its tensors go into the safetensors file)."""
+    from haltrace.steering.interventions import to_state
 
     positions = item.positions if isinstance(item.positions, str) else [int(p) for p in item.positions]
-    row: dict[str, Any] = {"type": type(item).__name__, "hook": item.hook, "positions": positions,
-                           "phase": item.phase}
-    if isinstance(item, Add):
-        tensors[f"interventions.{i}.vector"] = item.vector.float().contiguous()
-        row.update(alpha=float(item.alpha), vector=f"interventions.{i}.vector")
-    elif isinstance(item, Project):
-        tensors[f"interventions.{i}.directions"] = item.directions.float().contiguous()
-        row.update(weight=float(item.weight), directions=f"interventions.{i}.directions")
-    elif isinstance(item, ScaleHeads):
-        row.update(heads=list(item.heads), factor=float(item.factor))
-    return row
+    return {"type": type(item).__name__, "hook": item.hook, "positions": positions, "phase": item.phase,
+            "state": _jsonable(to_state(item), tensors, f"interventions.{i}")}
 
 
 def save_fitted(fitted: Any, out: str | Path, *, extra: Mapping[str, Any] | None = None) -> dict[str, Path]:
@@ -228,19 +226,30 @@ def load_fitted(folder: str | Path) -> Any:
                            f"entry {err}); write the folder again with `haltrace steer --out DIR`") from None
 
 
-def _rebuild(manifest: dict, tensors: dict, json_path: Path) -> Any:
-    from haltrace.steering.engine import Add, NormPreservingAdd, Project, ScaleHeads
-    from haltrace.steering.registry import FittedIntervention, get_method
-    from haltrace.steering.vti import RotateTowards
+def _registered_add(name: str) -> Any:
+    """A registered ``Add`` subclass by name (format 1 stored them like an Add: vector and alpha)."""
+    from haltrace.steering.interventions import _STATE_TYPES, Add
 
+    cls = _STATE_TYPES.get(name)
+    return cls if isinstance(cls, type) and issubclass(cls, Add) else None
+
+
+def _rebuild(manifest: dict, tensors: dict, json_path: Path) -> Any:
+    from haltrace.steering.interventions import Add, NormPreservingAdd, Project, ScaleHeads, from_state
+    from haltrace.steering.registry import FittedIntervention, get_method, list_methods
+
+    list_methods()  # methods register their own intervention types: import them before rebuilding
     method = str(manifest.get("method"))
     needs_hooks = bool(manifest.get("custom_hooks") or manifest.get("generate_kwargs"))
-    # a fixed table of engine types: the file names a type, it never chooses what gets imported
-    kinds = {"Add": Add, "NormPreservingAdd": NormPreservingAdd, "Project": Project, "ScaleHeads": ScaleHeads,
-             "RotateTowards": RotateTowards}
+    # format 1 files (no "state" per row): a fixed table of the plain types; the file names a type, it never
+    # chooses what gets imported
+    kinds = {"Add": Add, "NormPreservingAdd": NormPreservingAdd, "Project": Project, "ScaleHeads": ScaleHeads}
     items = []
     for row in manifest["interventions"]:
-        cls = kinds.get(row["type"])
+        if "state" in row:
+            items.append(from_state(_resolve(row["state"], tensors, json_path)))
+            continue
+        cls = kinds.get(row["type"]) or _registered_add(row["type"])
         if cls is None:
             raise ValueError(f"unknown intervention type {row['type']!r} in {json_path}")
         common = {"positions": row["positions"], "phase": row["phase"]}
@@ -263,7 +272,7 @@ def _rebuild(manifest: dict, tensors: dict, json_path: Path) -> Any:
 def evaluate_method(model: Any, name: str, evals: Sequence[str], before: Mapping[str, Any], *,
                     fit_kwargs: Mapping[str, Any] | None = None, world: Any = None) -> dict[str, Any]:
     """Fit method ``name`` and evaluate under it; failures are captured as ``{"error": ...}``, not raised."""
-    from haltrace.evals.counterfactual import flip_rates
+    from haltrace.evals.counterfactual import counterfactual_flips
     from haltrace.evals.suite import evaluate
     from haltrace.steering.registry import get_method
 
@@ -294,7 +303,7 @@ def evaluate_method(model: Any, name: str, evals: Sequence[str], before: Mapping
     row["after"] = after
     row["seconds"] = time.perf_counter() - started
     if "counterfactual" in after and "labels" in before.get("counterfactual", {}):
-        row["flips"] = flip_rates(before["counterfactual"]["labels"], after["counterfactual"]["labels"])
+        row["flips"] = counterfactual_flips(before["counterfactual"], after["counterfactual"])
     return row
 
 
@@ -321,7 +330,7 @@ def run_methods(model: Any, evals: Sequence[str], methods: Sequence[str] | None 
 def headline(report: Mapping[str, Any], flips: Mapping[str, Any] | None = None) -> dict[str, float | None]:
     """The :data:`HEADLINE` metrics of one report (None where not measured)."""
     flat = flatten_metrics(report)
-    for key in ("prior_to_pixel", "pixel_to_prior"):
+    for key in FLIP_KEYS:
         if flips is not None:
             flat[f"counterfactual.{key}"] = flips.get(key)  # type: ignore[assignment]
     return {key: flat.get(key) for key, _, _ in HEADLINE}

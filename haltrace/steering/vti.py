@@ -49,7 +49,7 @@ from torch import nn
 from haltrace.data.images import open_image
 from haltrace.data.items import CaptionPair, YesNoQuestion, of_kind
 from haltrace.data.sources import default_fit_data
-from haltrace.steering.engine import Add
+from haltrace.steering.engine import Add, register_state_type
 from haltrace.steering.fitdata import (
     item_prompts,
     items_fingerprint,
@@ -89,6 +89,7 @@ def rotate_towards(x: torch.Tensor, direction: torch.Tensor, step: float | torch
     return y / y.norm(dim=-1, keepdim=True).clamp_min(1e-6) * norm
 
 
+@register_state_type
 @dataclass
 class RotateTowards(Add):
     """Engine intervention: norm-preserving rotation of each token towards ``vector`` by ``alpha`` in

@@ -174,6 +174,34 @@ class Adapter:
     def is_vlm(self) -> bool:
         return self.vision_tower is not None
 
+    @property
+    def vision_blocks(self) -> nn.ModuleList:
+        """The vision encoder's blocks: the longest ``ModuleList`` inside the vision tower (CLIP's
+        ``encoder.layers``, SigLIP's, Qwen2-VL's ``blocks``), as VTI's official code finds them."""
+        if self.vision_tower is None:
+            raise ValueError(f"{self.family} has no vision tower")
+        lists = [m for m in self.vision_tower.modules() if isinstance(m, nn.ModuleList)]
+        if not lists:
+            raise ValueError(f"no block list found in the vision tower {type(self.vision_tower).__name__}")
+        return max(lists, key=len)
+
+    def vision_mlp(self, k: int) -> nn.Module:
+        """The MLP of vision block ``k`` (``mlp``, ``ffn`` or ``feed_forward`` by family)."""
+        block = self.vision_blocks[k]
+        for name in ("mlp", "ffn", "feed_forward"):
+            if hasattr(block, name):
+                return getattr(block, name)
+        raise ValueError(f"no MLP found in vision block {type(block).__name__}")
+
+    @property
+    def vision_hidden_size(self) -> int:
+        """Width of the vision tower's token states."""
+        vc = getattr(self.config, "vision_config", None)
+        for key in ("hidden_size", "embed_dim"):
+            if vc is not None and getattr(vc, key, None):
+                return int(getattr(vc, key))
+        raise ValueError(f"{self.family}: no vision hidden size in the config")
+
     def patch_grid(self, inputs: Any, n_image_tokens: int, row: int = 0, image_size: tuple[int, int] | None = None,
                    processor: Any = None) -> Any:
         """Where the ``n_image_tokens`` image tokens of row ``row`` sit on the image: a
