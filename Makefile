@@ -17,9 +17,9 @@ $(BIN)/python:
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install torch==2.13.0
 
-# the gguf extra: make demo exports a llama.cpp control vector
+# every extra (nnsight, tl, sae, gguf): make demo exports a llama.cpp control vector
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/pip install -e ".[gguf]"
+	$(BIN)/pip install -e ".[all]"
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
@@ -37,6 +37,7 @@ demo: install
 	PIP_NO_INDEX=1 $(BIN)/haltrace demo --out $(DEMO_OUT)
 
 test: install-dev
+	$(BIN)/lint-imports --no-cache --no-logo  # the layer contracts in pyproject.toml ([tool.importlinter])
 	PIP_NO_INDEX=1 $(BIN)/python -m pytest -q
 
 lint: install-dev

@@ -103,7 +103,7 @@ def child(mode: str, n: int, layers: int, hidden: int) -> dict[str, Any]:
     import torch
 
     sys.path.insert(0, str(REPO))
-    from haltrace.trace.store import harvest
+    from haltrace.trace.harvest import harvest
 
     torch.set_num_threads(2)
     model = BenchLlama(layers, hidden)

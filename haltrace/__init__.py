@@ -16,11 +16,12 @@ from typing import Any
 
 from haltrace._version import __version__
 
-# public name -> module that defines it (resolved on first access)
+# public name -> module that defines it (resolved on first access); a name whose module is haltrace.<name>
+# itself (conventions, explain) is that module
 _LAZY = {
     "load": "haltrace.models",
     "Model": "haltrace.models",
-    "harvest": "haltrace.trace.store",
+    "harvest": "haltrace.trace.harvest",
     "ActivationStore": "haltrace.trace.store",
     "conventions": "haltrace.conventions",
     "explain": "haltrace.explain",
@@ -44,5 +45,5 @@ __all__ = ["__version__", *_LAZY]
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         module = importlib.import_module(_LAZY[name])
-        return module if module.__name__.endswith(name) else getattr(module, name)
+        return module if module.__name__ == f"{__name__}.{name}" else getattr(module, name)
     raise AttributeError(f"module 'haltrace' has no attribute {name!r}")

@@ -24,6 +24,7 @@ import typer.exceptions as _typer_exceptions
 from typer.core import TyperGroup
 
 from haltrace._version import __version__
+from haltrace.cli_common import fail
 from haltrace.errors import DEBUG_ENV, DEBUG_HINT, describe
 
 # exits, aborts and click's usage errors already print their own short message
@@ -38,12 +39,6 @@ def _debug_requested(ctx: Any) -> bool:
 
 def _short_warning(message: Any, category: type[Warning], filename: str, lineno: int, line: Any = None) -> str:
     return f"Warning: {message}\n"
-
-
-def fail(message: str, code: int = 2) -> None:
-    """Print ``Error: message`` on stderr and exit with ``code`` (2 = usage or input error)."""
-    typer.echo(f"Error: {message}", err=True)
-    raise typer.Exit(code)
 
 
 class HaltraceGroup(TyperGroup):
@@ -67,6 +62,14 @@ class HaltraceGroup(TyperGroup):
                  "it if the input looks right)", 1)
         finally:
             warnings.formatwarning = previous
+
+    def get_help_option(self, ctx: Any) -> Any:
+        # The group's own --help flag defaults to None, which typer coerces through pydantic (imported for it:
+        # about half the start-up time of `haltrace probe --help`); False is the same "not asked" without that.
+        option = super().get_help_option(ctx)
+        if option is not None and option.default is None:
+            option.default = False
+        return option
 
 
 app = typer.Typer(
@@ -112,13 +115,11 @@ _COMMAND_MODULES: list[tuple[str, str, str | None]] = [
     ("haltrace.explain.cli", "app", None),
 ]
 
+# Every command module imports only typer, rich, the standard library and light haltrace modules at module level
+# (torch, transformers and the optional packages load inside the commands), so `haltrace --help` stays fast;
+# tests/unit/test_cli_imports.py checks it. A module that fails to import is a bug and fails loudly.
 for _module_name, _attr, _group in _COMMAND_MODULES:
-    try:
-        _module = importlib.import_module(_module_name)
-    except ModuleNotFoundError as exc:  # a command group not written yet must not break the others
-        if exc.name != _module_name:
-            raise
-        continue
+    _module = importlib.import_module(_module_name)
     _sub = getattr(_module, _attr)
     _sub.rich_markup_mode = None  # rich markup would eat "[objects]" and "[split=]" in help texts
     if _group is None:

@@ -29,8 +29,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
+# torch is imported inside the functions: `haltrace demo --help` reads the defaults below without loading it
 DEFAULT_METHODS: tuple[str, ...] = ("pvp", "truthprint", "vti", "erasure")
 EVALS: tuple[str, ...] = ("pope", "chair", "counterfactual", "refusal")
 PROBE_TASKS: tuple[str, ...] = ("entity-last", "hallucination")
@@ -46,14 +45,17 @@ def run_demo(out: str | Path, *, model: str = "shapes-llava", methods: Sequence[
     if "entity-last" not in probe_tasks:
         raise ValueError(f"probe_tasks {list(probe_tasks)} must include 'entity-last': the export stage ships its "
                          "direction")
-    import haltrace
-    from haltrace.organism.paths import resolve_organism
-    from haltrace.organism.train import load_world
+    import torch
 
+    import haltrace
+    from haltrace.organism.paths import organism_folder, organism_world
+
+    folder, world = organism_folder(model), organism_world(model)
+    if world is None:  # the demo needs an organism: its held-out sets are the evaluation data
+        raise FileNotFoundError(f"{model} is not a ShapesWorld organism folder (no world.json); the demo runs on "
+                                "the organism (--model shapes-llava or a folder from `haltrace organism train`)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    folder = resolve_organism(model) or Path(model)
-    world = load_world(folder)  # the demo needs an organism: its held-out sets are the evaluation data
     notify = on_stage or (lambda _name: None)
     started = time.perf_counter()
     m = haltrace.load(str(folder))
@@ -97,6 +99,7 @@ def _phenomena(m: Any, world: Any, show: bool) -> dict[str, Any]:
 
 
 def _trace(m: Any, eager: Any, world: Any, n: int, figures: dict[str, Any]) -> dict[str, Any]:
+    import torch
     from PIL import Image
 
     from haltrace.organism.phenomena import OrganismRunner
@@ -136,7 +139,7 @@ def _trace(m: Any, eager: Any, world: Any, n: int, figures: dict[str, Any]) -> d
 def _probe(m: Any, out: Path, probe_tasks: Sequence[str], figures: dict[str, Any]) -> dict[str, Any]:
     from haltrace.probes.artifacts import run_probe
     from haltrace.probes.datasets import build_task
-    from haltrace.viz.probe_report import _figure as probe_figure
+    from haltrace.probes.report import _figure as probe_figure
 
     results = {}
     for task in probe_tasks:
@@ -151,7 +154,8 @@ def _probe(m: Any, out: Path, probe_tasks: Sequence[str], figures: dict[str, Any
 
 
 def _steer(m: Any, out: Path, methods: Sequence[str], figures: dict[str, Any]) -> dict[str, Any]:
-    from haltrace.steering.results import headline, results_json, run_methods, save_fitted, write_results
+    from haltrace.evals.results_table import headline, results_json, run_methods, write_results
+    from haltrace.steering.results import save_fitted
 
     run = run_methods(m, EVALS, list(methods))
     write_results(out / "steering.md", run, command="haltrace demo")
@@ -296,7 +300,7 @@ def _lines(series: dict[str, list[float]], title: str, y_title: str) -> Any:
 def _steer_figure(base: dict[str, float | None], rows: list[dict[str, Any]]) -> Any:
     import plotly.graph_objects as go
 
-    from haltrace.steering.results import headline
+    from haltrace.evals.results_table import headline
 
     keys = [("pope.adversarial.false_yes_rate", "POPE adv false-yes"), ("pope.adversarial.recall", "POPE adv recall"),
             ("chair.chair_i", "CHAIR_i"), ("counterfactual.pixel_rate", "CF pixel rate")]
@@ -313,6 +317,8 @@ def _steer_figure(base: dict[str, float | None], rows: list[dict[str, Any]]) -> 
 
 def jsonable(value: Any) -> Any:
     """JSON-ready copy: tuples and tensors become lists, NaN becomes null."""
+    import torch
+
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -23,16 +23,13 @@ from typing import Any
 
 import typer
 
+from haltrace.cli_common import console as _console
+from haltrace.cli_common import load_model
+
 app = typer.Typer(help="Evaluate a model on POPE / CHAIR files, or score answer files.", no_args_is_help=True)
 
 DEFAULT_OUT = Path("out/eval")
 ORGANISM_EVALS = "pope,chair,counterfactual,refusal"
-
-
-def _console(quiet: bool):
-    from rich.console import Console
-
-    return Console(stderr=True, quiet=quiet)  # progress on stderr: --json keeps stdout one object
 
 
 @contextmanager
@@ -54,14 +51,42 @@ def _split_list(values: list[str]) -> list[str]:
     return [v.strip() for value in values for v in value.split(",") if v.strip()]
 
 
-def load_model(name: str, console: Any) -> Any:
-    import haltrace
+def parse_evals(text: str) -> list[str]:
+    """``--eval`` names of the organism's built-in sets, checked (``haltrace eval`` and ``haltrace steer``)."""
+    from haltrace.evals.suite import EVALS
 
-    with console.status(f"loading {name} ..."):
+    names = [e.strip() for e in text.split(",") if e.strip()]
+    bad = [e for e in names if e not in EVALS]
+    if bad or not names:
+        raise typer.BadParameter(f"unknown evaluation(s) {bad or '(none given)'}; choose from "
+                                 f"{', '.join(EVALS)}, or benchmark files pope=FILE / chair=IMAGE_DIR "
+                                 "(comma-separated)", param_hint="--eval")
+    return names
+
+
+def evaluate_builtin(model: Any, evals: list[str], console, label: str, fitted: Any = None) -> dict:
+    """The organism's built-in sets on a loaded model (answers kept for flip rates); a bad model is a --model error."""
+    from haltrace.evals.suite import evaluate
+
+    with console.status(f"evaluating {label} on {', '.join(evals)} ..."):
         try:
-            return haltrace.load(name)
-        except (FileNotFoundError, OSError, ValueError) as exc:
-            raise typer.BadParameter(f"cannot load {name!r}: {exc}", param_hint="--model") from None
+            return evaluate(model, evals, fitted=fitted, keep_answers=True)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--model") from None
+
+
+def strip_answers(report: dict) -> dict:
+    """The report without per-item answers (kept in memory for flip rates, too long to print)."""
+    out = json.loads(json.dumps(report, default=str))
+    for report in (out.get("counterfactual", {}), out.get("counterfactual", {}).get("most", {})):
+        for key in ("answers", "labels", "pixel"):
+            report.pop(key, None)
+    return out
+
+
+def evaluate_organism(model: str, evals: str, console: Any) -> dict:
+    """The organism's built-in held-out sets (``haltrace eval --model ORGANISM``), answers stripped."""
+    return strip_answers(evaluate_builtin(load_model(model, console), parse_evals(evals), console, model))
 
 
 def settings_from(max_new_tokens: int, num_beams: int, batch_size: int, template: str | None) -> Any:
@@ -193,8 +218,6 @@ def eval_cmd(
                                                                   default=str) + "\n")
                 (out / "report.json").chmod(0o644)
         elif not report:
-            from haltrace.steering.cli import evaluate_organism
-
             name = model or "shapes-llava"
             report.update(evaluate_organism(name, evals, console))
     except (ValueError, OSError) as exc:

@@ -22,15 +22,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from haltrace.explain.core import (
-    _mark_changes,
-    _resolve_detector,
-    _resolve_probe,
-    _resolve_steering,
-    chair_table_for,
-    explain_answer,
-)
-
 __all__ = ["Explanation", "explain", "load_image"]
 
 
@@ -177,6 +168,14 @@ def explain(model: Any, image: Any = None, prompt: str = "describe the image", *
     ``layer``: the layer the page opens on.
     """
     import haltrace
+    from haltrace.explain.core import (  # torch: imported on use, so `haltrace explain --help` stays fast
+        _mark_changes,
+        _resolve_detector,
+        _resolve_probe,
+        _resolve_steering,
+        chair_table_for,
+        explain_answer,
+    )
     from haltrace.models.grids import no_grid
 
     began = time.perf_counter()

@@ -146,20 +146,13 @@ def _words(text: str) -> list[tuple[str, int, int]]:
 
 
 def _organism_vocabulary(model: Model) -> list[str] | None:
-    folder = Path(str(getattr(model, "name_or_path", "")))
-    if not (folder / "world.json").is_file():
-        from haltrace.organism.paths import resolve_organism
+    from haltrace.organism.paths import organism_world
 
-        found = resolve_organism(str(getattr(model, "name_or_path", "")))
-        folder = found if found is not None else folder
-    if not (folder / "world.json").is_file():
-        return None
     try:
-        from haltrace.organism.train import load_world
-
-        return list(load_world(folder).config.kinds)
-    except Exception:  # not an organism after all
+        world = organism_world(model)
+    except Exception:  # not an organism after all (a missing shipped folder, an unreadable world.json)
         return None
+    return None if world is None else list(world.config.kinds)
 
 
 def chair_table_for(model: Model, table: Any = None, rules: str | None = None,
@@ -233,7 +226,13 @@ def _resolve_detector(detector: Any) -> Any:
         from haltrace.steering.results import load_fitted
 
         detector = load_fitted(detector)
-    gate = getattr(detector, "hooks", detector)
+    # a fitted TruthPrInt holds its detector inside an engine Gated edit (fitted.interventions); a Gated holds it
+    # as .detector; a LinearDetector (or an old-style gate object) is the detector itself
+    for item in getattr(detector, "interventions", None) or []:
+        if hasattr(getattr(item, "detector", None), "probability"):
+            detector = item
+            break
+    gate = getattr(detector, "detector", None) or getattr(detector, "hooks", None) or detector
     if not hasattr(gate, "probability") or not hasattr(gate, "layers"):
         raise ValueError("--detector needs a fitted TruthPrInt folder (`haltrace steer --method truthprint --out "
                          f"DIR`) or a TruthfulGate; got {type(detector).__name__}")

@@ -1,11 +1,15 @@
 """Export steering vectors: haltrace's safetensors + JSON format (the source of truth) and llama.cpp GGUF
 control vectors. The optional ``gguf`` package (``pip install 'haltrace[gguf]'``) is imported only for GGUF.
 
+>>> import torch
 >>> from haltrace.export import export, read_gguf
->>> result = export("vectors/entity.safetensors", "entity.gguf", format="gguf")   # doctest: +SKIP
->>> result.layers                                                                # doctest: +SKIP
+>>> from haltrace.steering.vector import SteeringVector
+>>> _ = SteeringVector.from_mass_mean(torch.ones(4, 128), torch.zeros(4, 128), layers=[2],
+...                                   hidden_size=128).save("vectors/entity")
+>>> result = export("vectors/entity.safetensors", "entity.gguf", format="gguf")
+>>> result.layers
 {'resid_post.2': 'direction.2'}
->>> read_gguf("entity.gguf").directions[2].shape                                 # doctest: +SKIP
+>>> read_gguf("entity.gguf").directions[2].shape
 torch.Size([128])
 
 CLI: ``haltrace export VECTOR --format gguf|safetensors --out FILE [--model-hint TEXT] [--json]``.
@@ -23,10 +27,10 @@ _LAZY = {
     "ExportResult": "haltrace.export.formats",
     "FORMATS": "haltrace.export.formats",
     "export_gguf": "haltrace.export.gguf",
-    "read_gguf": "haltrace.export.gguf",
-    "ControlVector": "haltrace.export.gguf",
+    "read_gguf": "haltrace.export.gguf_read",
+    "ControlVector": "haltrace.export.gguf_read",
     "gguf_layer_map": "haltrace.export.gguf",
-    "ExportError": "haltrace.export.convert",
+    "ExportError": "haltrace.export.base",
     "vector_from_fitted": "haltrace.export.convert",
     "load_vector": "haltrace.export.convert",
 }

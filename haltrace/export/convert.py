@@ -15,10 +15,16 @@ and ``alpha`` is 1, so the effect is unchanged either way.
 
 Example
 -------
+>>> import torch
 >>> from haltrace.export.convert import load_vector
->>> load_vector("runs/dummy")    # a `haltrace steer --out` folder with one Add at resid_post.1  # doctest: +SKIP
-SteeringVector(dummy, resid_post layers=[1], [128], alpha=16.0, phase='both', model='shapes-llava')
->>> load_vector("runs/caa")      # CAA steers the last prompt token, then every generated one  # doctest: +SKIP
+>>> from haltrace.steering import Add
+>>> from haltrace.steering.registry import FittedIntervention
+>>> from haltrace.steering.results import save_fitted
+>>> _ = save_fitted(FittedIntervention("dummy", [Add("resid_post.1", torch.ones(128), alpha=16.0)]), "runs/dummy")
+>>> load_vector("runs/dummy")    # a `haltrace steer --out` folder with one Add at resid_post.1
+SteeringVector(dummy, resid_post layers=[1], [128], alpha=16.0, phase='both', model=...)
+>>> _ = save_fitted(FittedIntervention("caa", [Add("resid_post.1", torch.ones(128), positions="last")]), "runs/caa")
+>>> load_vector("runs/caa")      # CAA steers the last prompt token, then every generated one
 Traceback (most recent call last):
 ExportError: cannot convert caa into a plain additive vector: Add at resid_post.1 applies only at positions='last'; ...
 """
@@ -34,16 +40,15 @@ from typing import Any
 import torch
 
 from haltrace.conventions import HookPoint, hidden_states_index, hook_from_hidden_states_index, parse_hook
-from haltrace.errors import HaltraceError
+from haltrace.export.base import ExportError
 from haltrace.steering.interventions import RESIDUAL, placement_refusals  # noqa: F401  (gguf uses both)
 from haltrace.steering.vector import SteeringVector, VectorError
+
 # what a plain additive vector is, said once for every refusal message
 _PLAIN = ("only a plain residual add exports: one fixed vector added to the residual stream after a block, at "
           "every token, in the prompt and during generation (what a llama.cpp control vector does)")
 
 
-class ExportError(HaltraceError):
-    """A steering artifact cannot be converted or exported; the message says why."""
 
 
 # ------------------------------------------------------------------------------------------- refusals
@@ -174,13 +179,13 @@ def model_facts(name: str) -> dict[str, Any]:
     """``n_layers``, ``hidden_size`` and ``model_revision`` of a model name or folder from its config alone
     (local files only, no weights); ``{}`` when the config cannot be found.
 
-    >>> model_facts("shapes-llava")["n_layers"]   # doctest: +SKIP
+    >>> model_facts("shapes-llava")["n_layers"]   # the shipped organism's config.json
     4
     """
     if not name:
         return {}
     try:
-        from haltrace.organism.paths import resolve_organism
+        from haltrace.models.shipped import resolve_organism
 
         folder = resolve_organism(name)
     except (FileNotFoundError, ImportError):
@@ -205,7 +210,12 @@ def vector_from_steer_folder(folder: str | Path, *, n_layers: int | None = None)
     The model name recorded in ``intervention.json`` gives ``n_layers``, hidden size and revision when its
     config is available locally; ``n_layers`` overrides it.
 
-    >>> vec = vector_from_steer_folder("runs/dummy")   # doctest: +SKIP
+    >>> from haltrace.steering import Add
+    >>> from haltrace.steering.registry import FittedIntervention
+    >>> from haltrace.steering.results import save_fitted
+    >>> _ = save_fitted(FittedIntervention("dummy", [Add("resid_post.1", torch.ones(8))]), "runs/dummy")
+    >>> vector_from_steer_folder("runs/dummy").layers
+    [1]
     """
     from haltrace.steering.results import load_fitted
 
@@ -253,7 +263,10 @@ def load_vector(path: str | Path, *, n_layers: int | None = None) -> SteeringVec
     ``intervention.*`` file), or a ``.gguf`` control vector. ``n_layers`` fills in (or is checked against) the
     model's layer count.
 
-    >>> vec = load_vector("vectors/entity.safetensors")   # doctest: +SKIP
+    >>> from haltrace.steering.vector import SteeringVector
+    >>> _ = SteeringVector(torch.ones(8), layers=[2], hidden_size=8).save("vectors/entity")
+    >>> load_vector("vectors/entity.safetensors").layers
+    [2]
     """
     p = Path(path)
     if p.is_dir():
@@ -264,7 +277,7 @@ def load_vector(path: str | Path, *, n_layers: int | None = None) -> SteeringVec
     if p.name in ("intervention.json", "intervention.safetensors"):
         return vector_from_steer_folder(p.parent, n_layers=n_layers)
     if p.suffix == ".gguf":
-        from haltrace.export.gguf import read_gguf
+        from haltrace.export.gguf_read import read_gguf
 
         vec = read_gguf(p).to_steering_vector()
     else:

@@ -4,48 +4,37 @@ haltrace's own safetensors + JSON format (:func:`export_haltrace`, the source of
 
 Example
 -------
+>>> import torch
 >>> from haltrace.export import export
->>> export("runs/dummy", "dummy.gguf", format="gguf", model_hint="llava")      # doctest: +SKIP
+>>> from haltrace.steering.vector import SteeringVector
+>>> vec = SteeringVector.from_mass_mean(torch.ones(4, 32), torch.zeros(4, 32), layers=[1], hidden_size=32)
+>>> export(vec, "dummy.gguf", format="gguf", model_hint="llava")
 ExportResult(format='gguf', path=PosixPath('dummy.gguf'), ..., layers={'resid_post.1': 'direction.1'}, ...)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from haltrace.export.convert import ExportError, as_vector
+from haltrace.export.base import ExportError, ExportResult
 
-
-@dataclass
-class ExportResult:
-    """What an export wrote: ``layers`` maps each haltrace hook to the tensor that holds it in the file."""
-
-    format: str
-    path: Path
-    files: list[Path]
-    layers: dict[str, str]
-    hidden_size: int
-    n_layers: int | None
-    alpha: float
-    method: str
-    model: str
-    model_hint: str | None = None
-    notes: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict (paths as strings)."""
-        out = dict(self.__dict__)
-        out.update(path=str(self.path), files=[str(f) for f in self.files])
-        return out
+# haltrace.export.convert (torch) is imported inside the functions: the command line reads FORMATS and
+# ExportResult from here without loading torch
 
 
 def export_haltrace(vector: Any, path: str | Path, *, n_layers: int | None = None) -> ExportResult:
     """Write ``vector`` in haltrace's own format (``path.safetensors`` + ``path.json``), the source of truth.
 
-    >>> export_haltrace("runs/dummy", "vectors/dummy")   # doctest: +SKIP
+    >>> import torch
+    >>> from haltrace.steering.vector import SteeringVector
+    >>> vec = SteeringVector.from_mass_mean(torch.ones(4, 32), torch.zeros(4, 32), layers=[1], hidden_size=32)
+    >>> export_haltrace(vec, "vectors/dummy").files
+    [PosixPath('vectors/dummy.safetensors'), PosixPath('vectors/dummy.json')]
     """
+    from haltrace.export.convert import as_vector
+
     vec = as_vector(vector, n_layers=n_layers)
     if n_layers is not None and vec.n_layers is None:
         vec = replace(vec, n_layers=n_layers)  # a copy: never change the caller's vector

@@ -23,9 +23,12 @@ no phase switch, no projection, no norm rescaling, no per-head or attention/MLP 
 
 Example
 -------
+>>> import torch
 >>> from haltrace.export.gguf import export_gguf, read_gguf
->>> export_gguf(vec, "entity.gguf", model_hint="llama")      # doctest: +SKIP
->>> read_gguf("entity.gguf").directions.keys()              # doctest: +SKIP
+>>> from haltrace.steering.vector import SteeringVector
+>>> vec = SteeringVector.from_mass_mean(torch.ones(4, 16), torch.zeros(4, 16), layers=[2], hidden_size=16)
+>>> _ = export_gguf(vec, "entity.gguf", model_hint="llama")
+>>> read_gguf("entity.gguf").directions.keys()
 dict_keys([2])
 
 Then: ``llama-cli -m model.gguf --control-vector entity.gguf``.
@@ -34,8 +37,6 @@ Then: ``llama-cli -m model.gguf --control-vector entity.gguf``.
 from __future__ import annotations
 
 import json
-import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,22 +48,14 @@ from haltrace.conventions import (
     hidden_states_index,
     hook_from_hidden_states_index,
     llama_cpp_direction_index,
-    resid_post_layer_from_llama_cpp,
+    llama_cpp_tensor_name,
 )
-from haltrace.export.convert import ExportError, as_vector, placement_refusals
-from haltrace.export.formats import ExportResult
-from haltrace.steering.vector import SteeringVector, VectorError
+from haltrace.export.base import ExportError, ExportResult
+from haltrace.export.convert import as_vector, placement_refusals
 
-ARCH = "controlvector"
-MANIFEST_KEY = "haltrace.manifest"
-
-
-def _import_gguf() -> Any:
-    try:
-        import gguf
-    except ImportError:
-        raise ImportError("GGUF export needs the `gguf` package: pip install 'haltrace[gguf]'") from None
-    return gguf
+# the reading half (re-exported: haltrace.export.gguf.read_gguf is public)
+from haltrace.export.gguf_read import ARCH, MANIFEST_KEY, ControlVector, _import_gguf, read_gguf  # noqa: F401
+from haltrace.steering.vector import SteeringVector
 
 
 # ---------------------------------------------------------------------------------------------- mapping
@@ -121,7 +114,9 @@ def export_gguf(vector: Any, path: str | Path, *, model_hint: str | None = None,
     else the vector's); when neither is known it is the highest direction index + 1, and a note says so.
     The file is written atomically (temp file + rename) with mode 0644.
 
-    >>> export_gguf(vec, "out/entity.gguf", model_hint="llava-1.5-7b")   # doctest: +SKIP
+    >>> vec = SteeringVector.from_mass_mean(torch.ones(4, 16), torch.zeros(4, 16), layers=[1, 3], hidden_size=16)
+    >>> export_gguf(vec, "entity.gguf", model_hint="llava-1.5-7b").layers
+    {'resid_post.1': 'direction.1', 'resid_post.3': 'direction.3'}
     """
     from haltrace.trace.store import atomic_write
 
@@ -150,7 +145,7 @@ def export_gguf(vector: Any, path: str | Path, *, model_hint: str | None = None,
             writer.add_uint32(f"{ARCH}.layer_count", int(layer_count))
             writer.add_string(MANIFEST_KEY, manifest)
             for index in sorted(arrays):
-                writer.add_tensor(f"direction.{index}", arrays[index])
+                writer.add_tensor(llama_cpp_tensor_name(index), arrays[index])
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()
@@ -164,103 +159,5 @@ def export_gguf(vector: Any, path: str | Path, *, model_hint: str | None = None,
         notes.append(f"alpha {vec.alpha} is baked into the tensors; llama.cpp's --control-vector-scaled multiplies "
                      "again at run time")
     labels = {layer: _resid_post(vec.hook, layer)[1].split(" ")[0] for layer in mapping}
-    return ExportResult("gguf", path, [path], {labels[k]: f"direction.{v}" for k, v in mapping.items()},
+    return ExportResult("gguf", path, [path], {labels[k]: llama_cpp_tensor_name(v) for k, v in mapping.items()},
                         vec.hidden_size, int(layer_count), float(vec.alpha), vec.method, vec.model, hint, notes)
-
-
-# ------------------------------------------------------------------------------------------------- read
-@dataclass
-class ControlVector:
-    """A llama.cpp control vector read back: what llama.cpp would add, keyed by haltrace ``resid_post`` layer."""
-
-    directions: dict[int, torch.Tensor]
-    tensor_names: dict[int, str]
-    hidden_size: int
-    model_hint: str | None
-    layer_count: int | None
-    metadata: dict[str, Any]
-
-    @property
-    def manifest(self) -> dict[str, Any] | None:
-        """The haltrace manifest embedded by :func:`export_gguf` (None for files from other tools)."""
-        text = self.metadata.get(MANIFEST_KEY)
-        try:
-            return json.loads(text) if isinstance(text, str) else None
-        except json.JSONDecodeError:
-            return None
-
-    def to_steering_vector(self) -> SteeringVector:
-        """A ``resid_post`` :class:`SteeringVector` with ``alpha=1`` that adds exactly what the file holds."""
-        man = self.manifest or {}
-        layers = sorted(self.directions)
-        try:
-            return SteeringVector(
-                direction=dict(self.directions), layers=layers, hidden_size=self.hidden_size, hook="resid_post",
-                alpha=1.0, method=str(man.get("method", "custom")),
-                model=str(man.get("model") or self.model_hint or ""),
-                # controlvector.layer_count is advisory: repeng writes the number of directions there and
-                # llama.cpp's cvector-generator n_layer - 1; only haltrace's own manifest states the model's count
-                n_layers=self.layer_count if self.manifest else None, model_revision=man.get("model_revision"),
-                data_fingerprint=man.get("data_fingerprint"),
-                provenance={"from_gguf": True, "alpha_baked_in": man.get("alpha"), "source_manifest": man or None})
-        except VectorError as err:
-            raise ExportError(f"control vector does not make a valid steering vector: {err}") from None
-
-
-def _value(field_: Any) -> Any:
-    if hasattr(field_, "contents"):  # gguf >= 0.11
-        return field_.contents()
-    part = field_.parts[field_.data[0]]  # older gguf: decode the raw parts
-    return bytes(part).decode("utf-8") if part.dtype == np.uint8 else part.tolist()[0]
-
-
-def read_gguf(path: str | Path) -> ControlVector:
-    """Read a control vector with ``gguf.GGUFReader``, applying llama.cpp's own checks (architecture,
-    ``direction.<N>`` names with N >= 1, float32, 1-D, one size) and mapping ``direction.N`` back to
-    ``resid_post`` layers through :func:`haltrace.conventions.resid_post_layer_from_llama_cpp`.
-
-    >>> cv = read_gguf("entity.gguf")   # doctest: +SKIP
-    >>> cv.directions[2].shape, cv.tensor_names[2]   # doctest: +SKIP
-    (torch.Size([4096]), 'direction.2')
-    """
-    gguf = _import_gguf()
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"control vector {path} not found")
-    try:
-        reader = gguf.GGUFReader(str(path))
-        metadata = {name: _value(f) for name, f in reader.fields.items() if not name.startswith("GGUF.")}
-        raw = [(t.name, t.tensor_type, [int(s) for s in t.shape], np.array(t.data, dtype=np.float32, copy=True))
-               for t in reader.tensors]
-    except (ValueError, OSError, IndexError, KeyError, struct.error) as err:
-        raise ExportError(f"{path} is not a readable GGUF file ({type(err).__name__}: {err})") from None
-    arch = metadata.get("general.architecture")
-    if arch != ARCH:
-        raise ExportError(f"{path} has general.architecture {arch!r}, not {ARCH!r}: not a control vector")
-    directions: dict[int, torch.Tensor] = {}
-    names: dict[int, str] = {}
-    for name, kind, shape, data in raw:
-        prefix, _, index = name.partition(".")
-        if prefix != "direction" or not index.isdigit():
-            raise ExportError(f"{path}: tensor {name!r} is not named direction.<N>; llama.cpp rejects it")
-        try:
-            layer = resid_post_layer_from_llama_cpp(int(index))
-        except ValueError as err:
-            raise ExportError(f"{path}: {err}") from None
-        if int(kind) != int(gguf.GGMLQuantizationType.F32):
-            raise ExportError(f"{path}: {name} has type {kind!r}; llama.cpp needs float32")
-        if len(shape) != 1:
-            raise ExportError(f"{path}: {name} has shape {shape}; llama.cpp needs a 1-D tensor")
-        if directions and shape[0] != next(iter(directions.values())).shape[0]:
-            raise ExportError(f"{path}: {name} has size {shape[0]}, other directions differ; llama.cpp rejects it")
-        if layer in directions:
-            raise ExportError(f"{path}: {name} appears twice")
-        directions[layer], names[layer] = torch.from_numpy(data.reshape(-1)), name
-    if not directions:
-        raise ExportError(f"{path} holds no direction.<N> tensor")
-    count = metadata.get(f"{ARCH}.layer_count")
-    hint = metadata.get(f"{ARCH}.model_hint")
-    return ControlVector(dict(sorted(directions.items())), dict(sorted(names.items())),
-                         int(next(iter(directions.values())).shape[0]), hint if isinstance(hint, str) else None,
-                         int(count) if count is not None else None, metadata)
-

@@ -18,6 +18,7 @@ from torch import nn
 
 from haltrace.conventions import valid_hook_names
 from haltrace.models.adapters import Adapter, adapter_for
+from haltrace.models.weights import has_meta_weights, require_local_weights  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -28,31 +29,6 @@ if TYPE_CHECKING:
 def _is_processor(obj: Any) -> bool:
     # processors wrap a tokenizer and an image processor; tokenizers have neither attribute
     return hasattr(obj, "tokenizer") and hasattr(obj, "image_processor")
-
-
-def has_meta_weights(model: Any) -> bool:
-    """True when ``model`` (a :class:`Model` or anything with ``.hf``) holds no weights here: its module tree
-    is on the ``meta`` device, as ``load(..., remote=True)`` builds it."""
-    hf = getattr(model, "hf", None)
-    if not isinstance(hf, nn.Module):
-        return False
-    first = next(iter(hf.parameters()), None)
-    return first is not None and first.device.type == "meta"
-
-
-def require_local_weights(model: Any, what: str) -> None:
-    """Refuse ``what`` (e.g. "steering") on a model whose weights are not here (``load(..., remote=True)``).
-
-    >>> require_local_weights(model, "steering")  # doctest: +SKIP
-    """
-    if has_meta_weights(model):
-        from haltrace.errors import InputError
-
-        raise InputError(
-            f"{what} needs the model's weights in this process, but {getattr(model, 'name_or_path', 'the model')!r} "
-            "was loaded with remote=True: its modules are on the meta device and its forwards run on NDIF. Remote "
-            "models support capture, harvest, the logit lens and attention-to-image; load the model without "
-            "remote=True on a machine that can hold it for steering, method fits and generation.")
 
 
 class Model:
@@ -76,7 +52,10 @@ class Model:
                 revision: str | None = None, remote: bool = False) -> Model:
         """Wrap an in-memory HF model and its processor (VLM) or tokenizer (LLM).
 
-        >>> model = Model.from_hf(*build_tiny("llava"), name="tiny-llava")  # doctest: +SKIP
+        >>> from haltrace.models.tiny import build_tiny
+        >>> model = Model.from_hf(*build_tiny("llava"), name="tiny-llava")
+        >>> model.is_vlm, model.n_layers
+        (True, 2)
         """
         if _is_processor(processor_or_tokenizer):
             processor, tokenizer = processor_or_tokenizer, processor_or_tokenizer.tokenizer
@@ -126,7 +105,9 @@ class Model:
         For absolute-position families (GPT-2) padded batches also get ``position_ids`` counted from each row's
         first real token, so every row's forward equals that prompt run alone.
 
-        >>> inputs = model.prepare(["<image> what shape ?"], images=[img])  # doctest: +SKIP
+        >>> inputs = model.prepare(["<image> what shape ?"], images=[img])
+        >>> sorted(inputs)
+        ['attention_mask', 'input_ids', 'pixel_values']
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -147,7 +128,7 @@ class Model:
                 if isinstance(images, (list, tuple)) and len(images) != len(prompts):
                     raise ValueError(f"got {len(prompts)} prompts and {len(images)} images; pass one image "
                                      "per prompt")
-                if self.adapter.family == "gemma3":  # Gemma3Processor wants one list of images per prompt
+                if self.adapter.nested_images:  # e.g. Gemma3Processor wants one list of images per prompt
                     images = [im if isinstance(im, (list, tuple)) else [im] for im in images]
                 enc = self.processor(text=prompts, images=images, **kw)
             else:
@@ -172,7 +153,8 @@ class Model:
     def image_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``BoolTensor[B, T]``: True where ``input_ids`` holds the image placeholder token (all False for LLMs).
 
-        >>> model.image_token_mask(inputs["input_ids"]).sum()  # doctest: +SKIP
+        >>> model.image_token_mask(inputs["input_ids"]).sum(1).tolist()  # 4 image tokens per row
+        [4, 4]
         """
         token = self.image_token_id
         if token is None:
@@ -200,8 +182,10 @@ class Model:
         ``positions`` other than None/Tensor need ``inputs`` to resolve. With ``accumulate=True`` each entry is
         a list with one tensor per forward (e.g. per generated token). Hooks are removed on exit.
 
-        >>> with model.hooks(["resid_post.0"]) as cap:  # doctest: +SKIP
-        ...     model.hf.generate(**inputs, max_new_tokens=1)
+        >>> with model.hooks(["resid_post.0"], accumulate=True) as cap:
+        ...     _ = model.hf.generate(**inputs, max_new_tokens=2, do_sample=False)
+        >>> len(cap["resid_post.0"])  # one tensor per forward: the prompt, then one generated token
+        2
         """
         from haltrace.trace import capture as _cap
 
@@ -220,8 +204,8 @@ class Model:
                 *, backend: str = "hooks", **forward_kwargs: Any) -> Capture:
         """One no-grad forward; returns ``Capture`` (hook name -> tensor, plus ``.output`` and ``.positions``).
 
-        >>> cap = model.capture(model.prepare("a red circle"), ["resid_post.0"], positions="last")  # doctest: +SKIP
-        >>> cap["resid_post.0"].shape  # doctest: +SKIP
+        >>> cap = model.capture(model.prepare("a red circle"), ["resid_post.0"], positions="last")
+        >>> cap["resid_post.0"].shape
         torch.Size([1, 1, 32])
         """
         if backend == "hooks" and has_meta_weights(self):  # remote=True: the forward runs on NDIF via nnsight

@@ -59,7 +59,7 @@ def _readable(path: str, what: str, call: Any) -> Any:
 
 def _resolve_name(name_or_path: str) -> str:
     # organism short names ("shapes-llava") map to a folder; anything else is a hub id or path
-    from haltrace.organism.paths import resolve_organism
+    from haltrace.models.shipped import resolve_organism
 
     folder = resolve_organism(str(name_or_path))
     return str(folder) if folder is not None else str(name_or_path)

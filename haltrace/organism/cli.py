@@ -19,15 +19,13 @@ app = typer.Typer(help="Train and evaluate the ShapesWorld model organism; write
 
 
 def _resolve(model: str) -> Path:
-    from haltrace.organism.paths import resolve_organism
+    from haltrace.organism.paths import organism_folder
 
-    path = resolve_organism(model)
+    path = organism_folder(model)
     if path is None:
-        path = Path(model)
-        if not (path / "world.json").exists():
-            raise typer.BadParameter(
-                f"{model!r} is neither a shipped organism name (shapes-llava) nor an organism folder "
-                f"(a folder with world.json, as written by `haltrace organism train`)", param_hint="MODEL")
+        raise typer.BadParameter(
+            f"{model!r} is neither a shipped organism name (shapes-llava) nor an organism folder "
+            f"(a folder with world.json, as written by `haltrace organism train`)", param_hint="MODEL")
     return path
 
 

@@ -13,7 +13,6 @@ through :func:`haltrace.data.sources.default_fit_data` when a method is fitted w
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -160,21 +159,11 @@ def fit_items(world: ShapesWorld, method: str, *, n_images: int | None = None, s
     raise ValueError(f"the organism has no default fit data for method {method!r}")
 
 
-def world_of(model: Any) -> ShapesWorld | None:
-    """The ShapesWorld of an organism model (its folder's ``world.json``), or ``None`` for any other model."""
-    from haltrace.organism.paths import resolve_organism
-    from haltrace.organism.train import load_world
-
-    try:
-        path = resolve_organism(str(model.name_or_path)) or Path(str(model.name_or_path))
-    except FileNotFoundError:
-        return None
-    return load_world(path) if (Path(path) / "world.json").is_file() else None
-
-
 def fit_data_for(model: Any, method: str, **options: Any) -> list[Any] | None:
     """Data-source hook (:mod:`haltrace.data.sources`): the default fit items when ``model`` is an organism."""
-    world = options.pop("world", None) or world_of(model)
+    from haltrace.organism.paths import organism_world
+
+    world = options.pop("world", None) or organism_world(model)
     if world is None:
         return None
     return fit_items(world, method, **options)

@@ -3,37 +3,46 @@
 ``shapes-llava`` -> ``<repo>/artifacts/organisms/shapes-llava``. Set ``HALTRACE_ARTIFACTS`` to point at
 another artifacts folder (e.g. a copy next to a non-editable install).
 
+The lookup itself is :mod:`haltrace.models.shipped` (one copy, in the models layer, so that
+:func:`haltrace.load` resolves short names without importing the organism); this module re-exports it.
+
 >>> resolve_organism("shapes-llava").name
 'shapes-llava'
+
+:func:`organism_world` is the one lookup of the ShapesWorld behind a model, a short name or a folder (every
+command, data-source hook and evaluation that needs the organism's world goes through it).
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-#: short names of shipped organisms -> folder under ``artifacts/organisms``
-ORGANISMS: dict[str, str] = {"shapes-llava": "shapes-llava"}
-DEFAULT_ORGANISM = "shapes-llava"
+from haltrace.models.shipped import (
+    DEFAULT_ORGANISM,
+    ORGANISMS,
+    artifacts_dir,
+    organism_folder,
+    resolve_organism,
+)
+
+if TYPE_CHECKING:
+    from haltrace.organism.world import ShapesWorld
+
+__all__ = ["DEFAULT_ORGANISM", "ORGANISMS", "artifacts_dir", "organism_folder", "organism_world", "resolve_organism"]
 
 
-def artifacts_dir() -> Path:
-    """The artifacts folder: ``$HALTRACE_ARTIFACTS`` or the one at the repository root."""
-    env = os.environ.get("HALTRACE_ARTIFACTS")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "artifacts"
+def organism_world(model_or_name: Any) -> ShapesWorld | None:
+    """The ShapesWorld behind a Model, a shipped short name or an organism folder (its ``world.json``); ``None``
+    for any other model (see :func:`~haltrace.models.shipped.organism_folder`).
 
-
-def resolve_organism(name: str) -> Path | None:
-    """Folder of a shipped organism called ``name``, or ``None`` if ``name`` is not an organism name."""
-    if name not in ORGANISMS:
+    >>> organism_world("shapes-llava").config.kinds[:2]
+    ('strawberry', 'banana')
+    >>> organism_world("gpt2") is None
+    True
+    """
+    folder = organism_folder(model_or_name)
+    if folder is None:
         return None
-    path = artifacts_dir() / "organisms" / ORGANISMS[name]
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(
-            f"organism {name!r} should be at {path} but config.json is missing there; "
-            f"set HALTRACE_ARTIFACTS to the folder holding organisms/{ORGANISMS[name]}, "
-            f"or train one with `haltrace organism train --out DIR`"
-        )
-    return path
+    from haltrace.organism.train import load_world
+
+    return load_world(folder)

@@ -84,21 +84,14 @@ class _Layers:
         return len(self.hooks)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        x = self.store.load(self.hooks[i])
-        return x[:, -1] if x.dim() == 3 else x
+        return self.store.load_last(self.hooks[i])
 
 
 def _store(model: Any, pset: ProbeSet, hooks: list[str], root: Path, batch_size: int, overwrite: bool,
            progress: bool) -> Any:
     """Harvest into ``root``; reuse a finished store that holds these hooks for this model and data."""
-    from haltrace.trace.store import (
-        MANIFEST,
-        ActivationStore,
-        StoreError,
-        dataset_fingerprint,
-        harvest,
-        read_manifest,
-    )
+    from haltrace.trace.harvest import dataset_fingerprint, harvest
+    from haltrace.trace.store import MANIFEST, ActivationStore, StoreError, read_manifest
 
     rows = [{k: v for k, v in r.items()} for r in pset.rows]
     if (root / MANIFEST).exists() and not overwrite:
@@ -117,11 +110,14 @@ def _store(model: Any, pset: ProbeSet, hooks: list[str], root: Path, batch_size:
 def run_probe(model: Any, pset: ProbeSet, *, out: str | Path, hook: str = "resid_post",
               layers: str | Sequence[int] = "all", n_folds: int = 5, inner_folds: int = 3,
               Cs: Sequence[float] = DEFAULT_CS, max_dim: int = 128, batch_size: int = 64, seed: int = 0,
-              overwrite: bool = False, progress: bool = False,
+              overwrite: bool = False, progress: bool = False, exact: bool = False,
               on_layer: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Harvest, fit per-layer probes and baselines, and write every artifact; returns the JSON manifest."""
+    """Harvest, fit per-layer probes and baselines, and write every artifact; returns the JSON manifest.
+
+    ``exact``: scikit-learn's LogisticRegression on all features (a spot check) instead of the batched solver,
+    which is reduced-rank above ``max_dim`` (the manifest's ``reduced_rank``/``rank``/``max_dim`` say which)."""
     from haltrace.probes.directions import vectors_from_sweep
-    from haltrace.viz.probe_report import write_probe_report
+    from haltrace.probes.report import write_probe_report
 
     if hook not in PROBE_HOOKS:
         raise ValueError(f"--hook {hook!r}: probes read one vector per token, so use one of {', '.join(PROBE_HOOKS)} "
@@ -137,18 +133,18 @@ def run_probe(model: Any, pset: ProbeSet, *, out: str | Path, hook: str = "resid
     groups = pset.groups
     t0 = time.perf_counter()
     sweep = fit_probes(_Layers(store, hooks), labels, groups, n_folds=n_folds, inner_folds=inner_folds, Cs=Cs,
-                       max_dim=max_dim, seed=seed, progress=on_layer)
+                       max_dim=max_dim, seed=seed, exact=exact, progress=on_layer)
     # confound baselines on the same folds: token counts of the prompt, and the majority class
     ids = [model.tokenizer(p)["input_ids"] for p in pset.prompts]
     counts, _ = bag_of_tokens(ids)
     bot = fit_probes(counts[None], labels, groups, n_folds=n_folds, inner_folds=inner_folds, Cs=Cs,
-                     max_dim=max_dim, seed=seed)
+                     max_dim=max_dim, seed=seed, exact=exact)
     best = int(torch.nan_to_num(sweep.auroc, nan=0).argmax())
     # control task: the best layer with labels shuffled across groups (a probe that reads anything but the
     # label should drop to ~0.5 here)
     perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     control = fit_probes(_Layers(store, [hooks[best]]), labels[perm], groups, n_folds=n_folds,
-                         inner_folds=inner_folds, Cs=Cs, max_dim=max_dim, seed=seed)
+                         inner_folds=inner_folds, Cs=Cs, max_dim=max_dim, seed=seed, exact=exact)
     timings["probe_s"] = time.perf_counter() - t0
     metrics = {str(x): {"logreg": {"auroc": float(sweep.auroc[i]), "accuracy": float(sweep.accuracy[i]),
                                    "C": float(sweep.C[i]), "fold_C": sweep.fold_C[i].tolist()},
@@ -163,6 +159,10 @@ def run_probe(model: Any, pset: ProbeSet, *, out: str | Path, hook: str = "resid
         "n": len(pset), "counts": pset.counts(), "n_groups": len(set(groups)),
         "data_fingerprint": store.manifest.get("dataset_fingerprint"), "notes": pset.notes,
         "metrics": metrics, "best_layer": layer_ids[best], "best_auroc": float(sweep.auroc[best]),
+        # the logistic probe's fit: reduced_rank = fitted in a rank-`rank` basis per fold (d > max_dim), not
+        # on all d features; `haltrace probe --exact` fits scikit-learn on all features instead
+        "solver": sweep.info["solver"], "reduced_rank": sweep.info["reduced_rank"], "rank": sweep.info["rank"],
+        "max_dim": max_dim,
         "baselines": {"bag_of_tokens": {"auroc": float(bot.auroc[0]), "accuracy": float(bot.accuracy[0]),
                                         "n_token_types": int(counts.shape[1])},
                       "majority": majority_baseline(pset.labels, groups, n_folds=n_folds, seed=seed),
@@ -170,9 +170,11 @@ def run_probe(model: Any, pset: ProbeSet, *, out: str | Path, hook: str = "resid
                                           "layer": layer_ids[best]}},
         "protocol": (f"{n_folds}-fold stratified group CV (held-out metrics, out-of-fold scores); C from "
                      f"{list(Cs)} by {inner_folds}-fold group CV inside each training part; standardised on "
-                     f"training rows only; L2 logistic regression (batched Newton"
-                     + (f", features projected to {sweep.info['reduced_dim']} dims per fold" if
-                        sweep.info.get("reduced_dim") else "") + "); mass-mean with midpoint bias; final probe "
+                     f"training rows only; L2 logistic regression ("
+                     + ("scikit-learn lbfgs on all features" if exact else "batched Newton")
+                     + (f", REDUCED RANK: fitted in a {sweep.info['rank']}-dim basis per fold (top principal "
+                        f"directions + the fit's own class-mean gap) of the {sweep.info['d']} features" if
+                        sweep.info["reduced_rank"] else "") + "); mass-mean with midpoint bias; final probe "
                      "refit on all rows at the C with the best out-of-fold AUROC"),
         "timings": timings,
     }

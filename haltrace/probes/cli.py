@@ -19,16 +19,10 @@ from typing import Any
 
 import typer
 
+from haltrace.cli_common import fail as _fail
+
 app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False,
                   help="Per-layer linear probes (logistic + mass-mean) against confound baselines.")
-
-
-def _fail(message: str) -> None:
-    from rich.console import Console
-    from rich.markup import escape
-
-    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True)
-    raise typer.Exit(code=2)
 
 
 def _summary(manifest: dict[str, Any]) -> Any:
@@ -46,7 +40,9 @@ def _summary(manifest: dict[str, Any]) -> Any:
     table.caption = (f"bag-of-tokens baseline AUROC {base['bag_of_tokens']['auroc']:.3f}, shuffled-label control "
                      f"{base['shuffled_labels']['auroc']:.3f}, majority accuracy "
                      f"{base['majority']['accuracy']:.3f}; n={manifest['n']} {manifest['counts']}, "
-                     f"{manifest['n_groups']} groups; {manifest['timings']['total_s']:.1f} s")
+                     f"{manifest['n_groups']} groups; {manifest['timings']['total_s']:.1f} s"
+                     + (f"; logistic probe at REDUCED RANK {manifest['rank']} (width > --max-dim "
+                        f"{manifest['max_dim']}; --exact fits all features)" if manifest.get("reduced_rank") else ""))
     return table
 
 
@@ -62,7 +58,10 @@ def probe(
     folds: int = typer.Option(5, "--folds", help="Outer group folds for held-out metrics."),
     inner_folds: int = typer.Option(3, "--inner-folds", help="Inner group folds that choose C."),
     batch_size: int = typer.Option(64, "--batch-size", help="Examples per forward pass while harvesting."),
-    max_dim: int = typer.Option(128, "--max-dim", help="Widths above this are projected per fold (speed)."),
+    max_dim: int = typer.Option(128, "--max-dim", help="Widths above this are fitted at reduced rank max-dim per "
+                                                       "fold (speed; recorded as reduced_rank in probes.json)."),
+    exact: bool = typer.Option(False, "--exact", help="scikit-learn LogisticRegression on all features instead "
+                                                      "of the batched solver (slow on wide layers: spot checks)."),
     device: str = typer.Option(None, "--device", help="cpu, cuda, ... (default: cuda if available)."),
     seed: int = typer.Option(0, "--seed"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild OUT/store even if it holds another store."),
@@ -103,7 +102,7 @@ def probe(
             job = bar.add_task("probe", total=n_layers)
             manifest = run_probe(loaded, pset, out=out, hook=hook, layers=layers, n_folds=folds,
                                  inner_folds=inner_folds, max_dim=max_dim, batch_size=batch_size, seed=seed,
-                                 overwrite=overwrite, progress=not as_json,
+                                 overwrite=overwrite, progress=not as_json, exact=exact,
                                  on_layer=lambda k: bar.advance(job, k))
     except StoreError as err:
         _fail(f"{err}\n(the store lives in {out / 'store'}; pass --overwrite to rebuild it, or choose another --out)")

@@ -30,12 +30,12 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-#: built-in tasks -> one-line description (see the ``_task_*`` builders)
+#: built-in tasks -> one-line description (the organism builds them: haltrace.organism.probe_tasks, reached
+#: through the data-source hook ``probe_task_for``, haltrace.data.sources)
 TASKS: dict[str, str] = {
     "hallucination": "per generated object word in captions: real (0) vs hallucinated (1), read at that word",
     "pope": "the model's 'yes' answers: correct (0) vs hallucinated (1), balanced per question word, last token",
@@ -135,7 +135,12 @@ def load_jsonl(path: str | Path) -> ProbeSet:
 
     ``{"generated": k}`` rows keep their prompt and need :func:`resolve_generated` with a model.
 
-    >>> pset = load_jsonl("data/hallu.jsonl")  # doctest: +SKIP
+    >>> from pathlib import Path
+    >>> _ = Path("hallu.jsonl").write_text('{"prompt": "is there a cat ?", "label": "hallucinated"}\\n'
+    ...                                     '{"prompt": "is there a dog ?", "label": "grounded"}\\n')
+    >>> pset = load_jsonl("hallu.jsonl")
+    >>> pset.label_names, [row["label"] for row in pset.rows]
+    (['grounded', 'hallucinated'], [1, 0])
     """
     path = Path(path)
     if not path.is_file():
@@ -241,111 +246,15 @@ def resolve_generated(pset: ProbeSet, model: Any, batch_size: int = 16) -> Probe
 # ------------------------------------------------------------------------------------------ built-in tasks
 def organism_folder(model: Any) -> Path:
     """The organism folder behind ``model`` (it must hold ``world.json``), or a clear error."""
-    from haltrace.organism.paths import resolve_organism
+    from haltrace.models.shipped import organism_folder as find
 
     name = str(getattr(model, "name_or_path", "") or "")
-    try:
-        folder = resolve_organism(name) or Path(name)
-    except FileNotFoundError:
-        folder = Path(name)
-    if not (folder / "world.json").is_file():
+    folder = find(name)
+    if folder is None:
         raise ValueError(f"the built-in tasks ({', '.join(TASKS)}) run on the ShapesWorld organism, but model "
                          f"{name!r} has no world.json; use --model shapes-llava (or an organism folder), or bring "
                          f"your own labelled set with --data FILE.jsonl")
     return folder
-
-
-def _pil(image: Any) -> Any:
-    from PIL import Image
-
-    return Image.fromarray(image)
-
-
-def _entity_rows(world: Any, at_name: bool) -> list[dict[str, Any]]:
-    from haltrace.organism import tasks
-
-    sets = tasks.entity_sets(world)
-    # known vs unknown: names never seen in training plus as many names taught as unknown (v2 worlds hold
-    # hundreds of those; the first ones keep the classes near 1:2 and the run fast)
-    sets["unknown_train"] = sets["unknown_train"][:len(sets["unknown_heldout"])]
-    rows = []
-    for group, label in (("known", 0), ("unknown_train", 1), ("unknown_heldout", 1)):
-        for ex in sets[group]:
-            name = ex.meta["name"]
-            prompt, position = (cut_at_word(ex.prompt, name), {"word": name}) if at_name else (ex.prompt, "last")
-            rows.append({"prompt": prompt, "label": label, "group": name, "position": position, "subset": group,
-                         "etype": ex.meta["etype"], "key": ex.meta["key"], "source_prompt": ex.prompt})
-    return rows
-
-
-def _task_entity(world: Any, runner: Any) -> ProbeSet:
-    return ProbeSet("entity", _entity_rows(world, at_name=True), ["known", "unknown"],
-                    "entity name's token (prompt cut after the name)", "organism:entity",
-                    {"unknown": "names taught as unknown plus held-out names never seen"})
-
-
-def _task_entity_last(world: Any, runner: Any) -> ProbeSet:
-    # Ferrando et al. read at the entity's last token; the organism's 4 layers may only settle "do I know
-    # this name" once the question has been read, so the last prompt token is measured as well.
-    return ProbeSet("entity-last", _entity_rows(world, at_name=False), ["known", "unknown"],
-                    "last prompt token (the whole question, before the answer)", "organism:entity-last",
-                    {"unknown": "names taught as unknown plus held-out names never seen"})
-
-
-def _task_pope(world: Any, runner: Any) -> ProbeSet:
-    from haltrace.organism import tasks
-    from haltrace.organism.phenomena import hallucination_probe_set
-
-    records = []
-    for examples in tasks.pope_sets(world).values():
-        records += list(zip(examples, runner.answers(examples), strict=True))
-    rows = [{"prompt": ex.full_prompt, "image": _pil(ex.image), "label": int(ex.meta["label"]),
-             "group": f"img{ex.meta['image_id']}", "position": "last", "kind": ex.meta["kind"],
-             "split": ex.meta["split"]} for ex in hallucination_probe_set(records)]
-    return ProbeSet("pope", rows, ["correct", "hallucinated"], "last prompt token (before the answer)",
-                    "organism:pope", {"balanced": "within each question word"})
-
-
-def _task_prior_vs_pixel(world: Any, runner: Any) -> ProbeSet:
-    from haltrace.organism import tasks
-
-    examples = tasks.counterfactual_colour_set(world)
-    rows, other = [], 0
-    for ex, answer in zip(examples, runner.answers(examples), strict=True):
-        if answer not in (ex.meta["prior"], ex.meta["pixel"]):
-            other += 1
-            continue
-        rows.append({"prompt": ex.full_prompt, "image": _pil(ex.image), "label": int(answer == ex.meta["prior"]),
-                     "group": f"img{ex.meta['image_id']}", "position": "last", "kind": ex.meta["kind"],
-                     "answer": answer})
-    return ProbeSet("prior-vs-pixel", rows, ["pixel", "prior"], "last prompt token (before the answer)",
-                    "organism:prior-vs-pixel", {"dropped_other_answers": other})
-
-
-def _task_hallucination(world: Any, runner: Any, n_images: int = 400) -> ProbeSet:
-    from haltrace.organism import tasks
-
-    examples = tasks.caption_set(world, n_images=n_images)
-    kinds = set(world.config.kinds)
-    rows = []
-    for ex, caption in zip(examples, runner.captions(examples), strict=True):
-        words = caption.split()
-        for i, word in enumerate(words):
-            if word not in kinds:
-                continue
-            prefix = " ".join(words[:i + 1])
-            rows.append({"prompt": f"{ex.full_prompt} {prefix}", "image": _pil(ex.image),
-                         "label": int(word not in ex.scene.kinds), "group": f"img{ex.meta['image_id']}",
-                         "position": {"generated": i}, "word": word, "caption": caption})
-    return ProbeSet("hallucination", rows, ["real", "hallucinated"],
-                    "the generated object word's token (caption prefix fed back as the prompt)",
-                    "organism:hallucination", {"n_images": n_images, "labels": "organism ground truth"})
-
-
-_BUILDERS: dict[str, Callable[[Any, Any], ProbeSet]] = {
-    "entity": _task_entity, "entity-last": _task_entity_last, "pope": _task_pope, "prior-vs-pixel": _task_prior_vs_pixel,
-    "hallucination": _task_hallucination,
-}
 
 
 def build_task(name: str, model: Any) -> ProbeSet:
@@ -353,14 +262,19 @@ def build_task(name: str, model: Any) -> ProbeSet:
 
     >>> pset = build_task("pope", haltrace.load("shapes-llava"))  # doctest: +SKIP
     """
-    if name not in _BUILDERS:
+    if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; tasks: " + "; ".join(f"{k} ({v})" for k, v in TASKS.items())
                          + ". Or bring a labelled JSONL file with --data FILE.jsonl")
-    from haltrace.organism.phenomena import OrganismRunner
-    from haltrace.organism.train import load_world
+    from haltrace.data.sources import source_hooks
 
-    world = load_world(organism_folder(model))
-    pset = _BUILDERS[name](world, OrganismRunner(model.hf, world))
+    # the tasks' builders belong to the organism, found through the data-source registry (probes never import it)
+    for probe_task_for in source_hooks("probe_task_for"):
+        pset = probe_task_for(name, model)
+        if pset is not None:
+            break
+    else:
+        organism_folder(model)  # not an organism: raises the error saying what to pass instead
+        raise ValueError(f"no data source builds the built-in task {name!r} for {model.name_or_path}")
     labels = [r["label"] for r in pset.rows]
     if len(set(labels)) == 1:  # the model's own behaviour decides the labels; say which behaviour was missing
         raise ValueError(f"task {name!r} on {model.name_or_path}: all {len(labels)} examples are "

@@ -10,9 +10,15 @@ in residual units, pointing from label 0 to label 1:
 
 Example
 -------
->>> vectors = vectors_from_sweep(sweep, layers=[0, 1, 2], hook="resid_post", model=model)  # doctest: +SKIP
->>> vectors["mass_mean"].for_layer(2).shape                                               # doctest: +SKIP
-torch.Size([128])
+>>> import torch
+>>> from haltrace.probes import fit_probes
+>>> g = torch.Generator().manual_seed(0)
+>>> y = torch.arange(40) % 2
+>>> X = [torch.randn(40, 8, generator=g) + 2 * y[:, None] for _ in range(3)]   # 3 layers, 40 rows, d=8
+>>> sweep = fit_probes(X, y, groups=torch.arange(40) // 2, n_folds=2, inner_folds=2)
+>>> vectors = vectors_from_sweep(sweep, layers=[0, 1, 2], hook="resid_post")
+>>> sorted(vectors), vectors["mass_mean"].for_layer(2).shape
+(['mass_mean', 'probe'], torch.Size([8]))
 """
 
 from __future__ import annotations
@@ -40,7 +46,9 @@ def vectors_from_sweep(sweep: ProbeSweep, *, layers: Sequence[int], hook: str, m
     probe = SteeringVector.from_probe(weights, pos=gaps, neg=zeros, layers=layers, **common, provenance={
         **base, "metrics": {str(x): {"auroc": float(sweep.auroc[i]), "C": float(sweep.C[i])}
                             for i, x in enumerate(layers)},
-        "scale": "unit probe direction times the class-mean gap along it"})
+        "scale": "unit probe direction times the class-mean gap along it",
+        # reduced_rank: the logistic weights were fitted in a rank-`rank` basis, not on all features
+        "fit": {k: sweep.info[k] for k in ("solver", "reduced_rank", "rank", "max_dim") if k in sweep.info}})
     mass = SteeringVector.from_mass_mean(gaps, zeros, layers=layers, **common, provenance={
         **base, "metrics": {str(x): {"auroc": float(sweep.mm_auroc[i])} for i, x in enumerate(layers)},
         "scale": "mean(label 1) - mean(label 0)"})
@@ -55,13 +63,17 @@ def vector_from_store(store: Any, hook: str, labels: Sequence[int], *, method: s
     ``method="mass_mean"`` uses ``labels``; ``method="pca_diff"`` needs ``pairs`` of row indices
     ``(label-1 row, label-0 row)``. Reads the store's ``positions="last"`` rows.
 
-    >>> vec = vector_from_store(store, "resid_post.2", labels, method="mass_mean")  # doctest: +SKIP
+    >>> from haltrace.trace.harvest import harvest
+    >>> data = [{"prompt": p} for p in ("a red circle", "a blue star", "the red square", "one blue circle")]
+    >>> store = harvest(model, data, ["resid_post.1"], out="acts/", progress=False)
+    >>> vec = vector_from_store(store, "resid_post.1", [1, 0, 1, 0], method="mass_mean")
+    >>> vec.layers, vec.for_layer(1).shape
+    ([1], torch.Size([32]))
     """
     from haltrace.conventions import parse_hook
 
     point = parse_hook(hook)
-    x = store.load(hook)
-    x = x[:, -1] if x.dim() == 3 else x
+    x = store.load_last(hook)
     y = torch.as_tensor(list(labels))
     if len(y) != x.shape[0]:
         raise ValueError(f"got {len(y)} labels for a store of {x.shape[0]} rows")

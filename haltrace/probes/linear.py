@@ -12,13 +12,30 @@ What :func:`fit_probes` does for each layer (methods-llm-eval.md §3):
   refits on all rows at the ``C`` that cross-validated best, returning weights in **residual units**.
 
 Why it is fast: the solver is a batched damped Newton method in torch, run on all (layer, fold, split, C)
-problems at once. When the width ``d`` exceeds ``max_dim`` each fold's standardised features are first
-projected onto a small basis: the top principal directions of that fold's training rows (a randomised
-range finder on a row subsample) plus the class-mean differences of its training splits. Under a spiked
-covariance (a few large directions plus isotropic noise: what residual streams look like) the ridge /
-logistic solution ``(Sigma + lambda I)^-1 Delta mu`` lies in exactly that span, so little is lost, and the
-data is read only a few times. With ``d <= max_dim`` no projection happens and the result matches
-scikit-learn's ``StandardScaler + LogisticRegression`` (tested).
+problems at once. When the width ``d`` exceeds ``max_dim`` the fit is **reduced-rank**, and says so
+(``info["reduced_rank"]``, ``info["rank"]``; ``haltrace probe`` writes them to ``probes.json``): each fold's
+standardised features are projected onto ``max_dim - 1`` principal directions of that fold's training rows (a
+randomised range finder on a row subsample; features only, no labels) plus **the fit's own** class-mean gap,
+computed from the labels of the rows that fit trains on. An inner split that chooses C therefore never sees
+its validation rows' labels, not even through its basis (the gap of the whole training part, or of another
+inner split, would carry them). Under a spiked covariance (a few large directions plus isotropic noise: what
+residual streams look like) the ridge / logistic solution ``(Sigma + lambda I)^-1 Delta mu`` lies close to
+that span, so little is lost, and the data is read only a few times. With ``d <= max_dim`` no projection
+happens and the result matches scikit-learn's ``StandardScaler + LogisticRegression`` (tested);
+``exact=True`` (``haltrace probe --exact``) runs scikit-learn itself on all features, for spot checks.
+
+Fidelity (methods-llm-eval.md §3, methods-fidelity.md §5):
+
+| practice / reference | haltrace | same? |
+|---|---|---|
+| sklearn L2 logistic regression, ``C * sum(loss) + ‖w‖² / 2``, unpenalised intercept | :func:`_newton` | same optimum when ``d <= max_dim`` (tested against sklearn); reduced-rank above it (recorded) |
+| sklearn on all features | ``exact=True`` | same (it is sklearn: ``LogisticRegression``, lbfgs) |
+| split by group, stratified (``StratifiedGroupKFold``) | :func:`group_folds` | same rule, vectorised; fold assignment differs from sklearn's |
+| nested CV: C chosen inside each training part, every inner step fitted on its own training rows | :func:`_split_masks`, :func:`_layer_features` | same: standardisation and principal directions use the outer training part's features (no labels); every label-dependent step uses only the fit's own training rows |
+| standardise on training rows only | :func:`_moments` | same |
+| mass-mean probe with midpoint bias (Marks & Tegmark) | ``mm_*`` | same |
+| Marks & Tegmark's ``Sigma^-1 theta`` (LDA) probe; per-data-set centring | (none) | missing |
+| report one held-out metric | ``auroc`` per layer; ``run_probe``'s ``best_auroc`` is the max over layers | different: the max over layers is optimistic; the per-layer values are not |
 
 Example
 -------
@@ -35,9 +52,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
+
+from haltrace.errors import InputError
 
 #: default grid of inverse regularisation strengths (sklearn's C), ascending
 DEFAULT_CS: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
@@ -112,7 +132,7 @@ def group_folds(y: np.ndarray, groups: np.ndarray, n_folds: int, seed: int) -> n
     """
     uniq, inverse = np.unique(np.asarray(groups), return_inverse=True)
     if len(uniq) < n_folds:
-        raise ValueError(f"only {len(uniq)} groups for {n_folds} folds; every fold needs its own groups. Use fewer "
+        raise InputError(f"only {len(uniq)} groups for {n_folds} folds; every fold needs its own groups. Use fewer "
                          f"folds (e.g. --folds {max(2, len(uniq))}) or a data set with more groups (images/entities)")
     rng = np.random.default_rng(seed)
     frac = np.bincount(inverse, weights=np.asarray(y, dtype=float)) / np.bincount(inverse)
@@ -145,7 +165,7 @@ def _split_masks(y: np.ndarray, groups: np.ndarray, n_folds: int, inner_folds: i
         for q in range(inner_folds + 1):
             classes = set(y[masks[f, q]].tolist())
             if len(classes) < 2:
-                raise ValueError(f"a training split holds only label {classes}; each class needs rows in several "
+                raise InputError(f"a training split holds only label {classes}; each class needs rows in several "
                                  f"groups. Use fewer folds or add examples of the rarer class")
     return outer, masks
 
@@ -183,7 +203,8 @@ def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _newton(Z: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, Cs: torch.Tensor, *, max_iter: int = 30,
-            tol: float = 1e-5, hessian_rows: int = 2048, chunk_bytes: float = 80e6) -> torch.Tensor:
+            tol: float = 1e-5, hessian_rows: int = 2048, chunk_bytes: float = 80e6,
+            feature_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Batched L2 logistic regression: ``Z [G, n, k]``, ``masks [G, Q, n]`` -> weights ``[G, Q*nC, k+1]``.
 
     Problem ``(g, q, c)`` minimises ``mean_{train rows}(log-loss) + ||w||^2 / (2 C_c n_train)`` (the same
@@ -193,19 +214,28 @@ def _newton(Z: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, Cs: torch.Ten
     gradient and the line search stay exact, so the solution is the exact optimum; only the path differs.
     Groups are solved in chunks of about ``chunk_bytes`` per ``[g, n, P]`` temporary, which keeps allocations
     small enough for the allocator to reuse (huge temporaries cost page faults on every iteration).
+
+    ``feature_mask [Q, k]`` (bool), when given, restricts split ``q``'s problems to the columns where it is
+    True: the other weights stay exactly 0 (their gradient is zeroed and their Hessian block is the identity).
+    The reduced-rank path uses it so that each split sees only its own class-mean gap column.
     """
     G, n, k = Z.shape
     P = masks.shape[1] * Cs.numel()
+    if feature_mask is not None and tuple(feature_mask.shape) != (masks.shape[1], k):
+        raise ValueError(f"feature_mask must be [Q={masks.shape[1]}, k={k}], got {tuple(feature_mask.shape)}")
     per_group = 4 * (n * P + min(n, hessian_rows) * (k + 1) ** 2)
     step = max(1, int(chunk_bytes // per_group))
-    return torch.cat([_newton_chunk(Z[g:g + step], y, masks[g:g + step], Cs, max_iter, tol, hessian_rows)
-                      for g in range(0, G, step)])
+    return torch.cat([_newton_chunk(Z[g:g + step], y, masks[g:g + step], Cs, max_iter, tol, hessian_rows,
+                                    feature_mask) for g in range(0, G, step)])
 
 
 def _newton_chunk(Z: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, Cs: torch.Tensor, max_iter: int,
-                  tol: float, hessian_rows: int) -> torch.Tensor:
+                  tol: float, hessian_rows: int, feature_mask: torch.Tensor | None = None) -> torch.Tensor:
     G, n, k = Z.shape
     Q, nC = masks.shape[1], Cs.numel()
+    # per-problem free coordinates (weights + the intercept, always free); None = all free
+    free = (None if feature_mask is None else
+            torch.cat([feature_mask.bool(), torch.ones(Q, 1, dtype=torch.bool)], dim=1).repeat_interleave(nC, 0))
     Za = torch.cat([Z, torch.ones(G, n, 1, dtype=Z.dtype)], dim=2)  # [G, n, k+1]
     m = masks.to(Z.dtype).repeat_interleave(nC, dim=1)  # [G, P, n], problem p = q*nC + c
     n_train = m.sum(-1, keepdim=True)  # [G, P, 1]
@@ -239,6 +269,10 @@ def _newton_chunk(Z: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, Cs: tor
         ps = p[:, sub].transpose(1, 2)
         curv = ps * (1 - ps) * ws  # [G, P, rows]
         H = torch.bmm(curv, outer).view(G, Q * nC, k + 1, k + 1).double()
+        if free is not None:  # fixed coordinates: zero gradient, identity Hessian block -> zero step
+            grad = grad * free
+            pair = free[:, :, None] & free[:, None, :]
+            H = torch.where(pair, H, torch.eye(k + 1, dtype=H.dtype).expand_as(H))
         direction = torch.linalg.solve(H + ridge, grad.double().unsqueeze(-1)).squeeze(-1).to(Z.dtype)
         direction = direction * active[..., None]
         decrease = (grad * direction).sum(-1).double()  # the directional derivative is -decrease
@@ -289,11 +323,22 @@ def _class_means(X: torch.Tensor, y: torch.Tensor, masks: torch.Tensor) -> tuple
 
 def _layer_features(X: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, max_dim: int, n_sketch: int,
                     gen: torch.Generator):
-    """One layer -> (Z [K+1, n, k], basis [K+1, d, k] or None, mean, std [K+1, d], mm scores [K+1, n], theta, bias)."""
+    """One layer -> (Z [K+1, n, k], basis [K+1, d, k] or None, mean, std [K+1, d], mm scores [K+1, n], theta, bias,
+    feature mask [Q, k] or None).
+
+    Exact path (``d <= max_dim``): ``Z`` holds the standardised features themselves, every problem uses them all.
+
+    Reduced path: fold ``f``'s columns are ``k_pca = max_dim - 1`` orthonormal principal directions of its
+    standardised training part (label-free: features only, never labels), followed by one column per split
+    ``q``: split ``q``'s own class-mean gap (from its own training rows' labels), orthogonalised against the
+    principal directions only and normalised. Problem ``(f, q)`` may use the principal columns and its own gap
+    column (the feature mask), so it has rank ``max_dim`` and no label of its validation rows enters its
+    features: the gap of the whole training part, or of another inner split, would contain them.
+    """
     K1, Q, n = masks.shape
     train = masks[:, -1]  # [K+1, n] each fold's whole training part
-    mean, std = _moments(X, train)
-    mu1, mu0 = _class_means(X, y, masks.reshape(K1 * Q, n))
+    mean, std = _moments(X, train)  # label-free: training part's features only
+    mu1, mu0 = _class_means(X, y, masks.reshape(K1 * Q, n))  # each split's own labels
     mu1, mu0 = mu1.view(K1, Q, -1), mu0.view(K1, Q, -1)
     theta = mu1[:, -1] - mu0[:, -1]  # raw mass-mean direction per fold
     mm_bias = -(theta * (mu1[:, -1] + mu0[:, -1]) / 2).sum(-1)
@@ -301,33 +346,63 @@ def _layer_features(X: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, max_d
     if d <= max_dim:  # exact: the standardised features themselves
         Z = (X[None] - mean[:, None]) / std[:, None]
         mm = X @ theta.T + mm_bias
-        return Z, None, mean, std, mm.T, theta, mm_bias
-    # reduced: basis = top principal directions of each fold's standardised training rows + class-mean gaps
-    k_pca = max(1, max_dim - Q)
+        return Z, None, mean, std, mm.T, theta, mm_bias, None
+    k_pca = max_dim - 1
     rows = torch.randperm(n, generator=gen)[:min(n, n_sketch)]
     Xs = X[rows]
     omega = torch.randn(d, k_pca, generator=gen, dtype=X.dtype)
     inv = 1.0 / std  # [K+1, d]
-    # Y_f = ((Xs - m_f) / s_f) @ omega, for all folds in one matmul
+    # randomised range finder, per fold: Y_f = ((Xs - m_f) / s_f) @ omega on fold f's training rows only
     Y = _mm(Xs, (omega[None] * inv[:, :, None]).permute(1, 0, 2).reshape(d, K1 * k_pca)).view(len(rows), K1, k_pca)
     Y = Y - ((mean * inv) @ omega)[None]
     Y = Y * train[:, rows].T[..., None].to(X.dtype)  # only each fold's training rows
-    A = _mm(Xs.T, Y.reshape(len(rows), K1 * k_pca)).view(d, K1, k_pca).permute(1, 0, 2)  # [K+1, d, k]
+    A = _mm(Xs.T, Y.reshape(len(rows), K1 * k_pca)).view(d, K1, k_pca).permute(1, 0, 2)  # [K+1, d, k_pca]
     A = (A - mean[:, :, None] * Y.sum(0)[:, None, :]) * inv[:, :, None]
+    pcs = torch.linalg.qr(A).Q  # [K+1, d, k_pca] orthonormal, label-free
     gaps = ((mu1 - mu0) * inv[:, None, :]).transpose(1, 2)  # [K+1, d, Q] standardised class-mean gaps
-    basis = torch.linalg.qr(torch.cat([gaps, A], dim=2)).Q  # [K+1, d, Q + k_pca]
+    # each gap is orthogonalised against the principal directions only, never against another split's gap
+    resid = gaps - pcs @ (pcs.transpose(1, 2) @ gaps)
+    size = resid.norm(dim=1, keepdim=True)
+    keep = size > 1e-6 * gaps.norm(dim=1, keepdim=True).clamp_min(1e-12)  # a gap inside the PCs adds nothing
+    resid = torch.where(keep, resid / size.clamp_min(1e-30), torch.zeros_like(resid))
+    basis = torch.cat([pcs, resid], dim=2)  # [K+1, d, k_pca + Q]
     k = basis.shape[2]
+    feature_mask = torch.zeros(Q, k, dtype=torch.bool)
+    feature_mask[:, :k_pca] = True
+    feature_mask[torch.arange(Q), k_pca + torch.arange(Q)] = True
     proj = torch.cat([(basis * inv[:, :, None]).permute(1, 0, 2).reshape(d, K1 * k), theta.T], dim=1)
     out = _mm(X, proj)  # one pass over the layer: every fold's features and mass-mean scores
     Z = out[:, :K1 * k].view(n, K1, k).permute(1, 0, 2) - ((mean * inv)[:, None, :] @ basis)
     mm = out[:, K1 * k:].T + mm_bias[:, None]
-    return Z.contiguous(), basis, mean, std, mm, theta, mm_bias
+    return Z.contiguous(), basis, mean, std, mm, theta, mm_bias, feature_mask
+
+
+def _check_inputs(X: Any, y: Sequence[int] | torch.Tensor, groups: Sequence | None, n_folds: int,
+                  inner_folds: int, Cs: Sequence[float], max_dim: int):
+    y_np = np.asarray(y.cpu() if isinstance(y, torch.Tensor) else y).astype(np.int64)
+    if set(np.unique(y_np).tolist()) != {0, 1}:
+        raise InputError(f"labels must be 0 and 1 with both present, got values {sorted(set(y_np.tolist()))}")
+    n = len(y_np)
+    g_np = np.arange(n) if groups is None else np.asarray([str(g) for g in groups])
+    if len(g_np) != n:
+        raise InputError(f"got {n} labels and {len(g_np)} groups; give one group id per row")
+    if n_folds < 2 or inner_folds < 2:
+        raise InputError(f"n_folds={n_folds}, inner_folds={inner_folds}: each needs at least 2 folds "
+                         f"(--folds 5 --inner-folds 3 are the defaults)")
+    if not Cs or any(not float(c) > 0 for c in Cs):
+        raise InputError(f"Cs={list(Cs)}: give one or more positive inverse regularisation strengths")
+    if max_dim < 2:
+        raise InputError(f"max_dim={max_dim}: the reduced basis needs at least 2 dimensions (one principal "
+                         f"direction plus the class-mean gap); use --max-dim 128 (default) or --exact")
+    if len(X) == 0:
+        raise InputError("X holds no layers")
+    return y_np, g_np, n
 
 
 def fit_probes(X: torch.Tensor | Sequence[torch.Tensor], y: Sequence[int] | torch.Tensor,
                groups: Sequence | None = None, *, n_folds: int = 5, inner_folds: int = 3,
                Cs: Sequence[float] = DEFAULT_CS, max_dim: int = 128, n_sketch: int = 1024, seed: int = 0,
-               progress: Callable[[int], None] | None = None) -> ProbeSweep:
+               exact: bool = False, progress: Callable[[int], None] | None = None) -> ProbeSweep:
     """Fit and evaluate logistic and mass-mean probes on every layer.
 
     Args:
@@ -336,41 +411,46 @@ def fit_probes(X: torch.Tensor | Sequence[torch.Tensor], y: Sequence[int] | torc
         y: binary labels (0/1) per row. groups: group id per row (rows of a group never straddle train and
             test); ``None`` makes each row its own group.
         n_folds / inner_folds: outer folds (held-out metrics) / inner folds (choose C inside each training part).
-        Cs: inverse L2 strengths, as sklearn's ``C``. max_dim: widths above this are reduced to a
-            ``max_dim``-dimensional basis per fold (see the module docstring). seed: fixes folds and sketches.
+        Cs: inverse L2 strengths, as sklearn's ``C``. max_dim: widths above this are fitted at reduced rank
+            ``max_dim`` per fold (see the module docstring; ``info["reduced_rank"]`` says so). seed: fixes folds
+            and sketches.
+        exact: fit scikit-learn's ``LogisticRegression`` (lbfgs) on all ``d`` standardised features instead of
+            the batched solver, same folds, same C selection (slow for wide layers: a spot check).
         progress: called with 1 after each layer's features are ready.
+
+    ``info`` records ``solver``, ``reduced_rank`` (True when ``d > max_dim`` and not ``exact``), ``rank`` (the
+    dimension each logistic fit had) and ``max_dim``.
 
     >>> sweep = fit_probes(torch.randn(2, 60, 8), [0, 1] * 30, n_folds=3, inner_folds=2)  # doctest: +SKIP
     """
-    y_np = np.asarray(y.cpu() if isinstance(y, torch.Tensor) else y).astype(np.int64)
-    if set(np.unique(y_np).tolist()) != {0, 1}:
-        raise ValueError(f"labels must be 0 and 1 with both present, got values {sorted(set(y_np.tolist()))}")
-    n = len(y_np)
-    g_np = np.arange(n) if groups is None else np.asarray([str(g) for g in groups])
-    if len(g_np) != n:
-        raise ValueError(f"got {n} labels and {len(g_np)} groups; give one group id per row")
+    y_np, g_np, n = _check_inputs(X, y, groups, n_folds, inner_folds, Cs, max_dim)
     outer, masks_np = _split_masks(y_np, g_np, n_folds, inner_folds, seed)
+    if exact:
+        return _fit_probes_exact(X, y_np, g_np, outer, masks_np, n_folds, inner_folds, Cs, max_dim, seed, progress)
     masks = torch.from_numpy(masks_np)
     yt = torch.from_numpy(y_np)
     Cs_t = torch.tensor(sorted(Cs), dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
-    if len(X) == 0:
-        raise ValueError("X holds no layers")
     L, K = len(X), n_folds
     # every layer's features go straight into two preallocated tensors: the outer folds' [L, K, n, k] (a
     # contiguous [L*K, n, k] for the batched solve, no copy) and the final fit's [L, n, k]
     Zout: torch.Tensor | None = None
     Zfin: torch.Tensor | None = None
+    fmask: torch.Tensor | None = None
     bases, means, stds, mms, thetas, mm_biases = [], [], [], [], [], []
     for i in range(len(X)):  # one layer in memory at a time when X is a lazy sequence
         Xl = X[i].float()
         if Xl.dim() != 2 or Xl.shape[0] != n:
-            raise ValueError(f"each layer must be [n={n}, d], got {tuple(Xl.shape)}")
+            raise InputError(f"each layer must be [n={n}, d], got {tuple(Xl.shape)}")
         with _single_thread():
-            Z, basis, mean, std, mm, theta, mm_bias = _layer_features(Xl, yt, masks, max_dim, n_sketch, gen)
+            Z, basis, mean, std, mm, theta, mm_bias, fm = _layer_features(Xl, yt, masks, max_dim, n_sketch, gen)
         if Zout is None:
             Zout = torch.empty(L, K, *Z.shape[1:], dtype=Z.dtype)
             Zfin = torch.empty(L, *Z.shape[1:], dtype=Z.dtype)
+            fmask = fm
+        elif tuple(Z.shape[1:]) != tuple(Zout.shape[2:]):
+            raise InputError(f"layer {i} is {Xl.shape[1]} wide, layer 0 is {X[0].shape[-1]}; every layer must "
+                             "have the same width")
         Zout[i] = Z[:K]
         Zfin[i] = Z[K]
         del Z
@@ -391,14 +471,50 @@ def fit_probes(X: torch.Tensor | Sequence[torch.Tensor], y: Sequence[int] | torc
     # cores); small sweeps such as the organism's stay on one thread, which is faster on a busy machine.
     big = L * K * n * masks.shape[1] * nC >= BIG_SOLVE
     with nullcontext() if big else _single_thread():
-        W_out = _newton(Zout.view(L * K, n, k), yt, masks[:K].repeat(L, 1, 1), Cs_t)
-        W_fin = _newton(Zfin, yt, masks[K:, -1:].expand(L, 1, n), Cs_t)
+        W_out = _newton(Zout.view(L * K, n, k), yt, masks[:K].repeat(L, 1, 1), Cs_t, feature_mask=fmask)
+        W_fin = _newton(Zfin, yt, masks[K:, -1:].expand(L, 1, n), Cs_t,
+                        feature_mask=None if fmask is None else fmask[-1:])
     del Zfin
     # scores one layer at a time (the same per-matrix products as one [L*K, n, k+1] bmm, without that copy)
     W_l = W_out.view(L, K, *W_out.shape[1:])
     scores = torch.stack([torch.bmm(torch.cat([Zout[i], torch.ones(K, n, 1)], dim=-1), W_l[i].transpose(1, 2))
                           for i in range(L)]).view(L, K, n, inner_folds + 1, nC)
     del Zout
+    choice, oof, full, final_c, mm_oof = _select(scores, yt, masks, outer, mms, inner_folds)
+    # final probe back to residual units: score = (x - mean)/std @ w_std + b
+    rows = torch.arange(L)
+    beta = W_fin[rows, final_c]  # [L, k+1]
+    weight, bias = [], []
+    for i in range(L):
+        w_std = beta[i, :-1] if bases[i] is None else bases[i] @ beta[i, :-1]
+        w = w_std / stds[i][K]
+        weight.append(w)
+        bias.append(beta[i, -1] - (w * means[i][K]).sum())
+    reduced = bases[0] is not None
+    rank = max_dim if reduced else int(X[0].shape[-1])
+    return ProbeSweep(
+        auroc=auroc(oof, yt).float(), accuracy=accuracy(oof, yt).float(),
+        mm_auroc=auroc(mm_oof, yt).float(), mm_accuracy=accuracy(mm_oof, yt).float(),
+        weight=torch.stack(weight), bias=torch.stack(bias),
+        mm_direction=torch.stack([t[K] for t in thetas]), mm_bias=torch.stack([b[K] for b in mm_biases]),
+        mean=torch.stack([m[K] for m in means]), std=torch.stack([s[K] for s in stds]),
+        C=Cs_t[final_c], oof=oof, fold_C=Cs_t[choice],
+        info={"n": n, "n_folds": K, "inner_folds": inner_folds, "Cs": Cs_t.tolist(), "reduced_dim": rank
+              if reduced else None, "n_groups": int(len(np.unique(g_np))), "seed": seed,
+              "solver": "batched damped Newton (haltrace)", "reduced_rank": reduced, "rank": rank,
+              "max_dim": max_dim, "d": int(X[0].shape[-1])},
+    )
+
+
+def _select(scores: torch.Tensor, yt: torch.Tensor, masks: torch.Tensor, outer: np.ndarray, mms: list[torch.Tensor],
+            inner_folds: int):
+    """C per outer fold by inner-validation AUROC, out-of-fold scores, the final C, mass-mean out-of-fold scores.
+
+    ``scores [L, K, n, J+1, nC]``: split ``j < J`` of fold ``f`` was fitted on ``masks[f, j]``; ``J`` on the
+    whole training part ``masks[f, J]``.
+    """
+    L, K, n = scores.shape[:3]
+    nC = scores.shape[-1]
     # inner validation AUROC: split j of fold f validates on fold-f training rows outside split j
     valid = (masks[:K, -1:] & ~masks[:K, :inner_folds])  # [K, J, n]
     inner_scores = scores[..., :inner_folds, :].permute(0, 1, 3, 4, 2)  # [L, K, J, nC, n]
@@ -411,24 +527,85 @@ def fit_probes(X: torch.Tensor | Sequence[torch.Tensor], y: Sequence[int] | torc
     oof_c = full.gather(1, outer_t[None, None, :, None].expand(L, 1, n, nC))[:, 0].permute(0, 2, 1)
     final_c = torch.nan_to_num(auroc(oof_c, yt), nan=0.5).argmax(-1)  # [L] C for the shipped probe
     mm_oof = torch.stack([m[:K].gather(0, outer_t[None])[0] for m in mms])
-    # final probe back to residual units: score = (x - mean)/std @ w_std + b
-    rows = torch.arange(L)
-    beta = W_fin[rows, final_c]  # [L, k+1]
-    weight, bias = [], []
+    return choice, oof, full, final_c, mm_oof
+
+
+def _fit_probes_exact(X: Any, y_np: np.ndarray, g_np: np.ndarray, outer: np.ndarray, masks_np: np.ndarray,
+                      K: int, inner_folds: int, Cs: Sequence[float], max_dim: int, seed: int,
+                      progress: Callable[[int], None] | None) -> ProbeSweep:
+    """:func:`fit_probes` with scikit-learn's ``StandardScaler`` + ``LogisticRegression`` on all features.
+
+    Same folds, same protocol: each outer fold standardises on its training part, each inner split fits on
+    its own training rows and is scored on the rest of the training part, C is the first best mean inner
+    AUROC, the shipped probe is refit on all rows at the C with the best out-of-fold AUROC.
+    """
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    masks = torch.from_numpy(masks_np)
+    yt = torch.from_numpy(y_np)
+    Cs_sorted = sorted(float(c) for c in Cs)
+    Cs_t = torch.tensor(Cs_sorted, dtype=torch.float32)
+    L, n, nC, J = len(X), len(y_np), len(Cs_sorted), inner_folds
+    scores = torch.zeros(L, K, n, J + 1, nC, dtype=torch.float64)
+    mms, thetas, mm_biases, unconverged = [], [], [], 0
+    weight, bias, means, stds = [], [], [], []
+
+    def lr(C: float, Xtr: np.ndarray, ytr: np.ndarray) -> Any:
+        nonlocal unconverged
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            clf = LogisticRegression(C=C, max_iter=2000, tol=1e-6).fit(Xtr, ytr)
+        unconverged += sum(issubclass(w.category, ConvergenceWarning) for w in caught)
+        return clf
+
     for i in range(L):
-        w_std = beta[i, :-1] if bases[i] is None else bases[i] @ beta[i, :-1]
-        w = w_std / stds[i][K]
-        weight.append(w)
-        bias.append(beta[i, -1] - (w * means[i][K]).sum())
+        Xl = X[i].float()
+        if Xl.dim() != 2 or Xl.shape[0] != n:
+            raise InputError(f"each layer must be [n={n}, d], got {tuple(Xl.shape)}")
+        x = Xl.double().numpy()
+        # mass-mean: the same arithmetic as the batched path
+        mu1, mu0 = _class_means(Xl, yt, masks[:, -1])
+        theta = mu1 - mu0
+        mm_bias = -(theta * (mu1 + mu0) / 2).sum(-1)
+        mms.append((Xl @ theta.T + mm_bias).T)
+        thetas.append(theta)
+        mm_biases.append(mm_bias)
+        for f in range(K):
+            train = masks_np[f, -1]
+            scaler = StandardScaler().fit(x[train])
+            xs = scaler.transform(x)
+            for q in range(J + 1):
+                rows = masks_np[f, q]
+                for c, C in enumerate(Cs_sorted):
+                    scores[i, f, :, q, c] = torch.from_numpy(lr(C, xs[rows], y_np[rows]).decision_function(xs))
+        # the shipped probe: all rows, at the C with this layer's best out-of-fold AUROC
+        final_c = int(_select(scores[i:i + 1], yt, masks, outer, mms[i:i + 1], inner_folds)[3][0])
+        scaler = StandardScaler().fit(x)
+        clf = lr(Cs_sorted[final_c], scaler.transform(x), y_np)
+        scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
+        w = clf.coef_[0] / scale
+        weight.append(torch.from_numpy(w).float())
+        bias.append(torch.tensor(float(clf.intercept_[0] - (w * scaler.mean_).sum())))
+        means.append(torch.from_numpy(scaler.mean_).float())
+        stds.append(torch.from_numpy(scale).float())
+        if progress is not None:
+            progress(1)
+    choice, oof, full, final_c, mm_oof = _select(scores, yt, masks, outer, mms, inner_folds)
+    d = int(X[0].shape[-1])
     return ProbeSweep(
         auroc=auroc(oof, yt).float(), accuracy=accuracy(oof, yt).float(),
         mm_auroc=auroc(mm_oof, yt).float(), mm_accuracy=accuracy(mm_oof, yt).float(),
         weight=torch.stack(weight), bias=torch.stack(bias),
         mm_direction=torch.stack([t[K] for t in thetas]), mm_bias=torch.stack([b[K] for b in mm_biases]),
-        mean=torch.stack([m[K] for m in means]), std=torch.stack([s[K] for s in stds]),
-        C=Cs_t[final_c], oof=oof, fold_C=Cs_t[choice],
-        info={"n": n, "n_folds": K, "inner_folds": inner_folds, "Cs": Cs_t.tolist(), "reduced_dim": k
-              if bases[0] is not None else None, "n_groups": int(len(np.unique(g_np))), "seed": seed},
+        mean=torch.stack(means), std=torch.stack(stds), C=Cs_t[final_c], oof=oof.float(), fold_C=Cs_t[choice],
+        info={"n": n, "n_folds": K, "inner_folds": inner_folds, "Cs": Cs_sorted, "reduced_dim": None,
+              "n_groups": int(len(np.unique(g_np))), "seed": seed,
+              "solver": "scikit-learn LogisticRegression (lbfgs, L2) on all features", "reduced_rank": False,
+              "rank": d, "max_dim": max_dim, "d": d, "unconverged_fits": unconverged},
     )
 
 

@@ -44,9 +44,6 @@ if TYPE_CHECKING:
 #: hook kinds an SAE can be trained on (one vector of the residual width per token)
 SAE_HOOK_KINDS: tuple[str, ...] = ("resid_pre", "resid_post", "attn_out", "mlp_out", "projector_out",
                                    "vision_out")
-#: haltrace kind -> TransformerLens hook suffix (``blocks.L.<suffix>``)
-_TL_SUFFIX: dict[str, str] = {"resid_pre": "hook_resid_pre", "resid_post": "hook_resid_post",
-                              "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out", "head_out": "attn.hook_z"}
 LAYER_CONVENTION = ("haltrace: resid_post.i = output of decoder block i = HF hidden_states[i+1] = "
                     "TransformerLens blocks.i.hook_resid_post; resid_pre.i = input of block i = hidden_states[i]")
 REPORT_FILE = "haltrace_train.json"
@@ -58,15 +55,14 @@ class SAEError(HaltraceError):
 
 # ----------------------------------------------------------------------------------------- hook names
 def tl_hook_name(hook: str) -> str:
-    """haltrace hook -> TransformerLens / SAELens hook name.
+    """haltrace hook -> TransformerLens / SAELens hook name (:func:`haltrace.conventions.tl_hook_name`).
 
     >>> tl_hook_name("resid_post.2")
     'blocks.2.hook_resid_post'
     """
-    point = parse_hook(hook)
-    if point.layer is None:
-        return point.kind  # no TL equivalent for image-level hooks; keep haltrace's name
-    return f"blocks.{point.layer}.{_TL_SUFFIX[point.kind]}"
+    from haltrace import conventions
+
+    return conventions.tl_hook_name(hook)
 
 
 def haltrace_hook_name(name: str) -> str:
@@ -75,14 +71,13 @@ def haltrace_hook_name(name: str) -> str:
     >>> haltrace_hook_name("blocks.9.hook_resid_post"), haltrace_hook_name("resid_pre.3")
     ('resid_post.9', 'resid_pre.3')
     """
-    match = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
-    if match:
-        layer, suffix = int(match.group(1)), match.group(2)
-        for kind, tl in _TL_SUFFIX.items():
-            if suffix == tl:
-                return f"{kind}.{layer}"
-        raise SAEError(f"SAE hook {name!r} has no haltrace equivalent; known TransformerLens hooks: "
-                       f"{', '.join('blocks.L.' + s for s in _TL_SUFFIX.values())}")
+    if re.fullmatch(r"blocks\.\d+\..+", name):
+        from haltrace.conventions import hook_from_tl_name
+
+        try:
+            return hook_from_tl_name(name).name
+        except ValueError as err:
+            raise SAEError(str(err)) from None
     try:
         return parse_hook(name).name
     except ValueError as err:
@@ -304,13 +299,12 @@ class TrainReport:
 
 
 def _build_training_sae(arch: str, d_in: int, d_sae: int, k: int | None, l1: float, metadata: dict[str, Any]):
-    from sae_lens import (
-        StandardTrainingSAE,
-        StandardTrainingSAEConfig,
-        TopKTrainingSAE,
-        TopKTrainingSAEConfig,
-    )
-    from sae_lens.saes.sae import SAEMetadata
+    from haltrace._optional import require
+
+    lens = require("sae_lens", extra="sae", feature="training an SAE")
+    StandardTrainingSAE, StandardTrainingSAEConfig = lens.StandardTrainingSAE, lens.StandardTrainingSAEConfig
+    TopKTrainingSAE, TopKTrainingSAEConfig = lens.TopKTrainingSAE, lens.TopKTrainingSAEConfig
+    SAEMetadata = require("sae_lens.saes.sae", extra="sae", feature="training an SAE").SAEMetadata
 
     # scale inputs to norm sqrt(d_in) while training (folded into the weights at the end), so one
     # l1 coefficient works across models whose residual streams have very different scales
@@ -356,8 +350,10 @@ def train_sae(stores: Any, hook: str, d_sae: int, *, arch: str = "topk", k: int 
     if out is not None and Path(out).exists() and not overwrite:
         raise SAEError(f"{out} already exists; pass overwrite=True (--overwrite) or pick another folder")
     torch.manual_seed(seed)
-    from sae_lens.config import SAETrainerConfig
-    from sae_lens.training.sae_trainer import SAETrainer
+    from haltrace._optional import require
+
+    SAETrainerConfig = require("sae_lens.config", extra="sae", feature="training an SAE").SAETrainerConfig
+    SAETrainer = require("sae_lens.training.sae_trainer", extra="sae", feature="training an SAE").SAETrainer
 
     d_in = opened[0].shape(hook)[-1]
     sampler = StoreSampler(opened, hook, batch_size, heldout_every=heldout_every, seed=seed)
@@ -376,14 +372,17 @@ def train_sae(stores: Any, hook: str, d_sae: int, *, arch: str = "topk", k: int 
     cfg = SAETrainerConfig(total_training_samples=samples, train_batch_size_samples=batch_size, lr=lr, lr_end=lr,
                            lr_scheduler_name="constant", lr_warm_up_steps=min(100, steps // 10),
                            lr_decay_steps=steps // 5, device="cpu", dead_feature_window=max(steps, 1),
-                           feature_sampling_window=max(steps, 1))
+                           feature_sampling_window=max(steps, 1),
+                           # inputs are scaled to mean norm sqrt(d_in) (normalize_activations=
+                           # 'expected_average_only_in'); SAELens' default estimates it from 1,000 batches
+                           n_batches_for_norm_estimate=min(50, steps))
     trainer = SAETrainer(cfg=cfg, sae=training_sae, data_provider=sampler)
     old_threads = torch.get_num_threads()
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     try:
         started = time.perf_counter()
-        _fit(trainer, sampler, steps, d_in, progress)
+        _fit(trainer, progress)
         seconds = time.perf_counter() - started
     finally:
         torch.set_num_threads(old_threads)
@@ -402,32 +401,24 @@ def train_sae(stores: Any, hook: str, d_sae: int, *, arch: str = "topk", k: int 
     return sae, report
 
 
-def _fit(trainer: Any, sampler: StoreSampler, steps: int, d_in: int, progress: bool) -> None:
-    """``SAETrainer.fit`` through its public seams, with a rich progress bar instead of tqdm and no wandb."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def _fit(trainer: Any, progress: bool) -> Any:
+    """SAELens' own ``SAETrainer.fit()``: the activation-norm estimate over ``n_batches_for_norm_estimate``
+    batches, the training loop, folding the norm scaling factor into the weights and the final metadata.
 
-    # normalize_activations='expected_average_only_in': scale inputs to mean norm sqrt(d_in); computed here
-    # as SAELens' ActivationScaler does, from up to 50 batches, without its tqdm bar
-    norms = torch.cat([next(sampler).norm(dim=-1) for _ in range(min(50, steps))])
-    trainer.activation_scaler.scaling_factor = d_in ** 0.5 / float(norms.mean())
-    bar = Progress(TextColumn("train SAE"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
-                   TextColumn("{task.fields[loss]}"), TimeRemainingColumn(), console=Console(stderr=True),
-                   disable=not progress)
-    with bar:
-        task = bar.add_task("sae", total=steps, loss="")
-        for step in range(steps):
-            trainer.maybe_reset_sparsity()
-            output = trainer.step(next(sampler))
-            trainer.n_training_steps += 1
-            if step % 50 == 0 or step == steps - 1:
-                losses = " ".join(f"{k}={float(v.detach()):.4g}" for k, v in output.losses.items())
-                bar.update(task, completed=step + 1, loss=losses)
-            else:
-                bar.advance(task)
-    trainer.sae.fold_activation_norm_scaling_factor(trainer.activation_scaler.scaling_factor)
-    trainer.activation_scaler.scaling_factor = None
-    trainer.set_final_sae_metadata()
+    Its tqdm bars go to stderr when ``progress``; otherwise they are discarded (warnings raised meanwhile are
+    re-issued afterwards, so nothing but the bars is lost).
+    """
+    if progress:
+        return trainer.fit()
+    import contextlib
+    import io
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(io.StringIO()):
+        trained = trainer.fit()
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return trained
 
 
 def _to_inference(training_sae: Any) -> SAE:
@@ -440,8 +431,11 @@ def _to_inference(training_sae: Any) -> SAE:
 def _load_disk(path: str | os.PathLike, device: str = "cpu") -> SAE:
     """SAELens' loader behind plain-word checks: ``cfg.json`` must be a JSON object, every ``*.safetensors``
     a real safetensors file (never a pickle); whatever SAELens still rejects is named with the folder."""
-    from sae_lens import SAE
     from safetensors import SafetensorError
+
+    from haltrace._optional import require
+
+    SAE = require("sae_lens", extra="sae", feature="loading an SAE").SAE
 
     from haltrace.steering.vector import VectorError, _check_container
 
@@ -508,8 +502,9 @@ def load_sae(source: str | os.PathLike, sae_id: str | None = None, *, device: st
             raise SAEError(f"{source} is not an SAE folder: cfg.json is missing{hint}. Train one with "
                            "`haltrace sae train` or pass a SAELens release name and id.")
         return _load_disk(path, device)
-    from sae_lens import SAE
+    from haltrace._optional import require
 
+    SAE = require("sae_lens", extra="sae", feature="loading an SAE").SAE
     try:
         return SAE.from_pretrained(str(source), sae_id, device=device)
     except Exception as err:  # offline: huggingface_hub raises several different errors; say what to do

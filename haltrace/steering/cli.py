@@ -23,6 +23,11 @@ from typing import Any
 
 import typer
 
+from haltrace.cli_common import console as _console
+from haltrace.cli_common import load_model
+from haltrace.cli_common import stdout_console as _stdout
+from haltrace.evals.cli import evaluate_builtin, parse_evals, strip_answers
+
 app = typer.Typer(help="Steer a model with a registered method and measure it.", no_args_is_help=True)
 
 DEFAULT_EVALS = "pope,chair,counterfactual,refusal"
@@ -76,31 +81,6 @@ def _residual_norm(model: Any, hook: str) -> float | None:
     return math.sqrt(d) if d else None
 
 
-def _console(quiet: bool):
-    from rich.console import Console
-
-    # progress goes to stderr so that --json leaves stdout as exactly one object
-    return Console(stderr=True, quiet=quiet)
-
-
-def _stdout():
-    from rich.console import Console
-
-    return Console()
-
-
-def _parse_evals(text: str) -> list[str]:
-    from haltrace.evals.suite import EVALS
-
-    names = [e.strip() for e in text.split(",") if e.strip()]
-    bad = [e for e in names if e not in EVALS]
-    if bad or not names:
-        raise typer.BadParameter(f"unknown evaluation(s) {bad or '(none given)'}; choose from "
-                                 f"{', '.join(EVALS)}, or benchmark files pope=FILE / chair=IMAGE_DIR "
-                                 "(comma-separated)", param_hint="--eval")
-    return names
-
-
 def _parse_eval_specs(text: str) -> tuple[str, list[str], Path | None]:
     """``--eval`` -> (organism evaluation names, POPE files, CHAIR image folder). ``pope=FILE`` and
     ``chair=DIR`` entries are benchmark files run through the generation runner; bare names are the organism's
@@ -122,7 +102,7 @@ def _parse_eval_specs(text: str) -> tuple[str, list[str], Path | None]:
             raise typer.BadParameter(f"--eval {entry!r}: files are given as pope=FILE or chair=IMAGE_DIR",
                                      param_hint="--eval")
     if names:
-        _parse_evals(",".join(names))
+        parse_evals(",".join(names))
     return ",".join(names), pope, chair
 
 
@@ -147,26 +127,6 @@ def _parse_opts(opts: list[str], alpha: float | None, layer: int | None) -> dict
     return kwargs
 
 
-def _load(model: str, console) -> Any:
-    import haltrace
-
-    with console.status(f"loading {model} ..."):
-        try:
-            return haltrace.load(model)
-        except (FileNotFoundError, OSError, ValueError) as exc:
-            raise typer.BadParameter(f"cannot load {model!r}: {exc}", param_hint="--model") from None
-
-
-def _evaluate(model: Any, evals: list[str], console, label: str, fitted: Any = None) -> dict:
-    from haltrace.evals.suite import evaluate
-
-    with console.status(f"evaluating {label} on {', '.join(evals)} ..."):
-        try:
-            return evaluate(model, evals, fitted=fitted, keep_answers=True)
-        except ValueError as exc:
-            raise typer.BadParameter(str(exc), param_hint="--model") from None
-
-
 def _load_fit_data(path: Path, images: Path | None) -> list:
     from haltrace.data.jsonl import DataFormatError
     from haltrace.data.visual_counterfact import load_fit_file
@@ -180,7 +140,7 @@ def _load_fit_data(path: Path, images: Path | None) -> list:
 def _evaluate_all(model: Any, evals: list[str], files: dict, console, label: str, fitted: Any,
                   answers: Path | None) -> dict:
     """The organism's built-in sets (``evals``) and/or benchmark files through the runner (``files``)."""
-    report = _evaluate(model, evals, console, label, fitted) if evals else {}
+    report = evaluate_builtin(model, evals, console, label, fitted) if evals else {}
     if files:
         from haltrace.evals.cli import run_benchmarks
 
@@ -190,14 +150,6 @@ def _evaluate_all(model: Any, evals: list[str], files: dict, console, label: str
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--eval") from None
     return report
-
-
-def _strip(report: dict) -> dict:
-    """The report without per-item answers (kept in memory for flip rates, too long to print)."""
-    out = json.loads(json.dumps(report, default=str))
-    out.get("counterfactual", {}).pop("answers", None)
-    out.get("counterfactual", {}).pop("labels", None)
-    return out
 
 
 def _fmt(value: float | None, rel: bool = False) -> str:
@@ -265,7 +217,7 @@ def steer_cmd(
     from haltrace.steering.registry import get_method, list_methods
 
     organism_evals, pope_files, chair_dir = _parse_eval_specs(evals)
-    eval_names = _parse_evals(organism_evals) if organism_evals else []
+    eval_names = parse_evals(organism_evals) if organism_evals else []
     if chair_dir is not None and coco_annotations is None:
         raise typer.BadParameter("--eval chair=IMAGE_DIR needs --coco-annotations DIR", param_hint="--eval")
     kwargs = _parse_opts(opt, alpha, layer)
@@ -299,7 +251,7 @@ def steer_cmd(
             impl = get_method(method)
         except ValueError as exc:  # lists the registry
             raise typer.BadParameter(str(exc), param_hint="--method") from None
-    hf_model = _load(model, console)
+    hf_model = load_model(model, console)
     if from_dir is None:  # every option checked before the baseline evaluation runs
         try:
             impl.check_options(hf_model, kwargs)
@@ -340,15 +292,15 @@ def steer_cmd(
     except ValueError as exc:  # e.g. a saved vector of another model's hidden size: names both sizes
         raise typer.BadParameter(str(exc), param_hint="--from" if from_dir else "--model") from None
 
-    from haltrace.evals.counterfactual import flip_rates
+    from haltrace.evals.counterfactual import counterfactual_flips
     from haltrace.steering.results import _jsonable, compare, save_fitted
 
-    flips = (flip_rates(before["counterfactual"]["labels"], after["counterfactual"]["labels"])
+    flips = (counterfactual_flips(before["counterfactual"], after["counterfactual"])
              if "counterfactual" in eval_names else None)
     rows = compare(before, after, flips)
     payload = {"method": method, "model": model, "evals": eval_names, "options": kwargs,
                "fit_seconds": fit_seconds, "comparison": rows, "flips": flips,
-               "before": _strip(before), "after": _strip(after),
+               "before": strip_answers(before), "after": strip_answers(after),
                "provenance": _jsonable(dict(fitted.provenance), {}, "provenance"),
                "registered_methods": list_methods()}
     if from_dir is not None:
@@ -414,9 +366,10 @@ def _scoped(kwargs: dict) -> dict[str, dict]:
 
 def _steer_all(model: str, evals: list[str], kwargs: dict, out: Path | None, results: Path, as_json: bool,
                console) -> None:
-    from haltrace.steering.results import results_json, run_methods, save_fitted, write_results
+    from haltrace.evals.results_table import results_json, run_methods, write_results
+    from haltrace.steering.results import save_fitted
 
-    hf_model = _load(model, console)
+    hf_model = load_model(model, console)
     from haltrace.steering.registry import get_method
 
     for name, kw in kwargs.items():  # every method's options checked before the baseline runs
@@ -443,8 +396,3 @@ def _steer_all(model: str, evals: list[str], kwargs: dict, out: Path | None, res
     out_console = _stdout()
     out_console.print(paths["markdown"].read_text())
     out_console.print(f"wrote {paths['markdown']} and {paths['json']}")
-
-
-def evaluate_organism(model: str, evals: str, console: Any) -> dict:
-    """The organism's built-in held-out sets (``haltrace eval --model ORGANISM``), answers stripped."""
-    return _strip(_evaluate(_load(model, console), _parse_evals(evals), console, model))

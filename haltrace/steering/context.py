@@ -58,9 +58,11 @@ class ForwardContext:
         self.ids: torch.Tensor | None = None  # the current forward's input ids
         self.kwargs: dict[str, Any] = {}
         self.history: torch.Tensor | None = None  # [B, tokens fed so far]
+        self.history_mask: torch.Tensor | None = None  # [B, tokens fed so far] bool: False on padding
         self.reads: dict[str, torch.Tensor] = {}
         self.vision_kwargs: dict[str, Any] = {}
         self.serial = 0  # counts prompts: an intervention caches per-prompt work under it
+        self.scratch: dict[Any, Any] = {}  # per-prompt work shared by interventions (see memo), cleared per prompt
         self.busy = False
         self._masks: dict[tuple, torch.Tensor | None | bool] = {}
 
@@ -88,11 +90,17 @@ class ForwardContext:
                 self.last_prompt = torch.full((self.batch,), self.length - 1, dtype=torch.long)
             self.image = self.model.image_token_mask(ids) if (ids is not None and self.model.is_vlm) else None
             self.history = ids
+            if ids is not None:
+                real = mask.bool() if mask is not None and mask.shape == ids.shape else torch.ones_like(ids, dtype=torch.bool)
+                self.history_mask = real
+            self.scratch.clear()
             for item in self.preparers:
                 with self.paused():
                     item.prepare(self.model, self)
         elif ids is not None and self.history is not None and self.history.shape[0] == ids.shape[0]:
             self.history = torch.cat([self.history, ids.to(self.history.device)], dim=1)
+            self.history_mask = torch.cat([self.history_mask, torch.ones_like(ids, dtype=torch.bool).to(
+                self.history_mask.device)], dim=1)
 
     def on_vision(self, _module: Any, args: tuple, kwargs: dict) -> None:
         """Vision-tower pre-hook: keep its call arguments (flat-patch towers take ``grid_thw``)."""
@@ -108,6 +116,13 @@ class ForwardContext:
             yield
         finally:
             self.busy = before
+
+    def memo(self, key: Any, compute: Any) -> Any:
+        """``compute()`` once per prompt under ``key``: several interventions of one method (one per layer)
+        share a per-prompt result, e.g. VISTA's steering vectors, without each running the extra forwards."""
+        if key not in self.scratch:
+            self.scratch[key] = compute()
+        return self.scratch[key]
 
     # ------------------------------------------------------------------------------------------ facts
     @property

@@ -28,13 +28,13 @@ organism's captions legitimately repeat colour words, and the penalty would conf
 Fidelity (paper / official code step -> haltrace -> same or different):
 
 ==========================================  =====================  ===============================================
-early exit ``lm_head(h_j)``, no final norm   ``DoLaDecoder``        same (``final_norm=True``: corrected variant)
+early exit ``lm_head(h_j)``, no final norm   ``DoLaContrast``       same (``final_norm=True``: corrected variant)
 premature layer by the code's "JSD"          ``dola_scores``        same formula; chosen per row, HF averages the
                                                                     divergence over the batch (same at batch 1;
                                                                     parity test against HF's formula)
 adaptive plausibility, relative_top 0.1      ``dola_scores``        same (base -1e-3, final -inf outside the head)
 candidate buckets ``low`` / ``high``         ``candidate_layers``   same as HF's ``dola_layers``
-repetition penalty 1.2                       ``fit(preset=paper)``  off by default (see above)
+repetition penalty 1.2                       ``RepetitionPenalty``  ``preset="paper"``; off by default (see above)
 ==========================================  =====================  ===============================================
 
 >>> import haltrace
@@ -48,13 +48,14 @@ repetition penalty 1.2                       ``fit(preset=paper)``  off by defau
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from haltrace.steering.interventions import Intervention, register_state_type
 from haltrace.steering.registry import FittedIntervention, Method, register_method
 
 PAPER = "Chuang et al., DoLa: Decoding by Contrasting Layers Improves Factuality in LLMs, ICLR 2024"
@@ -117,71 +118,103 @@ def dola_scores(final_logits: torch.Tensor, premature_logits: torch.Tensor, *, r
     return scores, chosen
 
 
-class DoLaDecoder:
-    """Replaces the model's output logits with DoLa scores while attached; ``decoder(model)`` -> context manager.
+@register_state_type
+@dataclass
+class DoLaContrast(Intervention):
+    """At ``logits``: replaces the model's output logits with DoLa scores (:func:`dola_scores`) against the
+    premature candidates ``premature`` (HF ``hidden_states`` indices: 0 = embeddings = ``resid_pre.0``, ``j`` =
+    ``resid_post.{j-1}``), at every position the model returns. ``stats["premature"]`` counts how often each
+    candidate was chosen (runtime only).
 
-    ``stats["premature"]`` counts how often each candidate ``hidden_states`` index was chosen.
-
-    >>> with DoLaDecoder([2])(model):                               # doctest: +SKIP
+    >>> with steer(model, DoLaContrast("logits", premature=[2])):        # doctest: +SKIP
     ...     model.hf.generate(**inputs, max_new_tokens=8, do_sample=False)
     """
 
-    def __init__(self, layers: Sequence[int], *, relative_top: float = 0.1, final_norm: bool = False,
-                 divergence: str = "js_code"):
-        if not layers:
+    premature: list[int] = field(default_factory=list)
+    relative_top: float = 0.1
+    final_norm: bool = False
+    divergence: str = "js_code"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.premature:
             raise ValueError("DoLa needs at least one premature layer")
-        if divergence not in DIVERGENCES:
-            raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-        self.layers = [int(j) for j in layers]
-        self.relative_top, self.final_norm, self.divergence = float(relative_top), bool(final_norm), divergence
-        self.stats: dict[str, Any] = {"positions": 0, "premature": {j: 0 for j in self.layers}}
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
+        self.premature = [int(j) for j in self.premature]
+        self.reset()
 
-    def __call__(self, model: Any) -> Any:
-        return self._attached(model)
-
-    @contextmanager
-    def _attached(self, model: Any) -> Iterator[DoLaDecoder]:
-        from haltrace.trace.capture import temporary_hooks
-
-        bad = [j for j in self.layers if not 0 <= j < model.n_layers]
+    def validate(self, model: Any) -> Any:
+        bad = [j for j in self.premature if not 0 <= j < model.n_layers]
         if bad:
             raise ValueError(f"premature layers {bad} invalid for a model with {model.n_layers} layers")
-        adapter = model.adapter
-        states: dict[int, torch.Tensor] = {}
+        return super().validate(model)
 
-        def keep(j: int, pre: bool) -> Any:
-            if pre:
-                def fn(_m: Any, args: tuple, kwargs: dict) -> None:
-                    states[j] = args[0] if args else kwargs["hidden_states"]
-            else:
-                def fn(_m: Any, _a: tuple, _kw: dict, out: Any) -> None:
-                    states[j] = out if isinstance(out, torch.Tensor) else out[0]
-            return fn
+    @staticmethod
+    def site_of(j: int) -> str:
+        return "resid_pre.0" if j == 0 else f"resid_post.{j - 1}"
 
-        def contrast(_m: Any, _a: tuple, _kw: dict, output: Any) -> Any:
-            logits = output.logits
-            keep_t = logits.shape[1]  # generate() may keep only the last position's logits
-            head, norm = adapter.unembed, adapter.final_norm
+    def reads(self, model: Any) -> tuple[str, ...]:
+        return tuple(self.site_of(j) for j in self.premature)
+
+    def edit_at(self, x: torch.Tensor, mask: torch.Tensor | None, ctx: Any) -> torch.Tensor:
+        adapter = ctx.model.adapter
+        keep = x.shape[1]  # generate() may keep only the last position's logits
+        with torch.no_grad():
             premature = []
-            for j in self.layers:
-                h = states[j][:, -keep_t:]
-                premature.append(head(norm(h) if self.final_norm else h))
-            scores, chosen = dola_scores(logits, torch.stack(premature), relative_top=self.relative_top,
+            for j in self.premature:
+                h = ctx.reads[self.site_of(j)][:, -keep:]
+                premature.append(adapter.unembed(adapter.final_norm(h) if self.final_norm else h))
+            scores, chosen = dola_scores(x, torch.stack(premature), relative_top=self.relative_top,
                                          divergence=self.divergence)
-            self.stats["positions"] += int(chosen.numel())
-            for idx, j in enumerate(self.layers):
-                self.stats["premature"][j] += int((chosen == idx).sum())
-            states.clear()
-            output.logits = scores.to(logits.dtype)
-            return output
-
-        pre = [(adapter.layers[0], keep(0, True))] if 0 in self.layers else []
-        fwd = [(adapter.layers[j - 1], keep(j, False)) for j in self.layers if j > 0] + [(model.hf, contrast)]
-        with torch.no_grad(), temporary_hooks(forward=fwd, pre=pre, with_kwargs=True):
-            yield self
+        self.stats["positions"] += int(chosen.numel())
+        for idx, j in enumerate(self.premature):
+            self.stats["premature"][j] += int((chosen == idx).sum())
+        return scores.to(x.dtype)
 
     def reset(self) -> None:
-        self.stats = {"positions": 0, "premature": {j: 0 for j in self.layers}}
+        self.__dict__["stats"] = {"positions": 0, "premature": {j: 0 for j in self.premature}}
+
+
+@register_state_type
+@dataclass
+class RepetitionPenalty(Intervention):
+    """At ``logits``: Hugging Face's repetition penalty on the last position (``score / p`` where positive,
+    ``score * p`` where negative, for every token id fed so far, prompt included, left padding excluded, as
+    ``generate`` sets up ``RepetitionPenaltyLogitsProcessor`` with ``prompt_ignore_length``). As an engine edit it applies
+    wherever the model runs (``generate`` and plain forwards alike) and needs no ``generate()`` argument."""
+
+    penalty: float = 1.2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (math.isfinite(self.penalty) and self.penalty > 0):
+            raise ValueError(f"repetition penalty must be a positive number, got {self.penalty}")
+        self.penalty = float(self.penalty)
+
+    def edit_at(self, x: torch.Tensor, mask: torch.Tensor | None, ctx: Any) -> torch.Tensor:
+        ids = ctx.history
+        if ids is None:
+            return x
+        vocab = x.shape[-1]
+        # padding (and ids beyond the head) go to one extra column that is dropped afterwards
+        ids = ids.to(x.device).masked_fill(~ctx.history_mask.to(x.device), vocab).clamp(max=vocab)
+        last = torch.nn.functional.pad(x[:, -1].float(), (0, 1))
+        score = torch.gather(last, 1, ids)
+        score = torch.where(score < 0, score * self.penalty, score / self.penalty)
+        out = x.clone()
+        out[:, -1] = last.scatter(1, ids, score)[:, :vocab].to(x.dtype)
+        return out
+
+
+def dola_interventions(layers: Sequence[int], *, relative_top: float = 0.1, final_norm: bool = False,
+                       divergence: str = "js_code", repetition_penalty: float | None = None) -> list[Intervention]:
+    """The contrast, then (when set) the repetition penalty on its scores, in HF's order."""
+    items: list[Intervention] = [DoLaContrast("logits", premature=list(layers), relative_top=relative_top,
+                                              final_norm=final_norm, divergence=divergence)]
+    if repetition_penalty not in (None, 1.0):
+        items.append(RepetitionPenalty("logits", penalty=float(repetition_penalty)))
+    return items
 
 
 @register_method
@@ -209,8 +242,8 @@ class DoLa(Method):
             raise ValueError("DoLa learns nothing from data; call fit(model, layers=...)")
         tied = bool(getattr(model.adapter.text_config, "tie_word_embeddings", False))
         cands = candidate_layers(layers, model.n_layers, tied)
-        decoder = DoLaDecoder(cands, relative_top=relative_top, final_norm=final_norm, divergence=divergence)
-        gen = {} if repetition_penalty in (None, 1.0) else {"repetition_penalty": float(repetition_penalty)}
+        items = dola_interventions(cands, relative_top=relative_top, final_norm=final_norm, divergence=divergence,
+                                   repetition_penalty=repetition_penalty)
         provenance = {
             "method": self.name,
             "paper": PAPER,
@@ -223,19 +256,11 @@ class DoLa(Method):
             "deviations": ([] if repetition_penalty == PAPER_REPETITION_PENALTY else
                            [f"repetition penalty {repetition_penalty} (paper: {PAPER_REPETITION_PENALTY})"]) +
                           ["premature layer chosen per row (HF: batch-averaged divergence)"],
-            "implementation": ("forward hook replacing output logits (HF 5.x moved DoLa to a hub repo needing "
-                               "trust_remote_code); premature layer chosen per row"),
+            "implementation": ("engine edit at the logits site replacing the output logits (HF 5.x moved DoLa to "
+                               "a hub repo needing trust_remote_code); premature layer chosen per row; the "
+                               "repetition penalty as an engine edit on the DoLa scores (HF's order)"),
             "positions": "every position whose logits the model returns", "phase": "both",
             "data": {"description": "none (decoding strategy)"},
             "fingerprint": f"dola-{'-'.join(map(str, cands))}-{relative_top}-{int(final_norm)}-{divergence}",
         }
-        state = {"layers": cands, "relative_top": relative_top, "final_norm": final_norm, "divergence": divergence,
-                 "generate_kwargs": gen}
-        return FittedIntervention(self.name, [], provenance, hooks=decoder, generate_kwargs=gen, state=state)
-
-    def restore(self, state: dict[str, Any]) -> FittedIntervention:
-        """The decoder and ``generate()`` arguments of a saved DoLa fit (nothing else was learnt)."""
-        decoder = DoLaDecoder(state["layers"], relative_top=state["relative_top"], final_norm=state["final_norm"],
-                              divergence=state["divergence"])
-        return FittedIntervention(self.name, [], {}, hooks=decoder, generate_kwargs=dict(state["generate_kwargs"]),
-                                  state=dict(state))
+        return FittedIntervention(self.name, items, provenance)

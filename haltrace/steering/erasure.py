@@ -31,9 +31,9 @@ by the lowest fit CHAIR_i whose recall drops by at most ``max_recall_drop``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -41,17 +41,18 @@ import torch
 from haltrace.data.images import open_image
 from haltrace.data.items import CaptionItem, of_kind
 from haltrace.data.sources import default_fit_data
-from haltrace.models.adapters.base import cached_length, first_tensor
+from haltrace.conventions import HookPoint
 from haltrace.steering.fitdata import (
+    PVP_FIT_SEED,
     item_prompts,
     items_fingerprint,
     last_token_states,
     layer_record,
     require_vlm,
 )
-from haltrace.steering.pvp import FIT_SEED
+from haltrace.steering.context import NOT_FORWARDED_KEYS, image_forward_inputs
+from haltrace.steering.interventions import Intervention, Phase, PositionRule, register_state_type
 from haltrace.steering.registry import FittedIntervention, Method, register_method
-from haltrace.trace.capture import temporary_hooks
 from haltrace.trace.lens import image_token_confidence, target_token_ids
 
 PAPER = ("Jiang, Kachinthaya, Petryk, Gandelsman, 'Interpreting and Editing Vision-Language Representations "
@@ -89,84 +90,77 @@ def text_representations(model: Any, words: Sequence[str], text_rep: str = "unem
     raise ValueError(f"text_rep must be 'unembed', 'embed' or 'resid_post.<k>', got {text_rep!r}")
 
 
-#: forward kwargs that are NOT part of the prompt and its image: the KV cache, and the flags ``generate`` sets
-#: for its own step (an extra forward is a plain no-cache forward that returns everything). Every other kwarg
-#: is carried: the mask, position ids (Qwen2-VL's M-RoPE ``[4, B, L]``), ``pixel_values`` with whatever the
-#: family needs beside it (``image_grid_thw``, ``mm_token_type_ids``, ``token_type_ids``, ``image_sizes``, ...)
-#: or, from transformers 5 ``generate``, the precomputed ``mm_encoder_outputs``.
-NOT_FORWARDED_KEYS = frozenset({
-    "input_ids", "inputs_embeds", "cache", "past_key_values", "use_cache", "cache_position", "logits_to_keep",
-    "num_logits_to_keep", "return_dict", "output_attentions", "output_hidden_states", "labels",
-})
+# the prompt's inputs for an extra forward now live in the engine's context; kept importable from here
+__all__ = ["NOT_FORWARDED_KEYS", "image_forward_inputs"]
 
 
-def image_forward_inputs(ids: torch.Tensor, kwargs: dict) -> dict:
-    """Inputs for an extra no-cache forward over the same prompt (and image) as the intercepted call: ``ids``
-    plus every model input of ``kwargs`` except the cache and generation flags (:data:`NOT_FORWARDED_KEYS`)."""
-    inputs = {"input_ids": ids}
-    inputs.update({k: v for k, v in kwargs.items() if k not in NOT_FORWARDED_KEYS and v is not None})
-    return inputs
+@register_state_type
+@dataclass
+class ProjectAwayEdit(Intervention):
+    """ProjectAway at one site: per new prompt (:meth:`prepare`), flag each row's objects with internal
+    confidence ``c_o < threshold``; during that prompt's forward, erase the flagged objects' ``directions`` from
+    the row's image tokens (:func:`erase`, sequential, positive projections only). ``log`` receives the flagged
+    words of every row (runtime only).
 
+    >>> edit = ProjectAwayEdit("resid_post.1", torch.randn(2, 8), objects=["cup", "fork"], threshold=0.1)
+    >>> edit.positions, edit.phase
+    ('image', 'prompt')
+    """
 
-def erasure_hooks(directions: torch.Tensor, words: Sequence[str], threshold: float, edit_layer: int,
-                  weight: float, *, lens_norm: bool = True, log: list | None = None):
-    """``hooks(model)`` context manager: per prefill, flag objects with ``c_o < threshold`` for each row and
-    erase them from that row's image tokens at ``resid_post.edit_layer``. ``log`` (a list) receives the
-    flagged words per row. Hooks are always removed (``temporary_hooks``)."""
-    if not bool(torch.isfinite(directions).all()):
-        raise ValueError("the erasure directions contain NaN or inf (from a damaged saved fit? refit ProjectAway)")
+    directions: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    objects: Sequence[str] = ()
+    threshold: float = 0.0
+    weight: float = 1.0
+    lens_norm: bool = True
+    positions: PositionRule = field(default="image", kw_only=True)
+    phase: Phase = field(default="prompt", kw_only=True)
+    log: list = field(default_factory=list, init=False, repr=False)
+    _select: torch.Tensor | None = field(default=None, init=False, repr=False)
+    prepares: ClassVar[bool] = True
 
-    @contextmanager
-    def install(model: Any) -> Iterator[None]:
-        if not 0 <= edit_layer < model.n_layers:
-            raise ValueError(f"edit_layer {edit_layer} out of range 0..{model.n_layers - 1}")
-        if directions.shape != (len(words), model.hidden_size):
-            raise ValueError(f"erasure directions are {tuple(directions.shape)} but need one row of the model's "
-                             f"hidden size per object: ({len(words)}, {model.hidden_size})")
-        state: dict[str, Any] = {"busy": False, "select": None, "image": None}
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.directions is None:
+            raise ValueError("ProjectAwayEdit needs directions (one text representation per object)")
+        self.directions = torch.as_tensor(self.directions, dtype=torch.float32).detach().clone()
+        if not bool(torch.isfinite(self.directions).all()):
+            raise ValueError("the erasure directions contain NaN or inf (from a damaged saved fit? refit ProjectAway)")
+        self.objects = [str(o) for o in self.objects]
+        self.threshold, self.weight, self.lens_norm = float(self.threshold), float(self.weight), bool(self.lens_norm)
 
-        def on_forward(_m: Any, args: tuple, kwargs: dict) -> None:
-            if state["busy"]:  # our own detection forward
-                return
-            state["select"] = None
-            if cached_length(kwargs) > 0:  # a decoding step, even one that emitted the image token
-                return
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            if ids is None:
-                return
-            image = model.image_token_mask(ids)
-            if not bool(image.any()):  # decoding steps carry no image tokens
-                return
-            inputs = image_forward_inputs(ids, kwargs)
-            state["busy"] = True
-            try:
-                conf = image_token_confidence(model, inputs, list(words), apply_norm=lens_norm).confidence
-            finally:
-                state["busy"] = False
-            state["select"], state["image"] = (conf < threshold).cpu(), image
-            if log is not None:
-                log.extend([w for w, s in zip(words, row, strict=True) if s] for row in state["select"].tolist())
+    def validate(self, model: Any) -> HookPoint:
+        point = super().validate(model)
+        if point.kind not in ("resid_post", "resid_pre"):
+            raise ValueError(f"ProjectAway edits the residual stream (resid_post.<layer>), not {point.name!r}")
+        if self.directions.shape != (len(self.objects), model.hidden_size):
+            raise ValueError(f"erasure directions are {tuple(self.directions.shape)} but need one row of the model's "
+                             f"hidden size per object: ({len(self.objects)}, {model.hidden_size})")
+        return point
 
-        def edit(_m: Any, _a: tuple, _kw: dict, out: Any) -> Any:
-            select, image = state["select"], state["image"]
-            if state["busy"] or select is None:
-                return None
-            h = first_tensor(out)
-            if h.shape[1] != image.shape[1]:  # not the prefill this selection was made for
-                return None
-            h = h.clone()
-            for b in range(h.shape[0]):
-                ks = select[b].nonzero()[:, 0]
-                if len(ks):
-                    rows = image[b].to(h.device)
-                    h[b, rows] = erase(h[b, rows], directions[ks].to(h.device), weight)
-            return h if isinstance(out, torch.Tensor) else (h, *tuple(out)[1:])
+    def prepare(self, model: Any, ctx: Any) -> None:
+        self._select = None
+        if ctx.ids is None or ctx.image is None or not bool(ctx.image.any()):
+            return  # a text-only prompt: nothing to erase
+        conf = image_token_confidence(model, ctx.prompt_inputs(), list(self.objects),
+                                      apply_norm=self.lens_norm).confidence
+        self._select = (conf < self.threshold).cpu()
+        self.log.extend([w for w, s in zip(self.objects, row, strict=True) if s] for row in self._select.tolist())
 
-        with temporary_hooks(forward=[(model.adapter.layers[edit_layer], edit)], pre=[(model.hf, on_forward)],
-                             with_kwargs=True):
-            yield
+    def edit_at(self, x: torch.Tensor, mask: torch.Tensor | None, ctx: Any) -> torch.Tensor:
+        select = self._select
+        if select is None or mask is None or select.shape[0] != x.shape[0]:
+            return x
+        x = x.clone()
+        rows_mask = mask[..., 0].bool()
+        for b in range(x.shape[0]):
+            ks = select[b].nonzero()[:, 0]
+            if len(ks):
+                rows = rows_mask[b]
+                x[b, rows] = erase(x[b, rows], self.directions[ks].to(x.device), self.weight)
+        return x
 
-    return install
+    def describe(self) -> str:
+        return f"ProjectAwayEdit({self.hook}, {len(self.objects)} objects, w={self.weight})"
 
 
 # --------------------------------------------------------------------------------------- fit data / scoring
@@ -225,7 +219,7 @@ class ProjectAway(Method):
             threshold: float | None = None, lens_norm: bool | None = None,
             weights: Sequence[float] = (1.0, 2.0), text_reps: Sequence[str] = ("unembed", "embed"),
             max_recall_drop: float = 0.05, prompt: str | None = None, n_images: int = 48,
-            seed: int = FIT_SEED + 3, template: str | None = None) -> FittedIntervention:
+            seed: int = PVP_FIT_SEED + 3, template: str | None = None) -> FittedIntervention:
         """Fit on ``data``: :class:`~haltrace.data.CaptionItem` images with their ground-truth objects, captioned
         with the items' ``prompt`` (else ``prompt``, else the usual "describe" prompt) through the model's chat
         template. ``objects`` (the candidate words to detect and erase) defaults to every object named in the
@@ -273,9 +267,10 @@ class ProjectAway(Method):
                 reps[rep] = text_representations(model, objects, rep)
             return reps[rep]
 
-        def build(layer: int, rep: str, w: float, log: list | None = None) -> FittedIntervention:
-            hooks = erasure_hooks(directions(rep), objects, threshold, layer, w, lens_norm=lens_norm, log=log)
-            return FittedIntervention(self.name, [], {}, hooks=hooks)
+        def build(layer: int, rep: str, w: float) -> FittedIntervention:
+            edit = ProjectAwayEdit(f"resid_post.{layer}", directions(rep), objects=objects, threshold=threshold,
+                                   weight=w, lens_norm=lens_norm)
+            return FittedIntervention(self.name, [edit], {})
 
         def score(fitted: FittedIntervention | None) -> dict:
             from haltrace.evals.chair import chair_metrics
@@ -304,10 +299,8 @@ class ProjectAway(Method):
         if not 0 <= edit_layer < model.n_layers:
             raise ValueError(f"edit_layer {edit_layer} out of range 0..{model.n_layers - 1}")
 
-        log: list = []
-        fitted = build(edit_layer, text_rep, weight, log)
-        fitted.state = {"directions": directions(text_rep), "objects": objects, "threshold": threshold,
-                        "edit_layer": edit_layer, "weight": weight, "lens_norm": lens_norm}
+        fitted = build(edit_layer, text_rep, weight)
+        log = fitted.interventions[0].log
         fitted.provenance = {
             "method": self.name, "paper": PAPER,
             "layers": {"edit": layer_record(f"resid_post.{edit_layer}", f"l_I = {edit_layer} (hook on layers[l_I])"),
@@ -326,12 +319,3 @@ class ProjectAway(Method):
                      "fingerprint": items_fingerprint(items)},
         }
         return fitted
-
-    def restore(self, state: dict[str, Any]) -> FittedIntervention:
-        """The detection + erasure hooks of a saved fit (text directions, objects, threshold, layer, weight).
-        The flagged words go to ``provenance["erased_log"]`` as in a fresh fit."""
-        log: list = []
-        hooks = erasure_hooks(torch.as_tensor(state["directions"], dtype=torch.float32), list(state["objects"]),
-                              float(state["threshold"]), int(state["edit_layer"]), float(state["weight"]),
-                              lens_norm=bool(state["lens_norm"]), log=log)
-        return FittedIntervention(self.name, [], {"erased_log": log}, hooks=hooks, state=dict(state))

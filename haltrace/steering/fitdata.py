@@ -5,8 +5,10 @@ Nothing here knows the organism: a method fits on a real checkpoint and on an or
 Batches are grouped by token length so no row is padded: each row's states equal that prompt run alone.
 
 >>> from haltrace.data import YesNoQuestion
->>> qs = [YesNoQuestion("is there a knife ?", "no", image=img)]                   # doctest: +SKIP
->>> logits, acts = question_states(model, qs, ["resid_post.2"])                    # doctest: +SKIP
+>>> qs = [YesNoQuestion("is there a circle ?", "no", image=img), YesNoQuestion("is there a star ?", "yes", image=img)]
+>>> logits, acts = question_states(model, qs, ["resid_post.1"])
+>>> logits.shape[0], acts["resid_post.1"].shape
+(2, torch.Size([2, 32]))
 """
 
 from __future__ import annotations
@@ -20,6 +22,13 @@ import torch
 
 from haltrace.data.images import open_image
 from haltrace.models.prompting import build_prompt
+
+# Default seeds of the methods' fits (splits and sampling of their fit data). Two values, because the published
+# organism numbers were fitted with both; merging them would change those fits.
+#: PvP's default fit seed, shared by VTI and erasure (erasure draws with PVP_FIT_SEED + 3)
+PVP_FIT_SEED = 12345
+#: TruthPrInt's default fit seed, shared by VHR, ITI and CAA
+TRUTHPRINT_FIT_SEED = 4242
 
 
 def fingerprint(*arrays: Any, spec: Any = None) -> str:
@@ -40,7 +49,7 @@ def require_vlm(model: Any, method: str, reason: str) -> None:
     """Refuse, before any forward, to fit ``method`` on a text-only model: a ``ValueError`` naming the method,
     the model's family and why the method needs images.
 
-    >>> require_vlm(gpt2_model, "PvP (pvp)", "the contrast is on the same image")   # doctest: +SKIP
+    >>> require_vlm(gpt2_model, "PvP (pvp)", "the contrast is on the same image")
     Traceback (most recent call last):
     ValueError: PvP (pvp) needs a vision-language model (the contrast is on the same image), but tiny-gpt2 is a text-only gpt2 model
     """
@@ -137,6 +146,34 @@ def says_yes(model: Any, logits: torch.Tensor) -> np.ndarray:
     return (logits[:, yes].max(-1).values > logits[:, no].max(-1).values).numpy()
 
 
+def answer_direction(model: Any, positive: str = "yes", negative: str = "no") -> torch.Tensor:
+    """The answer-token direction in residual space: the mean unembedding row (the adapter's LM head) of
+    ``positive``'s first-token forms minus that of ``negative``'s (:func:`answer_token_ids`), float32 on CPU.
+    A steering vector's cosine with it says how much of the vector is a plain "say yes" ("say no") push."""
+    weight = model.adapter.unembed.weight.detach()
+    pos, neg = answer_token_ids(model, positive), answer_token_ids(model, negative)
+    return (weight[pos].float().mean(0) - weight[neg].float().mean(0)).cpu()
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine similarity of two vectors (0.0 when either is zero)."""
+    a, b = a.detach().float().flatten().cpu(), b.detach().float().flatten().cpu()
+    denom = float(a.norm() * b.norm())
+    return float(a @ b) / denom if denom > 0 else 0.0
+
+
+def class_weights(classes: Sequence[Any]) -> np.ndarray:
+    """Per-row weights giving every class the same total weight (each sums to 1 / n_classes): a weighted mean
+    under them is the plain average of the per-class means.
+
+    >>> class_weights(["no", "no", "yes"]).tolist()
+    [0.25, 0.25, 0.5]
+    """
+    values = [str(c) for c in classes]
+    counts = {c: values.count(c) for c in set(values)}
+    return np.array([1.0 / (len(counts) * counts[c]) for c in values])
+
+
 def image_split(image_ids: Sequence[Any], holdout: float = 0.3, seed: int = 0) -> np.ndarray:
     """Boolean mask, True = held-out; split by image so questions about one image stay together."""
     values = list(image_ids)
@@ -185,7 +222,9 @@ def last_token_states(model: Any, prompts: Sequence[str], images: Sequence[Any] 
     """``[N, len(hooks), d]`` float32 activations at each ready-made prompt's last token (default: every
     ``resid_post``); :func:`prompt_states` stacked.
 
-    >>> states = last_token_states(model, ["<image> what colour is the cup ? answer :"], [img])  # doctest: +SKIP
+    >>> states = last_token_states(model, ["<image> what color is the circle ? answer :"], [img])
+    >>> states.shape   # [N, layers, d]
+    torch.Size([1, 2, 32])
     """
     hooks = list(hooks) if hooks is not None else [f"resid_post.{i}" for i in range(model.n_layers)]
     _, acts = prompt_states(model, prompts, images, hooks, batch_size=batch_size)

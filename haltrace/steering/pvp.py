@@ -1,9 +1,26 @@
 """PvP — Pixels versus Priors (Golovanevsky, Rudman et al., arXiv 2505.17127, EMNLP 2025).
 
 A steering vector from the *same counterfactual image* under two prompts: ``"what colour is the X"`` (the
-visual question) and ``"what colour are most X"`` (the world-knowledge question). Per layer,
+visual question, "this") and ``"what colour are most X"`` (the world-knowledge question, "most"). Per layer,
 ``v_L = mean_n(h_L^this(n) - h_L^most(n))`` at the last prompt token; adding ``+alpha * v_L`` at the last
-prompt position steers answers towards the pixels, ``-alpha * v_L`` towards the prior.
+prompt position (and each generated token) steers answers towards the pixels, ``-alpha * v_L`` towards the prior.
+Several layers (``layers=[...]``) each get their own ``v_L``, all added at once, as the official script does
+with its ``--target_layers`` list.
+
+**What the paper measures.** Its headline (92.5 % of colour, 74.6 % of size predictions shifted, arXiv v1) steers
+the *"most"* prompt on the counterfactual image towards the pixel answer (``task_vectors_inference_WK_CF.py``:
+baseline and steered runs both ask the "most" question; target = the counterfactual colour), counted as
+"eligible flips": of the items whose baseline answer is not the target, the share whose answer changed and now
+matches it (:func:`haltrace.evals.counterfactual.eligible_flips`). The reverse script (CF -> WK) steers the
+"this" prompt towards the prior. Flipping the "this" prompt towards the pixels (haltrace's earlier quantity) is
+a different number: the vector maps "most" states onto "this" states, and adding it to "this" states
+extrapolates. :func:`evaluate_pvp` measures both prompts; on the organism the suite reports both
+(``counterfactual.most_prior_to_pixel`` is the paper's quantity, ``counterfactual.prior_to_pixel`` the "this" one)
+with the broken-answer rates (neither prior nor pixel) beside them.
+
+**Answers** are whole greedy generations (20 new tokens, as the official code), compared after normalisation
+(case, punctuation, ``_``) as whole answers with the official colour-synonym map ("gold" counts as yellow):
+:func:`haltrace.evals.counterfactual.answer_matches`.
 
 Layer convention (``haltrace.conventions``): the vector is read at ``resid_post.L`` (output of block ``L`` ==
 HF ``hidden_states[L+1]``) and added to the same point, ``resid_post.L``. The official code builds the vector
@@ -11,11 +28,34 @@ from ``hidden_states[l]`` but adds it to the output of ``layers[l]`` (== ``hidde
 off-by-one we do not copy (methods-vlm.md §1 pitfall 1). In the paper's capture index our layer ``L`` is
 ``hidden_states[L+1]``; in its injection index (``--target_layers``) it is ``L``.
 
-Layer and strength are chosen by the data: the fit items are split in two halves, a vector is built on one
-half for every layer and every ``alpha`` in a grid, and the other half is answered under steering; the
-``(layer, alpha)`` with the best held-out target rate (plus ordinary colour accuracy, for steering towards
-pixels) wins, ties going to the smaller ``alpha`` and the earlier layer. The final vector is the mean over all
-fit items. The paper adds with scale 1 and no selection rule (its layers come from the CLI).
+**Selection** (default): the fit items are split in two halves, a vector is built on one half for every layer
+and every ``alpha`` in a grid, and the other half is answered under steering on the paper's prompt for the
+direction ("most" towards pixels, "this" towards the prior; ``select_on`` overrides); the ``(layer, alpha)``
+with the best held-out target rate (plus colour-control accuracy, for steering towards pixels) wins, ties going
+to the smaller ``alpha`` and the earlier layer. Every grid row records the eligible-flip and broken-answer rates.
+The final vectors are means over all fit items.
+
+``preset="paper"``: scale 1 (the official code adds the mean difference unscaled), answers of 20 tokens, no
+colour-control term; the layers are ``layers=`` when given, otherwise the single layer with the best held-out
+target rate at scale 1 (the official script takes ``--target_layers`` on its command line and publishes no
+default; this choice is listed in ``provenance["deviations"]``, with every other difference from the paper).
+
+Fidelity (paper / official code step -> haltrace -> same or different):
+
+==============================================  ==========================  =======================================
+"this" / "most" prompts on the CF image         ``fit`` (``PvPItem``)       same
+``v_l = mean(h_l^this - h_l^most)``, last token  ``fit``                     same; read and added at resid_post.L
+                                                                            (official: read hidden_states[l],
+                                                                            added after layers[l]: off by one)
+add ``v_l`` at position -1 of every forward      ``fit`` (``Add`` last+gen)  same
+scale 1, ``--target_layers`` from the CLI        ``fit(preset="paper")``     same scale; layer chosen on a
+                                                                            held-out half unless ``layers=``
+greedy, 20 tokens, lower-case, synonym map       :func:`evaluate_pvp`        same (punctuation also dropped)
+eligible flips on the "most" prompt -> pixel     :func:`evaluate_pvp`        same; on a held-out set (official:
+                                                                            the vector's own items)
+keep-top-100 ablation, size task                 -                           not implemented (Visual CounterFact
+                                                                            size rows load as items)
+==============================================  ==========================  =======================================
 
 >>> import haltrace
 >>> from haltrace.steering.registry import get_method
@@ -23,9 +63,10 @@ fit items. The paper adds with scale 1 and no selection rule (its layers come fr
 >>> fitted = get_method("pvp").fit(model, direction="pixels")                   # doctest: +SKIP
 >>> fitted.provenance["layers"]                                                 # doctest: +SKIP
 {'haltrace': 'resid_post.2', ...}
+>>> evaluate_pvp(model, fitted, items, prompt="most")["eligible_flip_rate"]      # doctest: +SKIP
 
-The helpers it shares with the other VLM methods (last-token states without padding, answers under steering,
-layer records) live in :mod:`haltrace.steering.fitdata`.
+The helpers it shares with the other VLM methods (last-token states without padding, layer records) live in
+:mod:`haltrace.steering.fitdata`.
 """
 
 from __future__ import annotations
@@ -38,8 +79,18 @@ import torch
 
 from haltrace.data.items import PvPItem, VQAQuestion, of_kind
 from haltrace.data.sources import default_fit_data
+from haltrace.errors import InputError
+from haltrace.evals.counterfactual import (
+    answer_matches,
+    counterfactual_rates,
+    eligible_flips,
+    flip_rates,
+    label_answers,
+    normalise_answer,
+)
 from haltrace.steering.engine import Add
 from haltrace.steering.fitdata import (
+    PVP_FIT_SEED,
     item_prompts,
     items_fingerprint,
     last_token_states,
@@ -49,31 +100,104 @@ from haltrace.steering.fitdata import (
 )
 from haltrace.steering.registry import FittedIntervention, Method, register_method
 
-__all__ = ["PvP", "PvPItem", "last_token_states", "next_words", "normalise_answer"]
+__all__ = ["PvP", "PvPItem", "evaluate_pvp", "generated_answers", "last_token_states", "next_words",
+           "normalise_answer"]
 
 PAPER = ("Golovanevsky, Rudman et al., 'Pixels Versus Priors: Controlling Knowledge Priors in Vision-Language "
          "Models through Visual Counterfacts', arXiv 2505.17127 (EMNLP 2025); code rsinghlab/pixels_vs_priors@52d8ae0")
-#: seed of the default fit data an organism's data source draws (the held-out eval sets use their own seeds)
-FIT_SEED = 12345
+PRESETS = ("paper",)
+PROMPTS = ("most", "this")
+#: the official code adds the mean difference unscaled, and generates 20 new tokens per answer
+PAPER_ALPHA = 1.0
+PAPER_MAX_NEW_TOKENS = 20
 
 
-# --------------------------------------------------------------------------------------- the method
+def paper_prompt(direction: str) -> str:
+    """The prompt the paper steers for ``direction``: "most" towards the pixels (WK -> CF), "this" towards the
+    prior (CF -> WK)."""
+    return "most" if direction == "pixels" else "this"
 
-def normalise_answer(text: str) -> str:
-    """Lower-cased first word without punctuation ("Red." -> "red"): how a one-word answer is compared."""
-    words = "".join(ch if ch.isalnum() or ch.isspace() else " " for ch in text.lower()).split()
-    return words[0] if words else ""
+
+# --------------------------------------------------------------------------------------- answers
+@torch.no_grad()
+def generated_answers(model: Any, questions: Sequence[str], images: Sequence[Any], *,
+                      interventions: Sequence[Any] = (), max_new_tokens: int = PAPER_MAX_NEW_TOKENS,
+                      template: str | None = None,
+                      batch_size: int = 16) -> list[str]:
+    """Greedy whole answers (up to ``max_new_tokens``) to plain ``questions`` about ``images``, under
+    ``interventions`` (the official code's ``generate(max_new_tokens=20, do_sample=False)``)."""
+    from haltrace.evals.runner import GenerationSettings, Job, generate_texts
+
+    if len(questions) != len(images):
+        raise ValueError(f"{len(questions)} questions but {len(images)} images")
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, template=template)
+    fitted = FittedIntervention("pvp", list(interventions), {}) if interventions else None
+    jobs = [Job(i, q, im) for i, (q, im) in enumerate(zip(questions, images, strict=True))]
+    cache: dict = {}
+    out: list[str] = []
+    for start in range(0, len(jobs), batch_size):
+        out += generate_texts(model, jobs[start:start + batch_size], settings, fitted=fitted, prompt_cache=cache)
+    return out
+
+
+def _questions(items: Sequence[PvPItem], prompt: str) -> list[str]:
+    if prompt not in PROMPTS:
+        raise InputError(f"prompt must be one of {PROMPTS}, got {prompt!r}")
+    return [it.most_question if prompt == "most" else it.this_question for it in items]
+
+
+def evaluate_pvp(model: Any, fitted: Any, items: Sequence[PvPItem], *, prompt: str = "most",
+                 direction: str | None = None, max_new_tokens: int = PAPER_MAX_NEW_TOKENS,
+                 template: str | None = None, batch_size: int = 16, keep_answers: bool = False) -> dict:
+    """PvP's evaluation of a fitted intervention on counterfactual ``items`` (with ``prior`` and ``pixel``).
+
+    Both runs ask ``prompt`` ("most": the paper's headline, or "this") about each item's image, once without and
+    once under ``fitted``. ``direction`` (default: the fit's) sets the target: the pixel colour for "pixels",
+    the prior for "priors". Returns ``eligible_flip_rate`` (the paper's metric), ``flip_rate``, the
+    prior/pixel/other (broken) rates ``before`` and ``after``, and :func:`~haltrace.evals.counterfactual.flip_rates`
+    between the two label lists (``flips``); ``answers_before`` / ``answers_after`` with ``keep_answers``.
+    """
+    items = of_kind(items, PvPItem, method="evaluate_pvp")
+    if any(not (it.prior and it.pixel) for it in items):
+        raise InputError("evaluate_pvp needs items with both prior and pixel answers")
+    direction = direction or (getattr(fitted, "provenance", {}) or {}).get("direction", "pixels")
+    if direction not in ("pixels", "priors"):
+        raise InputError(f"direction must be 'pixels' or 'priors', got {direction!r}")
+    questions, images = _questions(items, prompt), [it.image for it in items]
+    kwargs = {"max_new_tokens": max_new_tokens, "template": template, "batch_size": batch_size}
+    before = generated_answers(model, questions, images, **kwargs)
+    after = generated_answers(model, questions, images, interventions=_fitted_interventions(fitted), **kwargs)
+    prior, pixel = [it.prior for it in items], [it.pixel for it in items]
+    targets = pixel if direction == "pixels" else prior
+    lb, la = label_answers(before, prior, pixel), label_answers(after, prior, pixel)
+    report = {"prompt": prompt, "direction": direction, "target": "pixel" if direction == "pixels" else "prior",
+              **eligible_flips(before, after, targets),
+              "before": counterfactual_rates(lb), "after": counterfactual_rates(la), "flips": flip_rates(lb, la),
+              "broken_rate_before": counterfactual_rates(lb)["other_rate"],
+              "broken_rate_after": counterfactual_rates(la)["other_rate"]}
+    if keep_answers:
+        report |= {"answers_before": before, "answers_after": after}
+    return report
+
+
+def _fitted_interventions(fitted: Any) -> list[Any]:
+    if isinstance(fitted, FittedIntervention):
+        if fitted.hooks is not None:
+            raise InputError("evaluate_pvp takes a fit made of engine interventions (PvP's); this one has hooks")
+        return list(fitted.interventions)
+    return list(fitted)
 
 
 def _rate(answers: Sequence[str], targets: Sequence[str]) -> float:
-    return (float(np.mean([normalise_answer(a) == normalise_answer(t) for a, t in zip(answers, targets,
-                                                                                      strict=True)]))
+    """Share of answers matching their target (whole normalised answer, colour synonyms)."""
+    return (float(np.mean([answer_matches(a, t) for a, t in zip(answers, targets, strict=True)]))
             if targets else 0.0)
 
 
+# --------------------------------------------------------------------------------------- the method
 @register_method
 class PvP(Method):
-    """Pixels-vs-priors steering: ``±alpha * mean(h_this - h_most)`` at the last prompt token of one layer.
+    """Pixels-vs-priors steering: ``±alpha * mean(h_this - h_most)`` at the last prompt token of each layer.
 
     >>> fitted = PvP().fit(model, direction="priors")                  # doctest: +SKIP
     >>> with fitted.apply(model):                                       # doctest: +SKIP
@@ -84,10 +208,11 @@ class PvP(Method):
     summary = "Pixels vs priors: mean(this - most) difference at the last prompt token, +/- towards pixels/priors"
 
     def fit(self, model: Any, data: Sequence[Any] | None = None, *, direction: str = "pixels",
-            layer: int | None = None, alpha: float | None = None, alphas: Sequence[float] = (1.0, 2.0, 4.0, 8.0),
-            steer_generated: bool = True, n_items: int = 64, seed: int = FIT_SEED,
-            template: str | None = None) -> FittedIntervention:
-        """Build the vector from ``data`` and choose the layer and ``alpha`` on a held-out half unless given.
+            layer: int | None = None, layers: Sequence[int] | None = None, alpha: float | None = None,
+            alphas: Sequence[float] = (1.0, 2.0, 4.0, 8.0), steer_generated: bool = True, n_items: int = 64,
+            seed: int = PVP_FIT_SEED, template: str | None = None, select_on: str | None = None,
+            max_new_tokens: int = PAPER_MAX_NEW_TOKENS, preset: str | None = None) -> FittedIntervention:
+        """Build the vectors from ``data`` and choose the layer and ``alpha`` on a held-out half unless given.
 
         ``data``: :class:`~haltrace.data.PvPItem` items (a counterfactual image, its "this" and "most" questions,
         prior and pixel answers), plus optional :class:`~haltrace.data.VQAQuestion` colour questions on ordinary
@@ -95,27 +220,35 @@ class PvP(Method):
         (an organism's ``n_items`` counterfactual images drawn with ``seed``). Questions are plain; prompts come
         from the model's chat template or ``template``.
 
+        ``layers=[...]`` steers several layers at once, each with its own vector (``layer=L`` is ``layers=[L]``);
+        without either, the single best layer is chosen. ``select_on`` ("most" / "this"): the prompt the
+        held-out selection steers (default: the paper's for ``direction``). ``max_new_tokens``: length of the
+        greedy answers compared in the selection. ``preset="paper"``: scale 1, no colour-control term.
+
         ``steer_generated=True`` also adds the vector to every generated token, as the official code does
-        (it wraps the layer and adds at the last position of every forward); one-word answers are unaffected.
+        (it wraps the layer and adds at the last position of every forward).
         """
+        if preset is not None and preset not in PRESETS:
+            raise InputError(f"unknown PvP preset {preset!r}; the only preset is 'paper'")
         if direction not in ("pixels", "priors"):
-            raise ValueError(f"direction must be 'pixels' or 'priors', got {direction!r}")
+            raise InputError(f"direction must be 'pixels' or 'priors', got {direction!r}")
+        select_on = paper_prompt(direction) if select_on is None else select_on
+        if select_on not in PROMPTS:
+            raise InputError(f"select_on must be one of {PROMPTS}, got {select_on!r}")
+        if int(max_new_tokens) < 1:
+            raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         require_vlm(model, "PvP (pvp)", "it contrasts two questions about the same image")
+        chosen_layers = self._layers(model, layer, layers)
         source = data
         if data is None:
             data = default_fit_data(model, self.name, n_images=n_items, seed=seed)
         all_items = list(data)
         data = of_kind(all_items, PvPItem, method=self.name)
         control_items = [q for q in all_items if isinstance(q, VQAQuestion)]
-        control = [(p, q.image, q.answer) for p, q in zip(
-            item_prompts(model, [q.question for q in control_items], [q.image for q in control_items],
-                         template=template), control_items, strict=True)]
-        described = (f"{len(data)} PvP items, {len(control)} colour-control questions ("
+        described = (f"{len(data)} PvP items, {len(control_items)} colour-control questions ("
                      f"{'given' if source is not None else 'the model data source default'})")
         if len(data) < 2:
             raise ValueError(f"PvP needs at least 2 items, got {len(data)}")
-        if layer is not None and not -model.n_layers <= layer < model.n_layers:
-            raise ValueError(f"layer {layer} out of range; this model has layers 0..{model.n_layers - 1}")
         images = [d.image for d in data]
         this_prompts = item_prompts(model, [d.this_question for d in data], images, template=template)
         most_prompts = item_prompts(model, [d.most_question for d in data], images, template=template)
@@ -124,63 +257,150 @@ class PvP(Method):
         diffs = this - most  # [N, L, d]
         sign = 1.0 if direction == "pixels" else -1.0
 
-        selection: list[dict] = []
-        layers = [layer % model.n_layers] if layer is not None else list(range(model.n_layers))
-        grid = [float(alpha)] if alpha is not None else [float(a) for a in alphas]
-        labelled = all(d.prior and d.pixel for d in data)
-        if len(layers) * len(grid) > 1:
-            if not labelled:
-                raise ValueError("choosing the layer/alpha needs items with prior and pixel answers; pass "
-                                 "layer= and alpha= for unlabelled data")
-            selection = self._select(model, data, this_prompts, diffs, layers, grid, sign, direction, control)
-            best = max(selection, key=lambda r: (round(r["score"], 6), -r["alpha"], -r["layer"]))
-            chosen_layer, chosen_alpha = best["layer"], best["alpha"]
+        if alpha is not None:
+            grid = [float(alpha)]
+        elif preset == "paper":
+            grid = [PAPER_ALPHA]
         else:
-            chosen_layer, chosen_alpha = layers[0], grid[0]
+            grid = [float(a) for a in alphas]
+        candidates = [tuple(chosen_layers)] if chosen_layers else [(i,) for i in range(model.n_layers)]
+        use_control = bool(control_items) and direction == "pixels" and preset != "paper"
+        selection: list[dict] = []
+        if len(candidates) * len(grid) > 1:
+            if not all(d.prior and d.pixel for d in data):
+                raise ValueError("choosing the layer/alpha needs items with prior and pixel answers; pass "
+                                 "layer= (or layers=) and alpha= for unlabelled data")
+            selection = self._select(model, data, diffs, candidates, grid, sign, direction, select_on,
+                                     control_items if use_control else [], int(max_new_tokens), template,
+                                     steer_generated, seed)
+            best = max(selection, key=lambda r: (round(r["score"], 6), -r["alpha"], -min(r["layers"])))
+            picked, chosen_alpha = tuple(best["layers"]), best["alpha"]
+        else:
+            picked, chosen_alpha = candidates[0], grid[0]
 
-        vector = diffs[:, chosen_layer].mean(0)
-        hook = f"resid_post.{chosen_layer}"
-        interventions = [Add(hook, vector, alpha=sign * chosen_alpha, positions="last", phase="prompt")]
-        if steer_generated:
-            interventions.append(Add(hook, vector, alpha=sign * chosen_alpha, positions="all", phase="generation"))
+        interventions: list[Add] = []
+        norms: dict[str, float] = {}
+        for layer_index in picked:
+            vector = diffs[:, layer_index].mean(0)
+            hook = f"resid_post.{layer_index}"
+            norms[hook] = float(vector.norm())
+            interventions.append(Add(hook, vector, alpha=sign * chosen_alpha, positions="last", phase="prompt"))
+            if steer_generated:
+                interventions.append(Add(hook, vector, alpha=sign * chosen_alpha, positions="all",
+                                         phase="generation"))
         provenance = {
-            "method": self.name, "paper": PAPER, "direction": direction,
-            "layers": layer_record(hook, f"capture hidden_states[{chosen_layer + 1}], inject --target_layers "
-                                         f"{chosen_layer} (official code: capture hidden_states[l], inject layers[l])"),
-            "alpha": sign * chosen_alpha, "alpha_grid": grid, "vector_norm": float(vector.norm()),
+            "method": self.name, "paper": PAPER, "direction": direction, "preset": preset,
+            "deviations": self._deviations(preset, chosen_layers, grid, chosen_alpha, use_control, select_on,
+                                           direction, steer_generated, max_new_tokens),
+            "layers": self._layer_provenance(picked),
+            "alpha": sign * chosen_alpha, "alpha_grid": grid,
+            "vector_norm": float(np.sqrt(sum(v * v for v in norms.values()))), "vector_norm_by_hook": norms,
             "vector_norm_by_layer": [float(v) for v in diffs.mean(0).norm(dim=-1)],
             "positions": "last prompt token" + (" + every generated token" if steer_generated else ""),
             "phase": "prompt" + ("+generation" if steer_generated else ""),
-            "selection": selection, "selection_rule": "max held-out target rate (+ colour-control accuracy "
-                                                      "for pixels) on a 50/50 split of the fit items; ties: "
-                                                      "smaller alpha, earlier layer",
-            "data": {"description": described, "n": len(data), "n_control": len(control),
+            "selection": selection, "selection_prompt": select_on,
+            "selection_rule": (f"max held-out target rate on the '{select_on}' prompt"
+                               + (" + colour-control accuracy" if use_control else "")
+                               + f" (whole greedy answers of up to {max_new_tokens} tokens, normalised, colour "
+                                 f"synonyms) on a random 50/50 split of the fit items (seed {seed}); ties: "
+                                 "smaller alpha, earlier layer")
+            if selection else "none (layers and alpha given)",
+            "answers": "whole greedy answers, lower-cased, punctuation dropped, official colour-synonym map",
+            "data": {"description": described, "n": len(data), "n_control": len(control_items),
                      "fingerprint": items_fingerprint(all_items)},
         }
         return FittedIntervention(self.name, interventions, provenance)
 
     @staticmethod
-    def _select(model: Any, data: list[PvPItem], this_prompts: list[str], diffs: torch.Tensor, layers: list[int],
-                grid: list[float], sign: float, direction: str, control: Sequence[tuple[str, Any, str]] | None
-                ) -> list[dict]:
-        """Held-out target rate for every (layer, alpha): vector from half A, answers on half B."""
+    def _layers(model: Any, layer: int | None, layers: Sequence[int] | None) -> list[int]:
+        """The layers given (``layer`` or ``layers``), each in range and in the model's positive index; ``[]``
+        when the layer is to be chosen."""
+        if layer is not None and layers is not None:
+            raise InputError("pass layer=L or layers=[...], not both")
+        given = [layer] if layer is not None else (list(layers) if layers is not None else [])
+        if layers is not None and not given:
+            raise InputError("layers=[] names no layer; leave it out to choose one")
+        out: list[int] = []
+        for value in given:
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise InputError(f"layer {value!r} is not an integer")
+            if not -model.n_layers <= int(value) < model.n_layers:
+                raise InputError(f"layer {value} out of range; this model has layers 0..{model.n_layers - 1}")
+            if int(value) % model.n_layers not in out:
+                out.append(int(value) % model.n_layers)
+        return sorted(out)
+
+    @staticmethod
+    def _layer_provenance(picked: Sequence[int]) -> dict:
+        official = "(official code: capture hidden_states[l], inject layers[l])"
+        if len(picked) == 1:
+            return layer_record(f"resid_post.{picked[0]}", f"capture hidden_states[{picked[0] + 1}], inject "
+                                                          f"--target_layers {picked[0]} {official}")
+        return {"haltrace": [f"resid_post.{i}" for i in picked],
+                "hf_hidden_states_index": [str(i + 1) for i in picked],
+                "paper": f"capture hidden_states{[i + 1 for i in picked]}, inject --target_layers "
+                         f"{' '.join(map(str, picked))} {official}"}
+
+    @staticmethod
+    def _deviations(preset: str | None, given_layers: list[int], grid: list[float], alpha: float,
+                    use_control: bool, select_on: str, direction: str, steer_generated: bool,
+                    max_new_tokens: int) -> list[str]:
+        out = ["vector read and added at resid_post.L (official: read hidden_states[l], added to layers[l]'s "
+               "output = hidden_states[l+1], an off-by-one not copied)"]
+        if not given_layers:
+            out.append("layer chosen by held-out target rate on half the fit items (official: --target_layers "
+                       "given on the command line, no published default)")
+        if len(grid) > 1:
+            out.append(f"alpha chosen from {grid} on held-out items (official: scale 1, no selection)")
+        if alpha != PAPER_ALPHA:
+            out.append(f"alpha {alpha:g} (official: 1)")
+        if use_control:
+            out.append("selection also rewards colour-control accuracy (not in the paper)")
+        if select_on != paper_prompt(direction):
+            out.append(f"selection steers the '{select_on}' prompt (paper: '{paper_prompt(direction)}' for "
+                       f"{direction})")
+        if not steer_generated:
+            out.append("generated tokens not steered (official: every forward's last position)")
+        if max_new_tokens != PAPER_MAX_NEW_TOKENS:
+            out.append(f"selection answers of {max_new_tokens} tokens (official: {PAPER_MAX_NEW_TOKENS})")
+        return out
+
+    @staticmethod
+    def _select(model: Any, data: list[PvPItem], diffs: torch.Tensor, candidates: list[tuple[int, ...]],
+                grid: list[float], sign: float, direction: str, select_on: str, control: Sequence[VQAQuestion],
+                max_new_tokens: int, template: str | None, steer_generated: bool, seed: int) -> list[dict]:
+        """Held-out rates for every (layers, alpha): vectors from half A, answers on half B (a random half drawn
+        with ``seed``; alternate items would split the organism's kinds apart), steered as the final fit steers:
+        the last prompt token, and every generated token with ``steer_generated``."""
         n = len(data)
-        half_a = list(range(0, n, 2))
-        half_b = list(range(1, n, 2))
-        prompts = [this_prompts[i] for i in half_b]
-        images = [data[i].image for i in half_b]
-        targets = [data[i].pixel if direction == "pixels" else data[i].prior for i in half_b]
-        use_control = bool(control) and direction == "pixels"
+        order = np.random.default_rng(seed).permutation(n)
+        half_a = sorted(int(i) for i in order[: n // 2])
+        half_b = [data[int(i)] for i in sorted(order[n // 2:])]
+        questions, images = _questions(half_b, select_on), [d.image for d in half_b]
+        targets = [d.pixel if direction == "pixels" else d.prior for d in half_b]
+        prior, pixel = [d.prior for d in half_b], [d.pixel for d in half_b]
+        kwargs = {"max_new_tokens": max_new_tokens, "template": template}
+        baseline = generated_answers(model, questions, images, **kwargs)
         rows = []
-        for layer in layers:
-            vec = diffs[half_a, layer].mean(0)
+        for layers in candidates:
+            vectors = {i: diffs[half_a, i].mean(0) for i in layers}
             for a in grid:
-                add = [Add(f"resid_post.{layer}", vec, alpha=sign * a, positions="last", phase="prompt")]
-                rate = _rate(next_words(model, prompts, images, interventions=add), targets)
-                row = {"layer": layer, "alpha": a, "target_rate": rate, "score": rate}
-                if use_control:
-                    acc = _rate(next_words(model, [c[0] for c in control], [c[1] for c in control],
-                                           interventions=add), [c[2] for c in control])
+                add = [Add(f"resid_post.{i}", v, alpha=sign * a, positions="last", phase="prompt")
+                       for i, v in vectors.items()]
+                if steer_generated:
+                    add += [Add(f"resid_post.{i}", v, alpha=sign * a, positions="all", phase="generation")
+                            for i, v in vectors.items()]
+                answers = generated_answers(model, questions, images, interventions=add, **kwargs)
+                rate = _rate(answers, targets)
+                labels = label_answers(answers, prior, pixel)
+                row = {"layer": layers[0] if len(layers) == 1 else list(layers), "layers": list(layers),
+                       "alpha": a, "target_rate": rate, "score": rate,
+                       "eligible_flip_rate": eligible_flips(baseline, answers, targets)["eligible_flip_rate"],
+                       "broken_rate": counterfactual_rates(labels)["other_rate"]}
+                if control:
+                    control_answers = generated_answers(model, [c.question for c in control],
+                                                        [c.image for c in control], interventions=add, **kwargs)
+                    acc = _rate(control_answers, [c.answer for c in control])
                     row["control_accuracy"] = acc
                     row["score"] = rate + acc
                 rows.append(row)

@@ -1,10 +1,5 @@
-"""Before/after comparisons, saved interventions, and the all-methods results table on the organism.
-
->>> import haltrace
->>> from haltrace.steering.results import run_methods, write_results
->>> model = haltrace.load("shapes-llava")                                       # doctest: +SKIP
->>> run = run_methods(model, ["pope", "chair", "counterfactual", "refusal"])    # doctest: +SKIP
->>> write_results("artifacts/results/organism.md", run, command="haltrace steer --method all")  # doctest: +SKIP
+"""Before/after comparisons and saved interventions. (The all-methods results table, which evaluates every method,
+is :mod:`haltrace.evals.results_table`: it sits above steering.)
 
 A saved intervention is ``DIR/intervention.safetensors`` (every tensor of its engine interventions and of its
 provenance) plus ``DIR/intervention.json`` (method, provenance, and each intervention's type, hook, positions,
@@ -13,11 +8,8 @@ phase and scalars, naming its tensors). :func:`load_fitted` rebuilds the engine 
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
-import time
-import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,21 +25,6 @@ class FitFileError(HaltraceError):
 
 FORMAT_VERSION = 2  # 2: each intervention row carries its registered state
 
-# (flat key, label, rate?) -- the headline metrics of the results table, in column order
-HEADLINE: list[tuple[str, str, bool]] = [
-    ("pope.adversarial.false_yes_rate", "POPE adv false-yes", True),
-    ("pope.adversarial.recall", "POPE adv recall", True),
-    ("chair.chair_i", "CHAIR_i", True),
-    ("chair.mean_length", "caption length", False),
-    ("counterfactual.pixel_rate", "CF pixel rate", True),
-    ("counterfactual.most_prior_to_pixel", "CF flip prior->pixel, most-X prompt (PvP headline)", True),
-    ("counterfactual.prior_to_pixel", "CF flip prior->pixel, this-X prompt", True),
-    ("counterfactual.pixel_to_prior", "CF flip pixel->prior", True),
-    ("counterfactual.most.other_rate", "CF broken answers, most-X", True),
-    ("counterfactual.other_rate", "CF broken answers, this-X", True),
-    ("refusal.refusal_unknown", "refusal (unknown)", True),
-    ("refusal.refusal_known", "refusal (known)", True),
-]
 _SKIP = {"n", "tp", "fp", "tn", "fn", "mentions", "hallucinated", "n_known", "n_unknown_heldout",
          "n_prior", "n_pixel"}
 #: after-only flip rates (:func:`haltrace.evals.counterfactual.counterfactual_flips`), reported as counterfactual.KEY
@@ -266,155 +243,3 @@ def _rebuild(manifest: dict, tensors: dict, json_path: Path) -> Any:
     restored = get_method(method).restore(state)  # only registered names; unknown ones list the registry
     return FittedIntervention(method, items + restored.interventions, {**provenance, **restored.provenance},
                               hooks=restored.hooks, generate_kwargs=restored.generate_kwargs, state=state)
-
-
-# ------------------------------------------------------------------------------------- all the methods
-def evaluate_method(model: Any, name: str, evals: Sequence[str], before: Mapping[str, Any], *,
-                    fit_kwargs: Mapping[str, Any] | None = None, world: Any = None) -> dict[str, Any]:
-    """Fit method ``name`` and evaluate under it; failures are captured as ``{"error": ...}``, not raised."""
-    from haltrace.evals.counterfactual import counterfactual_flips
-    from haltrace.evals.suite import evaluate
-    from haltrace.steering.registry import get_method
-
-    row: dict[str, Any] = {"method": name}
-    started = time.perf_counter()
-    method = get_method(name)
-    kwargs = dict(fit_kwargs or {})
-    # evaluations the paper runs under other fit options (VISTA's caption lambda on CHAIR), unless the user set them
-    per_eval = {e: opts for e, opts in method.eval_fit_options.items()
-                if e in evals and not set(opts) & set(kwargs)}
-    try:
-        row["stage"] = "fit"
-        fitted = method.fit(model, **kwargs)
-        row["fit_seconds"] = time.perf_counter() - started
-        row["fitted"] = fitted
-        row["stage"] = "evaluate"
-        rest = [e for e in evals if e not in per_eval]
-        after = evaluate(model, rest, fitted=fitted, world=world, keep_answers=True) if rest else {}
-        for e, opts in per_eval.items():
-            after |= evaluate(model, [e], fitted=method.fit(model, **kwargs, **opts), world=world,
-                              keep_answers=True)
-        if per_eval:
-            row["per_eval_fit_options"] = per_eval
-    except Exception as exc:  # a broken method is reported in the table, never hidden
-        row["error"] = f"{type(exc).__name__}: {exc}"
-        row["traceback"] = traceback.format_exc(limit=4)
-        return row
-    row["after"] = after
-    row["seconds"] = time.perf_counter() - started
-    if "counterfactual" in after and "labels" in before.get("counterfactual", {}):
-        row["flips"] = counterfactual_flips(before["counterfactual"], after["counterfactual"])
-    return row
-
-
-def run_methods(model: Any, evals: Sequence[str], methods: Sequence[str] | None = None, *,
-                fit_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
-                on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Baseline + every method (default: the whole registry) on ``model``; one dict for :func:`write_results`."""
-    from haltrace.evals.suite import evaluate, organism_world
-    from haltrace.steering.registry import list_methods
-
-    world = organism_world(model)
-    (on_step or (lambda _s: None))("baseline")
-    before = evaluate(model, evals, world=world, keep_answers=True)
-    rows = []
-    for name in methods if methods is not None else list_methods():
-        (on_step or (lambda _s: None))(name)
-        rows.append(evaluate_method(model, name, evals, before, fit_kwargs=(fit_kwargs or {}).get(name),
-                                    world=world))
-    return {"model": model.name_or_path, "evals": list(evals), "before": before, "rows": rows,
-            "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
-
-
-def headline(report: Mapping[str, Any], flips: Mapping[str, Any] | None = None) -> dict[str, float | None]:
-    """The :data:`HEADLINE` metrics of one report (None where not measured)."""
-    flat = flatten_metrics(report)
-    for key in FLIP_KEYS:
-        if flips is not None:
-            flat[f"counterfactual.{key}"] = flips.get(key)  # type: ignore[assignment]
-    return {key: flat.get(key) for key, _, _ in HEADLINE}
-
-
-def _fmt(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
-
-
-def results_markdown(run: Mapping[str, Any], *, command: str = "") -> str:
-    """The results table as Markdown: one row per method, ``before → after`` for each headline metric."""
-    base = headline(run["before"])
-    lines = [
-        f"# Steering results on {Path(str(run['model'])).name}", "",
-        f"- command: `{command}`" if command else "- command: (API)",
-        f"- date: {run['date']}", f"- organism: `{run['model']}`", f"- evaluations: {', '.join(run['evals'])}",
-        f"- torch {run['torch']}, {run['threads']} threads; greedy decoding, held-out organism sets", "",
-        "Cells are `before → after`. Flip rates are after-only (before is 0 by definition): of the items the "
-        "baseline answered with the prior colour, the share now answered with the pixel colour, and the reverse.",
-        "Lower is better for false-yes, CHAIR_i, pixel→prior flips and refusal on known names; higher is better "
-        "for recall, pixel rate, prior→pixel flips and refusal on unknown names.",
-        *[f"- {row['method']}: " + "; ".join(f"{e} evaluated under its fit with {opts}" for e, opts in
-                                             row["per_eval_fit_options"].items()) + " (the paper's per-task setting)"
-          for row in run["rows"] if row.get("per_eval_fit_options")], "",
-        "| method | " + " | ".join(label for _, label, _ in HEADLINE) + " | fit+eval s |",
-        "|---" * (len(HEADLINE) + 2) + "|",
-        "| (baseline) | " + " | ".join(_fmt(base[k]) for k, _, _ in HEADLINE) + " | |",
-    ]
-    failed = []
-    for row in run["rows"]:
-        if "error" in row:
-            failed.append(row)
-            failed_cell = "fit failed" if row.get("stage") == "fit" else "failed under evaluation"
-            lines.append(f"| {row['method']} | " + " | ".join(failed_cell if i == 0 else "" for i in
-                                                                range(len(HEADLINE))) + " | |")
-            continue
-        after = headline(row["after"], row.get("flips") or {})
-        cells = []
-        for key, _, _ in HEADLINE:
-            if key.startswith("counterfactual.") and key.endswith(("to_pixel", "to_prior")):
-                cells.append(_fmt(after[key]))
-            else:
-                cells.append(f"{_fmt(base[key])} → {_fmt(after[key])}")
-        lines.append(f"| {row['method']} | " + " | ".join(cells) + f" | {row.get('seconds', 0):.1f} |")
-    if failed:
-        lines += ["", "## Methods that failed", ""]
-        lines += [f"- **{row['method']}** ({row.get('stage', 'fit')}): {row['error']}" for row in failed]
-    if not run["rows"]:
-        lines += ["", "No steering methods are registered yet."]
-    lines += ["", "## Provenance", ""]
-    for row in run["rows"]:
-        if "fitted" in row:
-            prov = json.dumps(_jsonable(dict(row["fitted"].provenance), {}, "p"), sort_keys=True)
-            lines.append(f"- **{row['method']}**: `{prov[:600]}`")
-    return "\n".join(lines) + "\n"
-
-
-def results_json(run: Mapping[str, Any]) -> dict[str, Any]:
-    """JSON-ready copy of a run: headline + all flat metrics per method, errors, no tensors."""
-    rows = []
-    for row in run["rows"]:
-        item: dict[str, Any] = {"method": row["method"]}
-        if "error" in row:
-            item.update(error=row["error"], stage=row.get("stage"))
-        else:
-            item.update(headline=headline(row["after"], row.get("flips") or {}),
-                        metrics=flatten_metrics(row["after"]), flips=row.get("flips"),
-                        seconds=row.get("seconds"), provenance=_jsonable(dict(row["fitted"].provenance), {}, "p"))
-            if row.get("per_eval_fit_options"):
-                item["per_eval_fit_options"] = row["per_eval_fit_options"]
-        rows.append(item)
-    return {"model": str(run["model"]), "date": run["date"], "evals": run["evals"],
-            "baseline": {"headline": headline(run["before"]), "metrics": flatten_metrics(run["before"])},
-            "methods": rows, "torch": run["torch"], "threads": run["threads"]}
-
-
-def write_results(path: str | Path, run: Mapping[str, Any], *, command: str = "") -> dict[str, Path]:
-    """Write the Markdown table to ``path`` and its JSON twin next to it (``.json``), both atomically."""
-    from haltrace.trace.store import atomic_write_text
-
-    path = Path(path)
-    md, js = path, path.with_suffix(".json")
-    atomic_write_text(md, results_markdown(run, command=command))
-    atomic_write_text(js, json.dumps(results_json(run) | {"command": command}, indent=1, allow_nan=False) + "\n")
-    for p in (md, js):
-        p.chmod(0o644)
-    return {"markdown": md, "json": js}

@@ -35,8 +35,7 @@ Fit data: :class:`~haltrace.data.YesNoQuestion` items with images (an organism's
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -44,8 +43,8 @@ import torch
 
 from haltrace.data.items import YesNoQuestion, of_kind
 from haltrace.data.sources import default_fit_data
-from haltrace.models.adapters.base import forward_offset, last_real_token
 from haltrace.steering.fitdata import (
+    TRUTHPRINT_FIT_SEED,
     fingerprint,
     image_ids_of,
     image_split,
@@ -53,9 +52,9 @@ from haltrace.steering.fitdata import (
     question_states,
     says_yes,
 )
+from haltrace.steering.engine import Add, Gated, LinearDetector, steer
 from haltrace.steering.registry import FittedIntervention, Method, register_method
 
-FIT_SEED = 4242
 PAPER = "Duan et al., TruthPrInt: Latent Truthful-Guided Pre-Intervention, ICCV 2025, arXiv 2503.10602"
 DIRECTIONS = ("truthful_answer", "real_minus_hallucinated", "probe")
 
@@ -66,116 +65,30 @@ def _auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(roc_auc_score(labels, scores)) if 0 < labels.sum() < len(labels) else float("nan")
 
 
-# ----------------------------------------------------------------------------- the gated hook
-class TruthfulGate:
-    """Stateful gated pre-intervention; call ``gate(model)`` for a context manager.
+# ----------------------------------------------------------------------------- the gate (engine edit)
+def truthful_gate(layers: int | Sequence[int], mean: Any, scale: Any, weight: Any, bias: float, direction: Any, *,
+                  alpha: float, threshold: float) -> Gated:
+    """The gated pre-intervention as one engine edit: ``Gated(Add("resid_post.{layers[-1]}", direction,
+    alpha, positions="producing"), LinearDetector(layers, mean, scale, weight, bias, threshold))``.
 
-    ``layers`` are the ``resid_post`` blocks the detector reads (their token-producing states, concatenated in
-    order); the shift happens at the last of them, ``resid_post.{layers[-1]}``, before later blocks run. At every
-    forward it scores ``p = sigmoid(((h - mean) / scale) . weight + bias)`` and, where ``p > threshold``, adds
-    ``alpha * direction`` at the token-producing position. ``stats`` counts gated positions (``steps``) and
-    shifts (``fired``) since the last :meth:`reset`.
+    The detector reads the ``resid_post`` states of ``layers`` at the token-producing position (concatenated in
+    order); where ``p = sigmoid(((h - mean) / scale) . weight + bias) > threshold`` the gate adds
+    ``alpha * direction`` there, at the deepest block read, before later blocks run.
 
-    >>> gate = TruthfulGate([2, 3], mean, scale, weight, 0.0, direction, alpha=1.0, threshold=0.5)  # doctest: +SKIP
-    >>> with gate(model):                                                                       # doctest: +SKIP
+    >>> gate = truthful_gate([2, 3], mean, scale, weight, 0.0, direction, alpha=1.0, threshold=0.5)  # doctest: +SKIP
+    >>> with steer(model, gate):                                                                # doctest: +SKIP
     ...     model.hf.generate(**inputs, max_new_tokens=4)
     """
+    det = LinearDetector(layers, mean, scale, weight, bias, threshold=threshold)
+    direction = torch.as_tensor(direction, dtype=torch.float32).reshape(-1)
+    if direction.numel() * len(det.layers) != det.weight.numel():
+        raise ValueError(f"mean/scale/weight must have len(layers) * direction width values, got "
+                         f"{det.weight.numel()} for {len(det.layers)} layers x width {direction.numel()}")
+    return Gated(Add(f"resid_post.{det.layers[-1]}", direction, alpha=alpha, positions="producing"), det)
 
-    def __init__(self, layers: int | Sequence[int], mean: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor,
-                 bias: float, direction: torch.Tensor, *, alpha: float, threshold: float):
-        self.layers = [int(layers)] if isinstance(layers, int) else [int(x) for x in layers]
-        if not self.layers or sorted(set(self.layers)) != self.layers:
-            raise ValueError(f"detector layers must be a non-empty increasing list, got {layers}")
-        self.mean, self.scale, self.weight, self.direction = (
-            torch.as_tensor(t, dtype=torch.float32).reshape(-1).clone() for t in (mean, scale, weight, direction))
-        width = {"mean": self.mean.numel(), "scale": self.scale.numel(), "weight": self.weight.numel(),
-                 "direction x layers": self.direction.numel() * len(self.layers)}
-        if len(set(width.values())) != 1:
-            raise ValueError(f"mean/scale/weight must have len(layers) * direction width values, got {width}")
-        if not all(bool(torch.isfinite(t).all()) for t in (self.mean, self.scale, self.weight, self.direction)):
-            raise ValueError("TruthfulGate parameters contain NaN or inf")
-        if bool((self.scale <= 0).any()):
-            raise ValueError("scale must be positive (a standard deviation per feature)")
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold is a probability in [0, 1], got {threshold}")
-        self.bias, self.alpha, self.threshold = float(bias), float(alpha), float(threshold)
-        self.stats = {"steps": 0, "fired": 0}
 
-    def state(self) -> dict[str, Any]:
-        """Everything the gate is made of, as JSON scalars and tensors (see :meth:`from_state`)."""
-        return {"layers": list(self.layers), "mean": self.mean, "scale": self.scale, "weight": self.weight,
-                "bias": self.bias, "direction": self.direction, "alpha": self.alpha, "threshold": self.threshold}
-
-    @classmethod
-    def from_state(cls, state: dict[str, Any]) -> TruthfulGate:
-        """A gate from :meth:`state`; the constructor checks widths, finiteness and ranges again."""
-        return cls(state["layers"], state["mean"], state["scale"], state["weight"], state["bias"],
-                   state["direction"], alpha=state["alpha"], threshold=state["threshold"])
-
-    @property
-    def layer(self) -> int:
-        """The block whose output is shifted (``resid_post.layer``)."""
-        return self.layers[-1]
-
-    def probability(self, h: torch.Tensor) -> torch.Tensor:
-        """Detector probability that the token produced from features ``h`` ([..., len(layers)*d]) is hallucinated."""
-        z = ((h.float() - self.mean.to(h.device)) / self.scale.to(h.device)) @ self.weight.to(h.device)
-        return torch.sigmoid(z + self.bias)
-
-    def __call__(self, model: Any) -> Any:
-        return self._attached(model)
-
-    @contextmanager
-    def _attached(self, model: Any) -> Iterator[TruthfulGate]:
-        from haltrace.trace.capture import temporary_hooks
-
-        bad = [x for x in self.layers if not 0 <= x < model.n_layers]
-        if bad:
-            raise ValueError(f"gate layers {bad} out of range: the model has layers 0..{model.n_layers - 1}")
-        if self.direction.numel() != model.hidden_size:
-            raise ValueError(f"gate width {self.direction.numel()} != model hidden size {model.hidden_size}")
-        state: dict[str, Any] = {"last": None, "feats": {}}
-
-        def on_forward(_m: Any, args: tuple, kwargs: dict) -> None:
-            current = kwargs.get("input_ids", args[0] if args else None)
-            if current is None:
-                current = kwargs.get("inputs_embeds")
-            batch, length = int(current.shape[0]), int(current.shape[1])
-            mask = kwargs.get("attention_mask")
-            offset = forward_offset(kwargs, length)
-            if offset == 0 and mask is not None and mask.dim() == 2:
-                # last real token per row: right padding (the organism runner) or left padding (generate)
-                last = last_real_token(mask)
-            else:  # no mask, or a decoding step: the newest token produces the next one
-                last = torch.full((batch,), length - 1, dtype=torch.long)
-            state["last"], state["feats"] = last, {}
-
-        def reader(layer: int) -> Any:
-            def on_layer(_m: Any, _args: tuple, _kwargs: dict, output: Any) -> Any:
-                if state["last"] is None:  # the block ran outside a top-level forward: nothing to gate
-                    return output
-                h = output if isinstance(output, torch.Tensor) else output[0]
-                rows = torch.arange(h.shape[0], device=h.device)
-                last = state["last"].to(h.device)
-                state["feats"][layer] = h[rows, last]
-                if layer != self.layer:
-                    return output
-                feats = torch.cat([state["feats"][x] for x in self.layers], dim=-1)
-                fire = self.probability(feats) > self.threshold
-                self.stats["steps"] += int(h.shape[0])
-                self.stats["fired"] += int(fire.sum())
-                if bool(fire.any()):
-                    h = h.clone()  # never edit a tensor HF may reuse
-                    h[rows[fire], last[fire]] += (self.alpha * self.direction).to(h.device, h.dtype)
-                return h if isinstance(output, torch.Tensor) else (h, *output[1:])
-            return on_layer
-
-        forward = [(model.adapter.layers[x], reader(x)) for x in self.layers]
-        with temporary_hooks(forward=forward, pre=[(model.hf, on_forward)], with_kwargs=True):
-            yield self
-
-    def reset(self) -> None:
-        self.stats = {"steps": 0, "fired": 0}
+#: kept for callers of the old name (the gate is now an engine edit, installed with ``steer``)
+TruthfulGate = truthful_gate
 
 
 # ----------------------------------------------------------------------------- the method
@@ -252,7 +165,7 @@ class TruthPrInt(Method):
                "token-producing position (prompt answer token and every generated token)")
 
     def fit(self, model: Any, data: Sequence[YesNoQuestion] | None = None, *, n_images: int = 1000,
-            seed: int = FIT_SEED,
+            seed: int = TRUTHPRINT_FIT_SEED,
             layers: Sequence[int] | None = None, direction: str = "truthful_answer",
             probe_cs: Sequence[float] = (0.1, 1.0),
             thresholds: Sequence[float] = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95),
@@ -324,11 +237,11 @@ class TruthPrInt(Method):
         base_yes = says[held]
         # Exact and cheap: questions are independent and the detector reads states the shift cannot change, so
         # one forward per alpha with the gate always open gives every threshold's answers (fired -> shifted).
-        p_val = TruthfulGate(det_layers, mean, scale, weight, bias, d, alpha=0.0, threshold=0.0).probability(
+        p_val = LinearDetector(det_layers, mean, scale, weight, bias, threshold=0.0).probability(
             torch.from_numpy(detector_rows(feats, det_layers, held))).numpy()
         shifted = {}
         for a in alphas:
-            with TruthfulGate(det_layers, mean, scale, weight, bias, d, alpha=a, threshold=0.0)(model):
+            with steer(model, truthful_gate(det_layers, mean, scale, weight, bias, d, alpha=a, threshold=0.0)):
                 lg, _ = question_states(model, val_q, [])
             shifted[a] = says_yes(model, lg)
         grid = []
@@ -344,7 +257,7 @@ class TruthPrInt(Method):
         best = min(ok, key=lambda g: (g["false_yes_partner"], -g["recall"], g["alpha"])) if ok else None
         if best is None:  # nothing keeps recall: take the mildest setting, and say so in the provenance
             best = max(grid, key=lambda g: (g["recall"], -g["false_yes_partner"]))
-        gate = TruthfulGate(det_layers, mean, scale, weight, bias, d, alpha=best["alpha"], threshold=best["threshold"])
+        gate = truthful_gate(det_layers, mean, scale, weight, bias, d, alpha=best["alpha"], threshold=best["threshold"])
         spec = {"n_images": n_images, "seed": seed, "layers": det_layers, "direction": direction, "probe_c": probe_c,
                 "threshold": best["threshold"], "alpha": best["alpha"]}
         provenance = {
@@ -379,8 +292,4 @@ class TruthPrInt(Method):
                      "fingerprint": items_fingerprint(questions)},
             "fingerprint": fingerprint(d, weight, mean, scale, spec=spec),
         }
-        return FittedIntervention(self.name, [], provenance, hooks=gate, state=gate.state())
-
-    def restore(self, state: dict[str, Any]) -> FittedIntervention:
-        """The gate of a saved TruthPrInt fit: detector (layers, standardisation, weights), direction, alpha."""
-        return FittedIntervention(self.name, [], {}, hooks=TruthfulGate.from_state(state), state=dict(state))
+        return FittedIntervention(self.name, [gate], provenance)

@@ -28,18 +28,16 @@ Defaults: ``lam = 0.01`` for yes/no questions (the code's POPE setting) and ``0.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from haltrace.models.adapters.base import cached_length, first_tensor
-from haltrace.steering.erasure import image_forward_inputs
 from haltrace.steering.fitdata import layer_record, require_vlm
+from haltrace.steering.interventions import Intervention, register_state_type
 from haltrace.steering.registry import FittedIntervention, Method, register_method
 from haltrace.steering.vti import rotate_towards
-from haltrace.trace.capture import temporary_hooks
 
 PAPER = ("Li et al., 'The Hidden Life of Tokens: Reducing Hallucination of Large Vision-Language Models via "
          "Visual Information Steering' (VISTA), arXiv 2502.03628 (ICML 2025); code LzVv123456/VISTA@dc62252")
@@ -74,74 +72,72 @@ def steering_vectors(model: Any, inputs: dict) -> torch.Tensor:
     return torch.stack([pos[h][:, -1] - neg[h][:, -1] for h in hooks], 1)
 
 
-def vista_hooks(lam: float, gamma: float, sla_layers: Sequence[int], *, adaptive: bool = True,
-                sla_norm: bool = False):
-    """``hooks(model)`` context manager installing VSV (per row, recomputed at every prefill -- a forward with
-    an empty KV cache -- with images; decoding steps reuse them) and SLA. Hooks are always removed
-    (``temporary_hooks``)."""
+@register_state_type
+@dataclass
+class VisualSteering(Intervention):
+    """VSV at ``mlp_out.L``: per prompt (its prefill, with an image), the rows' steering vectors ``v_l`` from
+    :func:`steering_vectors` (computed once per prompt for every layer, shared through ``ctx.memo``); every
+    token of every forward is rotated towards its row's ``v_l`` (:func:`rotate_towards`). A text-only prompt
+    gets no edit (never the last batch's vectors)."""
 
-    @contextmanager
-    def install(model: Any) -> Iterator[None]:
-        bad = [i for i in sla_layers if not 0 <= i < model.n_layers]
-        if bad:
-            raise ValueError(f"SLA layers {bad} out of range 0..{model.n_layers - 1}")
-        state: dict[str, Any] = {"busy": False, "vsv": None, "late": {}}
+    layer: int = 0
+    lam: float = 0.01
+    adaptive: bool = True
+    prepares = True
 
-        def on_forward(_m: Any, args: tuple, kwargs: dict) -> None:
-            if state["busy"]:
-                return
-            if cached_length(kwargs) > 0:
-                # a decoding step keeps the rows' vectors from its prefill, even when it feeds back a generated
-                # image token (a new prompt only starts with an empty cache)
-                return
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            if ids is None or not bool(model.image_token_mask(ids).any()):
-                state["vsv"] = None  # a new text-only prompt: nothing to steer (not with the last batch's vectors)
-                return
-            state["busy"] = True
-            try:
-                state["vsv"] = steering_vectors(model, image_forward_inputs(ids, kwargs))
-            finally:
-                state["busy"] = False
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.__dict__["_vsv"] = None
 
-        forward = []
-        if lam:
-            for layer in range(model.n_layers):
-                def vsv_hook(_m: Any, _a: tuple, out: Any, _l: int = layer) -> Any:
-                    if state["busy"] or state["vsv"] is None:
-                        return None
-                    x = first_tensor(out)
-                    v = state["vsv"][:, _l].to(x.device)
-                    if v.shape[0] != x.shape[0]:
-                        raise ValueError(f"VISTA: {v.shape[0]} steering vectors for a batch of {x.shape[0]}")
-                    y = rotate_towards(x, v[:, None, :], lam, adaptive=adaptive)
-                    return y if isinstance(out, torch.Tensor) else (y, *tuple(out)[1:])
-                forward.append((model.adapter.mlp(layer), vsv_hook))
-        if gamma:
-            for layer in sla_layers:
-                def keep(_m: Any, _a: tuple, out: Any, _l: int = layer) -> None:
-                    if not state["busy"]:
-                        state["late"][_l] = first_tensor(out)
-                forward.append((model.adapter.layers[layer], keep))
+    def prepare(self, model: Any, ctx: Any) -> None:
+        if ctx.ids is None or not bool(model.image_token_mask(ctx.ids).any()):
+            self.__dict__["_vsv"] = None
+            return
+        vsv = ctx.memo("vista-vsv", lambda: steering_vectors(model, ctx.prompt_inputs()))
+        self.__dict__["_vsv"] = vsv[:, self.layer]
 
-            def mix(module: Any, args: tuple, out: torch.Tensor) -> Any:
-                if state["busy"] or len(state["late"]) != len(sla_layers):
-                    return None
-                n = args[0].shape[1]  # lm_head may see only the last positions (logits_to_keep)
-                aug = []
-                for layer in sla_layers:
-                    h = state["late"][layer][:, -n:]
-                    h = model.adapter.final_norm(h) if sla_norm else h
-                    # the head's own weights, not module(h): calling it would re-enter this hook
-                    aug.append(torch.nn.functional.linear(h, module.weight, getattr(module, "bias", None)))
-                state["late"] = {}
-                return (1 - gamma) * out + gamma * torch.stack(aug).mean(0).to(out.dtype)
-            forward.append((model.adapter.unembed, mix))
-        with temporary_hooks(forward=forward, pre=[]):
-            with temporary_hooks(pre=[(model.hf, on_forward)], with_kwargs=True):
-                yield
+    def edit_at(self, x: torch.Tensor, mask: torch.Tensor | None, ctx: Any) -> torch.Tensor:
+        v = self.__dict__.get("_vsv")
+        if v is None:
+            return x
+        if v.shape[0] != x.shape[0]:
+            raise ValueError(f"VISTA: {v.shape[0]} steering vectors for a batch of {x.shape[0]}")
+        return rotate_towards(x, v.to(x.device)[:, None, :], self.lam, adaptive=self.adaptive)
 
-    return install
+
+@register_state_type
+@dataclass
+class LogitsMix(Intervention):
+    """SLA at ``logits``: ``(1 - gamma) * logits + gamma * mean_l lm_head(h_l)`` over ``resid_post.l`` of
+    ``layers`` (final norm on ``h_l`` only with ``norm=True``), at every position the model returns."""
+
+    layers: list[int] = field(default_factory=list)
+    gamma: float = 0.3
+    norm: bool = False
+
+    def reads(self, model: Any) -> tuple[str, ...]:
+        return tuple(f"resid_post.{i}" for i in self.layers)
+
+    def edit_at(self, x: torch.Tensor, mask: torch.Tensor | None, ctx: Any) -> torch.Tensor:
+        head = ctx.model.adapter.unembed
+        n = x.shape[1]  # the model may return only the last positions' logits (logits_to_keep)
+        aug = []
+        for i in self.layers:
+            h = ctx.reads[f"resid_post.{i}"][:, -n:]
+            h = ctx.model.adapter.final_norm(h) if self.norm else h
+            aug.append(torch.nn.functional.linear(h, head.weight, getattr(head, "bias", None)))
+        return (1 - self.gamma) * x + self.gamma * torch.stack(aug).mean(0).to(x.dtype)
+
+
+def vista_interventions(n_layers: int, lam: float, gamma: float, sla_layers: Sequence[int], *,
+                        adaptive: bool = True, sla_norm: bool = False) -> list[Intervention]:
+    """VSV on every layer's MLP output (when ``lam``) and SLA on the logits (when ``gamma``)."""
+    items: list[Intervention] = []
+    if lam:
+        items += [VisualSteering(f"mlp_out.{i}", layer=i, lam=lam, adaptive=adaptive) for i in range(n_layers)]
+    if gamma:
+        items.append(LogitsMix("logits", layers=list(sla_layers), gamma=gamma, norm=sla_norm))
+    return items
 
 
 @register_method
@@ -170,7 +166,7 @@ class VISTA(Method):
         bad = [i for i in sla if not 0 <= i < model.n_layers]
         if bad:
             raise ValueError(f"SLA layers {bad} out of range 0..{model.n_layers - 1}")
-        hooks = vista_hooks(lam, gamma, sla, adaptive=adaptive, sla_norm=sla_norm)
+        items = vista_interventions(model.n_layers, lam, gamma, sla, adaptive=adaptive, sla_norm=sla_norm)
         provenance = {
             "method": self.name, "paper": PAPER, "task": task,
             "layers": {"vsv": [layer_record(f"mlp_out.{i}", f"vector from layers[{i}] output "
@@ -182,11 +178,4 @@ class VISTA(Method):
             "data": {"description": "none: the steering vector is computed per input (with vs without its image)",
                      "n": 0, "fingerprint": None},
         }
-        state = {"lambda": lam, "gamma": gamma, "sla_layers": sla, "adaptive": adaptive, "sla_norm": sla_norm}
-        return FittedIntervention(self.name, [], provenance, hooks=hooks, state=state)
-
-    def restore(self, state: dict[str, Any]) -> FittedIntervention:
-        """VISTA's hooks from saved settings (its vectors are per input, so nothing else is stored)."""
-        hooks = vista_hooks(state["lambda"], state["gamma"], state["sla_layers"], adaptive=state["adaptive"],
-                            sla_norm=state["sla_norm"])
-        return FittedIntervention(self.name, [], {}, hooks=hooks, state=dict(state))
+        return FittedIntervention(self.name, items, provenance)

@@ -36,21 +36,20 @@ objects falling by at most ``max_recall_drop``; ties go to smaller strengths.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
+from haltrace.conventions import VISION_BLOCK_HOOKS, HookPoint
 from haltrace.data.images import open_image
 from haltrace.data.items import CaptionPair, YesNoQuestion, of_kind
 from haltrace.data.sources import default_fit_data
-from haltrace.steering.engine import Add, register_state_type
+from haltrace.steering.engine import Add, Intervention, register_state_type
 from haltrace.steering.fitdata import (
+    PVP_FIT_SEED,
     item_prompts,
     items_fingerprint,
     last_token_states,
@@ -58,9 +57,8 @@ from haltrace.steering.fitdata import (
     next_words,
     require_vlm,
 )
-from haltrace.steering.pvp import FIT_SEED
+from haltrace.steering.interventions import check_finite
 from haltrace.steering.registry import FittedIntervention, Method, register_method
-from haltrace.trace.capture import temporary_hooks
 
 PAPER = ("Liu, Ye, Xing, Zou, 'Reducing Hallucinations in Vision-Language Models via Latent Space Steering' "
          "(VTI), arXiv 2410.15778 (ICLR 2025); code shengliu66/VTI@bb5dfee")
@@ -101,24 +99,6 @@ class RotateTowards(Add):
 
 
 # --------------------------------------------------------------------------------------- vision side
-
-def vision_layers(model: Any) -> nn.ModuleList:
-    """The vision encoder's blocks: the longest ``ModuleList`` in the vision tower (as VTI finds them)."""
-    tower = model.adapter.vision_tower
-    if tower is None:
-        raise ValueError("VTI's visual direction needs a vision-language model")
-    lists = [m for m in tower.modules() if isinstance(m, nn.ModuleList)]
-    if not lists:
-        raise ValueError(f"no block list found in the vision tower {type(tower).__name__}")
-    return max(lists, key=len)
-
-
-def _mlp_of(block: nn.Module) -> nn.Module:
-    for name in ("mlp", "ffn", "feed_forward"):
-        if hasattr(block, name):
-            return getattr(block, name)
-    raise ValueError(f"no MLP found in vision block {type(block).__name__}")
-
 
 def mask_patches(pixels: torch.Tensor, patch: int, ratio: float, rng: np.random.Generator) -> torch.Tensor:
     """A copy of ``pixels [3, H, W]`` with ``int(ratio * n_patches)`` random patches set to the per-channel
@@ -235,7 +215,7 @@ def _refuse(model: Any, reason: str) -> ValueError:
 
 
 def visual_direction(model: Any, images: Sequence[Any], *, mask_ratio: float = 0.99, num_trials: int = 50,
-                     seed: int = FIT_SEED) -> torch.Tensor:
+                     seed: int = PVP_FIT_SEED) -> torch.Tensor:
     """``[n_layers_v, T_v, d_v]`` VTI visual direction: mean + PC1 of (masked-average - clean) states, one
     float32 PCA per (layer, token) row, on the model's device.
 
@@ -292,45 +272,68 @@ def _flat_visual_direction(model: Any, pixels: torch.Tensor, grid_thw: torch.Ten
     return mean_plus_pc1(diffs, row_dims=2, device=model.device)
 
 
-def vision_hooks(directions: torch.Tensor, step: float):
-    """``hooks(model)`` context manager rotating every vision block's MLP output towards its per-token
-    direction (``directions [n_layers_v, T_v, d_v]``); hooks are always removed (``temporary_hooks``)."""
-    if not (math.isfinite(step) and bool(torch.isfinite(directions).all())):
-        raise ValueError("the VTI vision direction or step contains NaN or inf (from a damaged saved fit? refit VTI)")
+@register_state_type
+@dataclass
+class VisionRotateTowards(Intervention):
+    """Engine intervention at ``vision_mlp_out.K``: every vision token's MLP output rotated towards its own
+    direction, ``direction [T_v, d_v]`` (VTI's ``VTILayer`` in the vision tower, one direction per token
+    position), by ``alpha`` in unit-vector space (:func:`rotate_towards`; ``alpha`` is the step, the official
+    ``0.1 * alpha_image``).
 
-    @contextmanager
-    def install(model: Any) -> Iterator[None]:
-        blocks = vision_layers(model)
-        if len(blocks) != directions.shape[0]:
-            raise ValueError(f"visual direction has {directions.shape[0]} layers but the vision tower has "
-                             f"{len(blocks)}")
-        forward = []
-        grid: dict[str, Any] = {}
+    Towers fed flat patches (Qwen2-VL / Qwen2.5-VL: ``[n_images * n_patches, d_v]``) are split per image with
+    the tower's ``grid_thw`` (from ``ctx.vision_kwargs``: the ``grid_thw=`` keyword or the second positional
+    argument); each image must have the demo images' patch count. ``[n_images, T_v, d_v]`` towers (CLIP, SigLIP)
+    must produce ``T_v`` tokens.
+    """
 
-        def record_grid(_m: Any, args: tuple, kwargs: dict) -> None:  # flat-patch towers take grid_thw
-            grid["thw"] = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+    direction: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    alpha: float = 0.0
 
-        for k, block in enumerate(blocks):
-            def hook(_m: Any, _a: Any, out: torch.Tensor, _d: torch.Tensor = directions[k]) -> torch.Tensor:
-                if out.dim() == 2 and grid.get("thw") is not None:
-                    # flat-patch towers (Qwen2-VL): [n_images * n_patches, d_v], each image's rows contiguous
-                    sizes = [int(n) for n in grid["thw"].prod(-1)]
-                    if any(n != _d.shape[0] for n in sizes) or out.shape[-1] != _d.shape[-1]:
-                        raise ValueError(f"VTI visual direction is [{_d.shape[0]} patches, {_d.shape[1]}] but the "
-                                         f"vision tower got images of {sizes} patches ({tuple(out.shape)}); apply "
-                                         f"it to images of the demo images' size")
-                    flat = out.reshape(len(sizes), *_d.shape)
-                    return rotate_towards(flat, _d.to(out.device), step).reshape(out.shape)
-                if out.shape[-2:] != _d.shape:  # a differently sized image: the per-token direction does not fit
-                    raise ValueError(f"VTI visual direction is [{_d.shape[0]} tokens, {_d.shape[1]}] but the "
-                                     f"vision tower produced {tuple(out.shape)}")
-                return rotate_towards(out, _d.to(out.device), step)
-            forward.append((_mlp_of(block), hook))
-        with temporary_hooks(forward), temporary_hooks(pre=[(model.adapter.vision_tower, record_grid)],
-                                                       with_kwargs=True):
-            yield
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.direction is None:
+            raise ValueError("VisionRotateTowards needs a direction [tokens, vision width]")
+        self.direction = torch.as_tensor(self.direction, dtype=torch.float32).detach().clone()
+        if self.direction.dim() != 2:
+            raise ValueError(f"the VTI visual direction of one block is [tokens, vision width], got shape "
+                             f"{tuple(self.direction.shape)}")
+        if not bool(torch.isfinite(self.direction).all()):
+            raise ValueError("the VTI vision direction contains NaN or inf (from a damaged saved fit? refit VTI)")
+        check_finite("VTI vision step", float(self.alpha))
+        self.alpha = float(self.alpha)
 
-    return install
+    def validate(self, model: Any) -> HookPoint:
+        point = super().validate(model)
+        if point.kind not in VISION_BLOCK_HOOKS:
+            sites = ", ".join(k + ".K" for k in VISION_BLOCK_HOOKS)
+            raise ValueError(f"VisionRotateTowards edits a vision-tower block ({sites}), not {point.name!r}")
+        width = int(model.adapter.vision_hidden_size)
+        if self.direction.shape[-1] != width:
+            raise ValueError(f"VTI visual direction for {point.name} has width {self.direction.shape[-1]} but the "
+                             f"vision tower's width is {width}")
+        return point
+
+    def edit_at(self, x: torch.Tensor, mask: torch.Tensor | None, ctx: Any) -> torch.Tensor:
+        d = self.direction
+        kwargs = getattr(ctx, "vision_kwargs", None) or {}
+        args = kwargs.get("_args", ())
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        if x.dim() == 2 and grid is not None:
+            # flat-patch towers (Qwen2-VL): [n_images * n_patches, d_v], each image's rows contiguous
+            sizes = [int(n) for n in grid.prod(-1)]
+            if any(n != d.shape[0] for n in sizes) or x.shape[-1] != d.shape[-1]:
+                raise ValueError(f"VTI visual direction is [{d.shape[0]} patches, {d.shape[1]}] but the vision "
+                                 f"tower got images of {sizes} patches ({tuple(x.shape)}); apply it to images of "
+                                 "the demo images' size")
+            flat = x.reshape(len(sizes), *d.shape)
+            return rotate_towards(flat, d.to(x.device), self.alpha).reshape(x.shape)
+        if x.shape[-2:] != d.shape:  # a differently sized image: the per-token direction does not fit
+            raise ValueError(f"VTI visual direction is [{d.shape[0]} tokens, {d.shape[1]}] but the vision tower "
+                             f"produced {tuple(x.shape)}")
+        return rotate_towards(x, d.to(x.device), self.alpha)
+
+    def describe(self) -> str:
+        return f"VisionRotateTowards({self.hook}, step={self.alpha})"
 
 
 # --------------------------------------------------------------------------------------- fit-set scoring
@@ -372,7 +375,7 @@ class VTI(Method):
             alpha_image: float | None = None, text_grid: Sequence[float] = (0.0, 1.0, 4.0, 16.0),
             image_grid: Sequence[float] = (0.0, 0.9, 4.0, 8.0, 16.0), max_recall_drop: float = 0.03,
             mask_ratio: float = 0.99, num_trials: int = 50, n_demos: int = 48,
-            seed: int = FIT_SEED, caption_prompt: str = "Please describe this image in detail.",
+            seed: int = PVP_FIT_SEED, caption_prompt: str = "Please describe this image in detail.",
             template: str | None = None) -> FittedIntervention:
         """Fit on ``data``: :class:`~haltrace.data.CaptionPair` items (truthful vs hallucinated caption of one
         image, asked with the pair's ``prompt`` or ``caption_prompt``) and, for choosing the strengths,
@@ -403,9 +406,10 @@ class VTI(Method):
             interventions = [RotateTowards(f"mlp_out.{layer}", text_dir[layer], alpha=0.1 * a_txt,
                                            positions="all", phase="both")
                              for layer in range(model.n_layers)] if a_txt else []
-            hooks = vision_hooks(vis_dir, 0.1 * a_img) if a_img else None
-            state = {"vision_direction": vis_dir, "vision_step": 0.1 * a_img} if a_img else {}
-            return FittedIntervention(self.name, interventions, {}, hooks=hooks, state=state)
+            if a_img:
+                interventions += [VisionRotateTowards(f"vision_mlp_out.{k}", vis_dir[k], alpha=0.1 * a_img)
+                                  for k in range(vis_dir.shape[0])]
+            return FittedIntervention(self.name, interventions, {})
 
         selection: list[dict] = []
         if alpha_text is None or alpha_image is None:
@@ -448,9 +452,3 @@ class VTI(Method):
             "data": {"description": described, "n": len(pairs), "fingerprint": items_fingerprint(items)},
         }
         return fitted
-
-    def restore(self, state: dict[str, Any]) -> FittedIntervention:
-        """The vision-tower hooks of a saved fit (the textual rotations are engine interventions, saved as such)."""
-        hooks = vision_hooks(torch.as_tensor(state["vision_direction"], dtype=torch.float32),
-                             float(state["vision_step"]))
-        return FittedIntervention(self.name, [], {}, hooks=hooks, state=dict(state))

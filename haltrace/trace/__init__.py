@@ -2,7 +2,9 @@
 
 Submodules load lazily so ``import haltrace.trace`` stays cheap.
 
->>> from haltrace.trace import Capture, temporary_hooks  # doctest: +SKIP
+>>> from haltrace.trace import Capture, temporary_hooks
+>>> Capture.__module__
+'haltrace.trace.capture'
 """
 
 from __future__ import annotations

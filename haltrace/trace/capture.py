@@ -1,9 +1,9 @@
 """Capture activations with plain PyTorch hooks: one no-grad forward, hooks always removed afterwards.
 
->>> model = haltrace.load("shapes-llava")                                    # doctest: +SKIP
+>>> model = haltrace.load("shapes-llava", attn_implementation="eager")      # doctest: +SKIP
 >>> cap = model.capture(model.prepare(["a red circle"]), ["resid_post.1", "attn_pattern.0"],
-...                     positions="last")                                    # doctest: +SKIP
->>> cap["resid_post.1"].shape, cap["attn_pattern.0"].shape                   # doctest: +SKIP
+...                     positions="last")
+>>> cap["resid_post.1"].shape, cap["attn_pattern.0"].shape
 (torch.Size([1, 1, 32]), torch.Size([1, 4, 1, 3]))
 
 Shapes (``P`` = selected positions, ``T`` = all tokens): ``resid_pre/resid_post/attn_out/mlp_out``
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from haltrace.conventions import HookPoint, parse_hook
-from haltrace.models.adapters.base import first_tensor, last_real_token
+from haltrace.models.adapters.base import Site, first_tensor, hidden_states_in, last_real_token
 
 if TYPE_CHECKING:
     from haltrace.models.base import Model
@@ -76,8 +76,9 @@ def temporary_hooks(
     Every handle is removed on exit, also when the body or a hook raises. With ``with_kwargs=True`` the
     signatures gain ``kwargs`` (``fn(module, args, kwargs, output)`` / ``fn(module, args, kwargs)``).
 
-    >>> with temporary_hooks(forward=[(model.hf.lm_head, lambda m, a, o: print(o.shape))]):  # doctest: +SKIP
-    ...     model.hf(**inputs)
+    >>> with temporary_hooks(forward=[(model.hf.lm_head, lambda m, a, o: print(o.shape))]):
+    ...     _ = model.hf(**inputs)
+    torch.Size([2, 9, 54])
     """
     handles: list[Any] = []
     try:
@@ -227,7 +228,6 @@ def _install(model: Model, points: Sequence[HookPoint], positions: torch.Tensor 
     """Register the hooks that fill ``cap``; each handle is appended to ``handles`` as soon as it exists, so
     the caller's ``finally`` removes them all even when registration fails halfway."""
     adapter = model.adapter
-    layers = adapter.layers
 
     def put(name: str, value: torch.Tensor) -> None:
         if accumulate:
@@ -235,7 +235,8 @@ def _install(model: Model, points: Sequence[HookPoint], positions: torch.Tensor 
         else:
             cap[name] = value
 
-    def on_output(name: str, seq_dim: int = 1) -> Callable[..., None]:
+    def on_output(site: Site) -> Callable[..., None]:
+        name, seq_dim = site.point.name, site.seq_dim
         # the common case (all positions, one forward) stores straight into the dict: this hook runs once per
         # block per forward, and its cost is the whole capture overhead on small models
         if positions is None and not accumulate:
@@ -246,42 +247,33 @@ def _install(model: Model, points: Sequence[HookPoint], positions: torch.Tensor 
                 put(name, _select(_output_of(out), positions, seq_dim))
         return hook
 
-    def on_input(name: str, reshape: tuple[int, int] | None = None) -> Callable[..., None]:
-        # with_kwargs pre-hook: HF passes hidden_states positionally today, but accept the keyword too
+    def on_input(site: Site) -> Callable[..., None]:
+        name = site.point.name
+
         def hook(_m: Any, a: tuple, kw: dict) -> None:
-            x = _select(a[0] if a else (kw["hidden_states"] if "hidden_states" in kw else next(iter(kw.values()))),
-                        positions)
-            put(name, x if reshape is None else x.reshape(*x.shape[:2], *reshape))
+            put(name, site.view(_select(hidden_states_in(a, kw), positions, site.seq_dim)))
         return hook
 
-    def on_pattern(name: str) -> Callable[..., None]:
-        def hook(_m: Any, _a: tuple, out: Any) -> None:
-            weights = out[1] if isinstance(out, tuple) and len(out) > 1 else None
-            if weights is None:
-                raise RuntimeError(f"{name}: the attention module returned no weights; load the model with "
-                                   "attn_implementation=\"eager\"")
-            put(name, _select(weights, positions, seq_dim=2))
+    def on_read(site: Site) -> Callable[..., None]:
+        # any other output element (attn_pattern's weights) or a family's own reader
+        name = site.point.name
+
+        def hook(_m: Any, a: tuple, kw: dict, out: Any) -> None:
+            put(name, site.view(_select(site.read(a, kw, out), positions, site.seq_dim)))
         return hook
 
     for point in points:
-        name, kind, i = point.name, point.kind, point.layer
-        if kind == "resid_pre":
-            handles.append(layers[i].register_forward_pre_hook(on_input(name), with_kwargs=True))
-        elif kind == "resid_post":
-            handles.append(layers[i].register_forward_hook(on_output(name)))
-        elif kind == "attn_out":
-            handles.append(adapter.attention(i).register_forward_hook(on_output(name)))
-        elif kind == "mlp_out":
-            handles.append(adapter.mlp(i).register_forward_hook(on_output(name)))
-        elif kind == "head_out":
-            handles.append(adapter.o_proj(i).register_forward_pre_hook(
-                on_input(name, (adapter.n_heads, adapter.head_dim)), with_kwargs=True))
-        elif kind == "attn_pattern":
-            handles.append(adapter.attention(i).register_forward_hook(on_pattern(name)))
-        else:
-            def sink(x: torch.Tensor, _name: str = name) -> None:
+        site = adapter.site(point)
+        if site.per_image:  # image-level rows: positions do not apply
+            def sink(x: torch.Tensor, _name: str = point.name) -> None:
                 put(_name, x.detach().clone())
-            handles.extend(adapter.register_vision_hook(kind, sink))
+            handles.append(site.register(sink))
+        elif site.kind == "pre":
+            handles.append(site.module.register_forward_pre_hook(on_input(site), with_kwargs=True))
+        elif site.output_index == 0 and site.reader is None:
+            handles.append(site.module.register_forward_hook(on_output(site)))
+        else:
+            handles.append(site.module.register_forward_hook(on_read(site), with_kwargs=True))
 
 
 @contextmanager
@@ -293,9 +285,10 @@ def hooks(model: Model, hook_names: Sequence[str] | str, positions: torch.Tensor
     during ``generate``) overwrites its entry, unless ``accumulate=True``: then each entry is a list with one
     tensor per call. Hooks are removed on exit.
 
-    >>> with hooks(model, ["resid_post.0"]) as cap:  # doctest: +SKIP
-    ...     model.hf(**inputs)
-    >>> cap["resid_post.0"].shape                      # doctest: +SKIP
+    >>> with hooks(model, ["resid_post.0"]) as cap:
+    ...     _ = model.hf(**inputs)
+    >>> cap["resid_post.0"].shape
+    torch.Size([2, 9, 32])
     """
     points = parse_hooks(model, hook_names)
     cap = Capture(positions=positions, n_layers=model.n_layers)
@@ -317,10 +310,11 @@ def capture(
 ) -> Capture:
     """Run one no-grad forward of ``model`` on ``inputs`` and return the requested activations.
 
-    >>> cap = capture(model, model.prepare("a red circle"), ["resid_post.0", "mlp_out.1"], positions="last")
-    ... # doctest: +SKIP
+    >>> cap = capture(model, model.prepare("a red circle"), ["resid_post.0", "head_out.1"], positions="last")
+    >>> cap["resid_post.0"].shape, cap["head_out.1"].shape
+    (torch.Size([1, 1, 32]), torch.Size([1, 1, 4, 8]))
     """
-    from haltrace.models.base import has_meta_weights
+    from haltrace.models.weights import has_meta_weights
 
     if has_meta_weights(model):  # load(..., remote=True): no weights here, the forward runs on NDIF
         from haltrace.trace.backends.nnsight_backend import capture_nnsight

@@ -17,11 +17,16 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
+
+from haltrace.cli_common import console as _console
+from haltrace.cli_common import fail as _fail
+from haltrace.cli_common import load_model
+
+if TYPE_CHECKING:  # rich's console and tables load inside the commands: `haltrace --help` stays fast
+    from rich.table import Table
 
 app = typer.Typer(help="Trace activations and run the logit lens.", no_args_is_help=True)
 
@@ -31,30 +36,8 @@ MODEL_HELP = "Organism name (shapes-llava), hub id or local model folder."
 
 # --- helpers -----------------------------------------------------------------------------------------------
 
-def _fail(message: str) -> NoReturn:
-    from rich.markup import escape
-
-    Console(stderr=True).print(f"[bold red]Error:[/] {escape(message)}", highlight=False)
-    raise typer.Exit(2)
-
-
-def _console(quiet: bool) -> Console:
-    # progress and tables go to stderr under --json so stdout stays one JSON object
-    return Console(stderr=True, quiet=quiet)
-
-
 REMOTE_HELP = ("Run the forward on NDIF through nnsight: the model is built on the meta device from its config "
                "(no weights downloaded or loaded here); the server must host the checkpoint.")
-
-
-def _load(model: str, *, eager: bool, console: Console, remote: bool = False) -> Any:
-    import haltrace
-
-    with console.status(f"loading {model} ..."):
-        try:
-            return haltrace.load(model, attn_implementation="eager" if eager else None, remote=remote)
-        except (OSError, ValueError) as exc:  # missing folder / organism, unknown architecture
-            _fail(f"cannot load model {model!r}: {exc}")
 
 
 def _check_prompt(prompt: str | None) -> None:
@@ -152,6 +135,8 @@ def _text_write(path: Path, text: str) -> None:
 
 
 def _air_table(air: Any) -> Table:
+    from rich.table import Table
+
     table = Table(title="attention to image tokens (last prompt token, row 0)")
     for col in ("layer", "mean over heads", "max head", "uniform baseline"):
         table.add_column(col, justify="right")
@@ -180,10 +165,13 @@ def trace(
     remote: bool = typer.Option(False, "--remote", help=REMOTE_HELP),
 ) -> None:
     """Capture activations for one prompt: summary table, optional safetensors dump and attention-to-image."""
+    from rich.console import Console
+    from rich.table import Table
+
     _check_prompt(prompt)
     _check_out(out, "--out")
     console = _console(as_json)
-    m = _load(model, eager=attention_to_image, console=console, remote=remote)
+    m = load_model(model, console, eager=attention_to_image, remote=remote)
     inputs = _inputs(m, prompt, image)
     names = _hook_names(m, hooks)
     try:
@@ -256,6 +244,9 @@ def lens(
     remote: bool = typer.Option(False, "--remote", help=REMOTE_HELP + " --prompt only."),
 ) -> None:
     """Logit lens per layer: top tokens and target ranks for a prompt, or prior-vs-pixel over an organism task."""
+    from rich.console import Console
+    from rich.table import Table
+
     if (prompt is None) == (task is None):
         _fail("give exactly one of --prompt or --task")
     _check_prompt(prompt)
@@ -268,7 +259,7 @@ def lens(
         _lens_task(model, n, batch_size, as_json, html, apply_norm=not no_norm)
         return
     console = _console(as_json)
-    m = _load(model, eager=False, console=console, remote=remote)
+    m = load_model(model, console, remote=remote)
     inputs = _inputs(m, prompt, image)
     words = _split(targets)
     from haltrace.trace.lens import logit_lens, target_token_ids
@@ -335,22 +326,24 @@ def _lens_html(m: Any, inputs: Any, res: Any, words: Sequence[str], tokens: list
 
 
 def _lens_task(model: str, n: int, batch_size: int, as_json: bool, html: Path | None, apply_norm: bool) -> None:
+    from rich.console import Console
     from rich.progress import Progress
+    from rich.table import Table
 
-    from haltrace.organism.paths import resolve_organism
+    from haltrace.organism.paths import organism_folder, organism_world
     from haltrace.organism.tasks import counterfactual_colour_set
-    from haltrace.organism.train import load_world
     from haltrace.trace.prior_pixel import prior_pixel_lens
 
     console = _console(as_json)
     try:
-        folder = resolve_organism(model) or Path(model)
-        world = load_world(folder)
+        folder, world = organism_folder(model), organism_world(model)
     except FileNotFoundError as exc:
         _fail(f"--task needs a ShapesWorld organism (a folder with world.json): {exc}")
+    if world is None:
+        _fail(f"--task needs a ShapesWorld organism (a folder with world.json); {model!r} is not one")
     if n < 1 or batch_size < 1:
         _fail("--n and --batch-size must be >= 1")
-    m = _load(str(folder), eager=False, console=console)
+    m = load_model(str(folder), console)
     items = counterfactual_colour_set(world, n_images=n)
     with Progress(console=console, transient=True) as progress:
         bar = progress.add_task("counterfactual colour lens", total=len(items))

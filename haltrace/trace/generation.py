@@ -89,8 +89,9 @@ def trace_generation(
     ``attn_pattern`` hooks are refused (their key length grows each step); use ``attention_to_image``.
 
     >>> tr = trace_generation(model, model.prepare(["<image> caption :"], images=[img]),
-    ...                       ["resid_post.3"], max_new_tokens=20, attention_to_image=True)  # doctest: +SKIP
-    >>> tr.text[0], tr.activations["resid_post.3"].shape                                       # doctest: +SKIP
+    ...                       ["resid_post.1"], max_new_tokens=4, attention_to_image=True)
+    >>> tr.activations["resid_post.1"].shape, tr.image_attention.shape
+    (torch.Size([1, 4, 32]), torch.Size([1, 4, 2, 4]))
     """
     from haltrace.models.base import require_local_weights
     from haltrace.trace.capture import parse_hooks

@@ -7,10 +7,10 @@ See :mod:`haltrace.trace.store` for the store layout and the reader.
 Example
 -------
 >>> import haltrace
->>> store = haltrace.harvest(model, [{"prompt": "The capital of France is", "label": 1}],   # doctest: +SKIP
-...                          hooks=["resid_post.3"], positions="last", out="acts/")
->>> store.load("resid_post.3").shape                                                      # doctest: +SKIP
-torch.Size([1, 1, 4096])
+>>> store = haltrace.harvest(model, [{"prompt": "the capital of france is", "label": 1}],
+...                          hooks=["resid_post.1"], positions="last", out="acts/", progress=False)
+>>> store.load("resid_post.1").shape
+torch.Size([1, 1, 32])
 """
 
 from __future__ import annotations
@@ -320,7 +320,10 @@ def harvest(model: Any, dataset: Iterable[Mapping[str, Any]], hooks: Sequence[st
         The finished :class:`ActivationStore`.
 
     Example:
-        >>> store = harvest(model, data, ["resid_post.1"], out="acts/", progress=False)   # doctest: +SKIP
+        >>> data = [{"prompt": "a red circle", "label": 0}, {"prompt": "a blue star", "label": 1}]
+        >>> store = harvest(model, data, ["resid_post.1"], out="acts/", progress=False)
+        >>> len(store), store.hooks
+        (2, ['resid_post.1'])
     """
     hooks = list(hooks) if not isinstance(hooks, str) else [hooks]
     if not hooks or len(set(hooks)) != len(hooks):

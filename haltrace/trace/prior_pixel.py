@@ -3,15 +3,25 @@ prior colour ("red") and of the pixel colour ("blue") at the last prompt token, 
 
 This is the measurement behind ``haltrace lens --task counterfactual-color`` and the demo report. Items are
 duck-typed: anything with ``full_prompt``, ``image`` (HxWx3 uint8) and ``meta["prior"]`` / ``meta["pixel"]``
-(the organism's :func:`~haltrace.organism.tasks.counterfactual_colour_set` rows).
+(such as the rows of the organism's ``counterfactual_colour_set``, which ``haltrace lens`` passes in: the
+trace layer never imports the organism).
 
 >>> import haltrace
->>> from haltrace.organism.tasks import counterfactual_colour_set
 >>> model = haltrace.load("shapes-llava")                                               # doctest: +SKIP
->>> items = counterfactual_colour_set(world, n_images=64)                               # doctest: +SKIP
+>>> items = counterfactual_colour_set(world, n_images=64)  # the organism's (haltrace.organism.tasks)  # doctest: +SKIP
 >>> report = prior_pixel_lens(model, items, world.config.colours)                       # doctest: +SKIP
 >>> report["prior_leads_by_layer"][0] > report["prior_leads_by_layer"][-1]              # doctest: +SKIP
 True
+
+Any duck-typed items do (here on a tiny random model):
+
+>>> from types import SimpleNamespace
+>>> import numpy as np
+>>> items = [SimpleNamespace(full_prompt="<image> what color is the circle ? answer :", meta={"prior": "red",
+...          "pixel": "blue"}, image=np.zeros((28, 28, 3), dtype=np.uint8))]
+>>> report = prior_pixel_lens(model, items, ["red", "blue", "green"])
+>>> report["n"], len(report["prior_leads_by_layer"]) == model.n_layers
+(1, True)
 """
 
 from __future__ import annotations

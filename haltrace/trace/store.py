@@ -26,9 +26,14 @@ leaves a half-written file under its final name. Only safetensors and JSON are u
 
 Example
 -------
->>> store = ActivationStore.open("acts/")                         # doctest: +SKIP
->>> x = store.load("resid_post.3")                                # [n_examples, 1, d_model] for "last"
->>> for batch in store.iter_batches("resid_post.3", 256): ...     # streams shard slices
+>>> from haltrace.trace.harvest import harvest
+>>> data = [{"prompt": p} for p in ("a red circle", "a blue star", "the green square")]
+>>> _ = harvest(model, data, ["resid_post.1"], positions="last", out="acts/", progress=False)
+>>> store = ActivationStore.open("acts/")
+>>> store.load("resid_post.1").shape                              # [n_examples, 1, d_model] for "last"
+torch.Size([3, 1, 32])
+>>> [batch.shape[0] for batch in store.iter_batches("resid_post.1", 2)]   # streams shard slices
+[2, 1]
 """
 
 from __future__ import annotations
@@ -239,9 +244,14 @@ class ActivationStore:
 
     Example
     -------
-    >>> store = ActivationStore.open("acts/")                       # doctest: +SKIP
-    >>> store.hooks, len(store), store.metadata[0]["prompt"]        # doctest: +SKIP
-    >>> x = store.load("resid_post.1", rows=[0, 5, 9])              # [3, P, d]
+    >>> from haltrace.trace.harvest import harvest
+    >>> data = [{"prompt": f"a red circle {'.' * k}"} for k in range(10)]
+    >>> _ = harvest(model, data, ["resid_post.1"], out="acts/", progress=False)
+    >>> store = ActivationStore.open("acts/")
+    >>> store.hooks, len(store), store.metadata[0]["prompt"]
+    (['resid_post.1'], 10, 'a red circle ')
+    >>> store.load("resid_post.1", rows=[0, 5, 9]).shape           # [3, P, d]
+    torch.Size([3, 1, 32])
     """
 
     def __init__(self, root: str | os.PathLike, manifest: dict[str, Any]):
@@ -391,6 +401,13 @@ class ActivationStore:
         if pending:
             yield pending[0] if len(pending) == 1 else torch.cat(pending)
 
+    def load_last(self, hook: str) -> torch.Tensor:
+        """``[n, d]``: each example's row at its last harvested position (a ``positions="last"`` store's one
+        position); a hook stored without a position axis is returned as it is. What probes and their
+        directions read."""
+        x = self.load(hook)
+        return x[:, -1] if x.dim() == 3 else x
+
     def load(self, hook: str, rows: Any = None) -> torch.Tensor:
         """Materialise ``hook`` for all rows or a subset (``rows``: ints, slice, bool mask), in that order.
 
@@ -425,16 +442,3 @@ class ActivationStore:
         if ragged:
             return torch.cat([pieces[r] for r in wanted])
         return torch.stack([pieces[r] for r in wanted])
-
-
-# harvest lives in its own module to keep this one small. haltrace/__init__.py resolves haltrace.harvest from
-# haltrace.trace.store, so re-export it; lazily (PEP 562) because harvest.py imports this module's helpers.
-def __getattr__(name: str) -> Any:
-    if name in ("harvest", "dataset_fingerprint"):
-        from haltrace.trace import harvest as _harvest_module
-
-        return getattr(_harvest_module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = ["ActivationStore", "StoreError", "harvest", "dataset_fingerprint"]  # noqa: F822 (lazy, above)

@@ -74,7 +74,7 @@ def _table(header: list[str], rows: list[tuple[Any, ...]] | list[list[Any]]) -> 
 
 
 def _steer_table(steer: dict[str, Any]) -> str:
-    from haltrace.steering.results import HEADLINE
+    from haltrace.evals.results_table import HEADLINE
 
     base = steer["baseline"]
     rows = [["(baseline)"] + [_f(base.get(k)) for k, _, _ in HEADLINE]]

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from haltrace.trace.store import ActivationStore, StoreError, harvest
+from haltrace.trace.harvest import harvest
+from haltrace.trace.store import ActivationStore, StoreError
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = [{"prompt": f"example number {i} " + "ab" * (i % 5), "label": i % 3} for i in range(12)]
@@ -36,7 +37,7 @@ CHILD = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {repo!r})
     from tests.integration.test_harvest_resume import DATA, HOOKS, SETTINGS, make_model
-    from haltrace.trace.store import harvest
+    from haltrace.trace.harvest import harvest
     # slow each shard down so the parent can kill us between shards (or in the middle of one)
     harvest(make_model(), DATA, HOOKS, out=sys.argv[1], _after_shard=lambda i: time.sleep(0.4), **SETTINGS)
 """)

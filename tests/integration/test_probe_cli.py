@@ -85,6 +85,24 @@ def test_jsonl_with_word_and_generated_positions(organism, tmp_path):
     assert '{"generated": 0}' in manifest["position_rule"] and '{"word":' in manifest["position_rule"]
 
 
+def test_reduced_rank_is_recorded_and_exact_fits_all_features(organism, tmp_path):
+    out = tmp_path / "rank"
+    reduced = _run("--model", organism, "--task", "entity", "--layers", "1", "--out", out, "--json",
+                   "--folds", 3, "--inner-folds", 2, "--max-dim", 16)
+    assert reduced.exit_code == 0, reduced.output
+    manifest = json.loads(reduced.stdout)
+    assert (manifest["reduced_rank"], manifest["rank"], manifest["max_dim"]) == (True, 16, 16)
+    assert "REDUCED RANK" in manifest["protocol"]
+    assert json.loads((out / "probes.json").read_text())["reduced_rank"] is True  # the saved manifest says so
+    exact = _run("--model", organism, "--task", "entity", "--layers", "1", "--out", out, "--json",
+                 "--folds", 3, "--inner-folds", 2, "--max-dim", 16, "--exact")
+    assert exact.exit_code == 0, exact.output
+    manifest = json.loads(exact.stdout)
+    assert (manifest["reduced_rank"], manifest["rank"]) == (False, 64)  # all 64 features of the tiny organism
+    assert "scikit-learn" in manifest["solver"] and "REDUCED RANK" not in manifest["protocol"]
+    assert 0.0 <= manifest["metrics"]["1"]["logreg"]["auroc"] <= 1.0
+
+
 def test_bad_inputs_fail_clearly(organism, tmp_path):
     one = tmp_path / "one.jsonl"
     one.write_text('{"prompt": "a", "label": "yes"}\n{"prompt": "b", "label": "yes"}\n')

@@ -1,9 +1,11 @@
 """An SAE on the organism's middle layer finds entity-recognition latents that steer refusal (issue item 4).
 
 Acceptance margins: training <= 3 min on CPU with explained variance >= 0.8 on held-out rows; adding the top
-latent's decoder direction (known latent on held-out unknown entities, unknown latent on known entities) at
-the entity token and after changes the refusal rate by >= 30 points, more than random directions of the same
-norm at the same coefficients.
+latent's decoder direction (known latent on never-seen unknown entities, unknown latent on held-out known
+entities, neither used to rank it) at the entity token and after changes the refusal rate by >= 30 points,
+more than random directions of the same norm at the same coefficients, and more than the mean of random
+score-0 latents (the paper's baseline). Latents firing on >= 2 % of generic tokens (the image-question store)
+are dropped before ranking, as the paper drops those firing on >= 2 % of Pile tokens.
 """
 
 from __future__ import annotations
@@ -34,11 +36,8 @@ def organism():
 @pytest.fixture(scope="module")
 def run(organism, tmp_path_factory):
     from haltrace.probes.sae import train_sae
-    from haltrace.probes.sae_latents import (
-        entity_refusal_experiment,
-        harvest_organism_sae_data,
-        score_entity_latents,
-    )
+    from haltrace.probes.sae_cli import harvest_organism_sae_data, organism_entity_rows
+    from haltrace.probes.sae_latents import entity_refusal_experiment, score_entity_latents
 
     model, world = organism
     root = tmp_path_factory.mktemp("sae-entity")
@@ -46,8 +45,10 @@ def run(organism, tmp_path_factory):
     # one thread: small matrices on a shared CPU run faster without thread contention
     sae, report = train_sae(stores, HOOK, D_SAE, arch="topk", k=K, out=root / "sae", progress=False,
                             num_threads=1)
-    result = score_entity_latents(sae, model, world, store=root / "acts" / "entity", top=5)
-    experiment = entity_refusal_experiment(sae, model, result, multiples=MULTIPLES, unit="norm", n_random=5)
+    result = score_entity_latents(sae, model, organism_entity_rows(world), store=root / "acts" / "entity", top=5,
+                                  generic_stores=[stores[1]])
+    experiment = entity_refusal_experiment(sae, model, result, multiples=MULTIPLES, unit="norm", n_random=5,
+                                           n_random_latents=5)
     return root, report, result, experiment
 
 
@@ -61,21 +62,41 @@ def test_sae_trains_fast_and_reconstructs(run):
 
 def test_entity_latents_separate_known_from_unknown(run):
     _, _, result, _ = run
-    print(f"\ntop known latent {result['known'][0]}\ntop unknown latent {result['unknown'][0]}")
+    filt, split = result["generic_filter"], result["split"]
+    print(f"\ngeneric filter: dropped {filt['dropped']}/{filt['d_sae']} latents ({filt['dropped_from_top']} of the "
+          f"unfiltered top 5) on {filt['n_tokens']} tokens; split {split}")
+    for which in ("known", "unknown"):
+        print(f"top {which} latents (latent, in-sample, held-out, generic freq): "
+              f"{[(r['latent'], round(r['score'], 3), round(r['score_heldout'], 3), round(r['generic_freq'], 4)) for r in result[which]]}")
     assert result["known"][0]["score"] > 0 and result["unknown"][0]["score"] > 0
+    # the filter ran on the image questions' tokens and no listed latent fires on >= 2 % of them
+    assert filt["max_freq"] == 0.02 and filt["n_tokens"] > 10_000 and filt["dropped"] > 0
+    assert all(r["generic_freq"] < 0.02 for which in ("known", "unknown") for r in result[which])
+    # selection and held-out entities are disjoint halves
+    assert split["selection"]["entities"] > 0 and split["heldout"]["entities"] > 0
+    assert not any(s and h for s, h in zip(result["_selection"], result["_heldout"], strict=True))
 
 
 def test_steering_with_entity_latents_changes_refusal(run):
     _, _, _, experiment = run
     known = experiment["known_latent_on_unknown_heldout"]
     unknown = experiment["unknown_latent_on_known"]
-    for name, exp in (("known latent on held-out unknown", known), ("unknown latent on known", unknown)):
-        print(f"\n{name}: coefs {[round(c, 2) for c in exp['coefs']]} refusal {exp['refusal']} "
-              f"random {[round(r, 3) for r in exp['random_mean']]}")
-    # at least one of the two latents moves refusal by >= 30 points in its intended direction, and random
-    # directions of the same norm at the same coefficients move it by at most half as much
-    moved = [(abs(e["change_points"]), abs(e["random_change_points"])) for e in (known, unknown)]
-    assert any(change >= 30 and rand <= change / 2 for change, rand in moved), moved
+    for name, exp in (("known latent on never-seen unknown", known), ("unknown latent on held-out known", unknown)):
+        print(f"\n{name} (n={exp['n']}): coefs {[round(c, 2) for c in exp['coefs']]} refusal {exp['refusal']} "
+              f"(in-sample n={exp['n_in_sample']}: {exp['refusal_in_sample']}); change {exp['change_points']:+.1f} "
+              f"(in-sample {exp['change_points_in_sample']:+.1f}); random directions "
+              f"{exp['random_change_points']:+.1f}; random latents {exp['random_latents']} "
+              f"{exp['random_latents_change_points']:+.1f} ± {exp['random_latents_change_points_std']:.1f}")
+    assert "held-out known" in unknown["target"] and unknown["n"] == 48  # half of the 96 known questions
+    for exp in (known, unknown):
+        assert len(exp["random_latents"]) == 5 and exp["random_latents_max_abs_score"] == 0.0
+        assert exp["latent"] not in exp["random_latents"]
+    # at least one of the two latents moves refusal by >= 30 points in its intended direction; random directions
+    # of the same norm at the same coefficients move it by at most half as much, and random score-0 latents less
+    # on average (measured, seed 0: known latent -49 points, random directions -13, random latents -24 ± 27)
+    moved = [(abs(e["change_points"]), abs(e["random_change_points"]), abs(e["random_latents_change_points"]))
+             for e in (known, unknown)]
+    assert any(change >= 30 and rand <= change / 2 and lat < change for change, rand, lat in moved), moved
 
 
 def test_cli_latents_reuses_the_store_and_writes_vectors(run):
@@ -95,6 +116,10 @@ def test_cli_latents_reuses_the_store_and_writes_vectors(run):
     assert line is not None, f"no JSON object in the output:\n{out.output[-3000:]}"
     payload = json.loads(line)
     assert payload["known"][0]["latent"] == result["known"][0]["latent"]
+    # by default the generic tokens are the SAE's other training store: the image questions
+    assert str(root / "acts" / "image") in payload["generic_filter"]["source"]
+    assert payload["generic_filter"]["dropped"] == result["generic_filter"]["dropped"]
+    assert payload["unknown"][0]["score_heldout"] == pytest.approx(result["unknown"][0]["score_heldout"])
     vec = SteeringVector.load(payload["vectors"]["unknown"])
     assert vec.method == "sae" and vec.layers == [int(HOOK.split(".")[1])]
     assert vec.alpha == pytest.approx(result["unknown"][0]["scale"])

@@ -28,9 +28,9 @@ def organism(shipped_organism):
 def inputs(organism):
     """Captions and yes/no questions on anchor-without-partner scenes (where the hook-based methods act)."""
     from haltrace.organism import tasks
-    from haltrace.organism.fit_data import world_of
+    from haltrace.organism.paths import organism_world
 
-    world = world_of(organism)
+    world = organism_world(organism)
     rng = np.random.default_rng(777)
     prompts, images = [], []
     for _ in range(4):

@@ -48,10 +48,10 @@ def copy_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def user_model(copy_folder, shipped_organism):
     import haltrace
-    from haltrace.organism.fit_data import world_of
+    from haltrace.organism.paths import organism_world
 
     model = haltrace.load(str(copy_folder))
-    assert world_of(model) is None  # nothing can reach the organism's world
+    assert organism_world(model) is None  # nothing can reach the organism's world
     return model
 
 
@@ -70,9 +70,9 @@ def test_pope_and_chair_files_give_the_organism_figures(organism, user_model, se
     from haltrace.evals.coco import coco_image_files, load_coco_ground_truth, score_chair
     from haltrace.evals.runner import GenerationSettings
     from haltrace.organism import phenomena
-    from haltrace.organism.fit_data import world_of
+    from haltrace.organism.paths import organism_world
 
-    runner = phenomena.OrganismRunner(organism.hf, world_of(organism))
+    runner = phenomena.OrganismRunner(organism.hf, organism_world(organism))
     pope, _, _ = phenomena.eval_pope(runner)
     chair = phenomena.eval_chair(runner)
     settings = GenerationSettings(max_new_tokens=10, batch_size=64)

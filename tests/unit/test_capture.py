@@ -224,7 +224,7 @@ def test_failed_registration_leaves_no_hooks(tiny_model, tiny_inputs, monkeypatc
     def refuse(*_a, **_k):
         raise RuntimeError("no vision hook today")
 
-    monkeypatch.setattr(model.adapter, "register_vision_hook", refuse)
+    monkeypatch.setattr(model.adapter, "vision_site", refuse)
     with pytest.raises(RuntimeError, match="no vision hook"):
         model.capture(inputs, ["resid_post.0", "mlp_out.1", "projector_out"])
     assert _all_hooks_clear(model.hf, before)

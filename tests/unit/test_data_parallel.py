@@ -32,7 +32,7 @@ WORKER = textwrap.dedent('''
     from haltrace.evals.runner import GenerationSettings, Job, run_jobs
     from haltrace.models import Model
     from haltrace.models.tiny import build_tiny
-    from haltrace.trace.store import harvest
+    from haltrace.trace.harvest import harvest
 
     out, die, stage = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
     rank = int(os.environ.get("RANK", "0"))

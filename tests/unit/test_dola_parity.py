@@ -58,7 +58,30 @@ def test_dola_paper_preset_sets_the_published_penalty():
     hf, tok = build_tiny("llama")
     model = Model.from_hf(hf, tok, name="tiny-llama")
     fitted = get_method("dola").fit(model, preset="paper")
-    assert fitted.generate_kwargs == {"repetition_penalty": 1.2}
+    assert fitted.generate_kwargs == {}  # the penalty is an engine edit: steer(model, fitted) installs it whole
+    assert [type(i).__name__ for i in fitted.interventions] == ["DoLaContrast", "RepetitionPenalty"]
+    assert fitted.interventions[1].penalty == 1.2
     assert fitted.provenance["preset"] == "paper" and fitted.provenance["deviations"][-1].startswith("premature")
     with pytest.raises(ValueError, match="preset"):
         get_method("dola").fit(model, preset="fast")
+
+
+def test_engine_repetition_penalty_equals_hf_generate_argument():
+    """DoLa + the engine's RepetitionPenalty decodes exactly as DoLa + generate(repetition_penalty=1.2)."""
+    hf, tok = build_tiny("llama")
+    model = Model.from_hf(hf, tok, name="tiny-llama")
+    inputs = build_tiny_inputs("llama", tok, n=2)
+    assert not bool(inputs["attention_mask"].all())  # one row is left-padded: HF does not penalise its padding
+    paper = get_method("dola").fit(model, preset="paper")
+    plain = get_method("dola").fit(model, layers="high")
+    with torch.no_grad():
+        with paper.apply(model):
+            ours = model.hf.generate(**inputs, max_new_tokens=12, do_sample=False, output_scores=True,
+                                     return_dict_in_generate=True)
+        with plain.apply(model):
+            ref = model.hf.generate(**inputs, max_new_tokens=12, do_sample=False, repetition_penalty=1.2,
+                                    output_scores=True, return_dict_in_generate=True)
+    assert torch.equal(ours.sequences, ref.sequences)
+    for a, b in zip(ours.scores, ref.scores, strict=True):
+        finite = torch.isfinite(b)
+        assert torch.equal(finite, torch.isfinite(a)) and torch.allclose(a[finite], b[finite], atol=1e-5)

@@ -12,9 +12,10 @@ import haltrace.steering.vista as vista_mod
 import haltrace.steering.vti as vti_mod
 from haltrace.data import CaptionItem, CaptionPair, YesNoQuestion
 from haltrace.models.tiny import IMAGE_PROMPTS
+from haltrace.steering.engine import steer
 from haltrace.steering.erasure import ProjectAway, image_forward_inputs
 from haltrace.steering.vista import VISTA, steering_vectors
-from haltrace.steering.vti import VTI, vision_layers
+from haltrace.steering.vti import VTI, VisionRotateTowards
 
 WORDS = ["circle", "star", "square"]
 
@@ -99,8 +100,10 @@ def test_vti_visual_direction_on_non_clip_inputs(tiny_model, family):
     text_only = VTI().fit(model, pairs, alpha_text=2.0, alpha_image=0.0, num_trials=2)
     assert text_only.provenance["visual_direction"].startswith("skipped")
     fitted = VTI().fit(model, pairs, alpha_text=0.0, alpha_image=4.0, num_trials=3)
-    direction = fitted.state["vision_direction"]
-    assert direction.shape[0] == len(vision_layers(model)) == len(fitted.provenance["layers"]["vision"])
+    vision = [i for i in fitted.interventions if isinstance(i, VisionRotateTowards)]
+    direction = torch.stack([i.direction for i in vision])
+    assert [i.hook for i in vision] == [f"vision_mlp_out.{k}" for k in range(len(model.adapter.vision_blocks))]
+    assert direction.shape[0] == len(fitted.provenance["layers"]["vision"]) and fitted.hooks is None
     assert bool(torch.isfinite(direction).all()) and float(direction.norm()) > 0
     before, n_hooks = _logits(model, inputs), _hook_count(model)
     with fitted.apply(model):  # the vision-block hooks fit this family's vision blocks and change the output
@@ -113,10 +116,12 @@ def test_vti_visual_direction_on_non_clip_inputs(tiny_model, family):
 
 def test_vti_qwen_vision_hooks_refuse_another_image_size(tiny_model):
     model, prompt, images, _ = _setup(tiny_model, "qwen2_vl")
-    fitted = VTI().restore({"vision_direction": torch.randn(len(vision_layers(model)), 5, 32), "vision_step": 0.1})
+    width = model.adapter.vision_hidden_size
+    edits = [VisionRotateTowards(f"vision_mlp_out.{k}", torch.randn(5, width), alpha=0.1)
+             for k in range(len(model.adapter.vision_blocks))]
     inputs = model.prepare([prompt + " caption"], images[:1])  # 16 patches, the direction holds 5
     with pytest.raises(ValueError, match="5 patches"):
-        with fitted.apply(model):
+        with steer(model, *edits):
             _logits(model, inputs)
 
 

@@ -34,9 +34,8 @@ from haltrace.data import (
 )
 from haltrace.models.prompting import build_prompt
 from haltrace.models.tiny import TINY_FAMILIES, tiny_image
-from haltrace.steering.fitdata import image_split, question_states, says_yes
+from haltrace.steering.fitdata import TRUTHPRINT_FIT_SEED, image_split, question_states, says_yes
 from haltrace.steering.registry import get_method, list_methods
-from haltrace.steering.truthprint import FIT_SEED
 
 VLM_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "gemma3")
 TEXT_FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
@@ -151,7 +150,7 @@ def _truthprint_questions(model, n_yes: int = 20, n_no: int = 8) -> list[YesNoQu
     assert says.sum() >= n_yes and (~says).sum() >= n_no, f"{model.name_or_path}: too uniform answers {says}"
     yes = [q for q, s in zip(pool, says, strict=True) if s][:n_yes]
     no = [q for q, s in zip(pool, says, strict=True) if not s][:n_no]
-    held = image_split(list(range(n_yes + n_no)), seed=FIT_SEED)
+    held = image_split(list(range(n_yes + n_no)), seed=TRUTHPRINT_FIT_SEED)
     held_ids = [i for i in range(n_yes + n_no) if held[i]]
     fit_ids = [i for i in range(n_yes + n_no) if not held[i]]
     half = len(held_ids) // 2

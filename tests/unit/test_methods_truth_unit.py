@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from haltrace.organism.fit_data import fit_items, yesno_questions
-from haltrace.steering.caa import caa_interventions, default_layer
-from haltrace.steering.dola import DoLaDecoder, candidate_layers, dola_scores
+from haltrace.steering.caa import CAA, caa_interventions, default_layer
+from haltrace.steering.dola import DoLaContrast, candidate_layers, dola_scores
 from haltrace.steering.engine import steer
-from haltrace.steering.iti import head_interventions, head_shift_vector
+from haltrace.steering.iti import ITI, head_interventions, head_shift_vector
 from haltrace.steering.registry import get_method, list_methods
 from haltrace.steering.truthprint import TruthfulGate
 from haltrace.steering.vhr import default_layers, select_heads
@@ -251,7 +251,8 @@ def test_dola_decoder_forward_generate_and_removal(tiny_llava, tiny_inputs):
     inputs = tiny_inputs("llava")
     before = _n_hooks(tiny_llava)
     fitted = get_method("dola").fit(tiny_llava, layers=[0, 1])
-    decoder = fitted.hooks
+    decoder = fitted.interventions[0]
+    assert fitted.hooks is None and fitted.generate_kwargs == {}
     with torch.no_grad():
         plain = tiny_llava.hf(**inputs).logits
         with fitted.apply(tiny_llava):
@@ -277,7 +278,159 @@ def test_dola_decoder_forward_generate_and_removal(tiny_llava, tiny_inputs):
 
 
 def test_dola_decoder_bad_layers(tiny_llama):
-    with pytest.raises(ValueError, match="invalid"), DoLaDecoder([tiny_llama.n_layers])(tiny_llama):
+    with pytest.raises(ValueError, match="invalid"), steer(tiny_llama, DoLaContrast("logits", premature=[tiny_llama.n_layers])):
         pass
     with pytest.raises(ValueError, match="at least one"):
-        DoLaDecoder([])
+        DoLaContrast("logits", premature=[])
+
+
+# ------------------------------------------------------------------ class-balanced contrasts (ITI, CAA)
+def _unbalanced_questions(n_present: int = 100, n_absent: int = 200) -> list:
+    """2:1 absent:present yes/no questions (as the organism's fit sets), one image id per question."""
+    from haltrace.data import YesNoQuestion
+
+    labels = ["yes"] * n_present + ["no"] * n_absent
+    order = np.random.default_rng(0).permutation(len(labels))
+    return [YesNoQuestion(f"is there a thing {i} ?", labels[j], image_id=i) for i, j in enumerate(order)]
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    return v / v.norm()
+
+
+def test_caa_balanced_contrast_cancels_the_answer_word(organism, monkeypatch):
+    """Plant states = answer word along the yes-minus-no unembedding direction u + truthfulness along s (s is
+    orthogonal to u). The pair differences are +2u+2s (present) and -2u+2s (absent): with 2:1 absent:present the
+    plain mean leans to "no" (the old vector); the balanced one is 2s, orthogonal to u."""
+    from haltrace.steering import caa
+    from haltrace.steering.fitdata import answer_direction
+
+    model, _world = organism
+    u = _unit(answer_direction(model))
+    s = torch.randn(model.hidden_size, generator=torch.Generator().manual_seed(3))
+    s = _unit(s - (s @ u) * u)
+    questions = _unbalanced_questions()
+
+    def fake_states(_model, items, hooks, *, append=None, **_kw):
+        rows = []
+        for q, answer in zip(items, append, strict=True):
+            word = 1.0 if answer == "yes" else -1.0
+            truthful = 1.0 if (answer == "yes") == q.present else -1.0
+            rows.append(3.0 * word * u + truthful * s)
+        return None, {hooks[0]: torch.stack(rows)}
+
+    monkeypatch.setattr(caa, "question_states", fake_states)
+    balanced = CAA().fit(model, questions, layer=1)
+    old = CAA().fit(model, questions, layer=1, balance="none")
+    prov = balanced.provenance
+    assert prov["class_counts"] == {"yes": 100, "no": 200} and prov["balance"] == "classes"
+    assert abs(prov["answer_direction_cosine"]) < 1e-3  # no net "say yes/no" push
+    assert torch.allclose(balanced.interventions[0].vector, 2 * s, atol=1e-4)
+    # the plain mean 2s - 2u: cosine -1/sqrt(2) with the answer direction
+    assert prov["answer_direction_cosine_unbalanced"] == pytest.approx(-2 ** -0.5, abs=1e-3)
+    assert old.provenance["answer_direction_cosine"] == pytest.approx(-2 ** -0.5, abs=1e-3)
+    assert any("unbalanced" in d for d in old.provenance["deviations"])
+
+
+def _fake_head_states(model, plant):
+    """A question_states replacement returning head_out activations: zeros except what ``plant(q, answer)``
+    puts in (a dict {(layer, head): vector})."""
+    def fake(_model, items, hooks, *, append=None, **_kw):
+        acts = {h: torch.zeros(len(items), model.n_heads, model.head_dim) for h in hooks}
+        for i, (q, answer) in enumerate(zip(items, append, strict=True)):
+            for (layer, head), vec in plant(i, q, answer).items():
+                acts[f"head_out.{layer}"][i, head] = vec
+        return None, acts
+    return fake
+
+
+def test_iti_balanced_direction_has_no_answer_word_component(organism, monkeypatch):
+    """One head carries truthfulness t and the answer word a (its W_O image is the yes-minus-no unembedding
+    direction's, t is orthogonal to that): the balanced mass mean is t alone, the unweighted one leans to "no"."""
+    from haltrace.steering import iti
+    from haltrace.steering.fitdata import answer_direction
+
+    model, _world = organism  # 2 layers x 2 heads
+    layer, head = 1, 1
+    w_o = iti.o_proj_weight(model.adapter.o_proj(layer))[:, head * model.head_dim:(head + 1) * model.head_dim]
+    a = _unit(w_o.detach().float().T @ answer_direction(model))  # head-space direction W_O maps onto u
+    t = torch.randn(model.head_dim, generator=torch.Generator().manual_seed(5))
+    t = _unit(t - (t @ a) * a)
+    noise = torch.Generator().manual_seed(6)
+
+    def plant(_i, q, answer):
+        word = 1.0 if answer == "yes" else -1.0
+        true = 1.0 if (answer == "yes") == q.present else -1.0
+        return {(layer, head): 2.0 * word * a + true * t + 0.01 * torch.randn(model.head_dim, generator=noise)}
+
+    monkeypatch.setattr(iti, "question_states", _fake_head_states(model, plant))
+    questions = _unbalanced_questions()
+    fitted = ITI().fit(model, questions, k=1)
+    detail = fitted.provenance["heads"][f"head_out.{layer}[{head}]"]
+    assert fitted.provenance["heads"].keys() == {f"head_out.{layer}[{head}]"}
+    assert abs(detail["answer_direction_cosine"]) < 0.02
+    assert detail["answer_direction_cosine_unbalanced"] < -0.4  # the old direction: 2t - (2/3) 2a
+    old = ITI().fit(model, questions, k=1, balance="none")
+    assert old.provenance["answer_direction_cosine"] < -0.4
+
+
+def test_iti_balanced_ranking_ignores_a_head_that_only_reads_the_answer_word(organism, monkeypatch):
+    """Head (0, 0) reads only the answer word; head (1, 1) weakly reads truthfulness. Unweighted, the answer-word
+    head scores n_absent / n (2/3) and wins; class-weighted it scores 1/2 and the truthful head wins."""
+    from haltrace.steering import iti
+
+    model, _world = organism
+    gen = torch.Generator().manual_seed(7)
+    t = _unit(torch.randn(model.head_dim, generator=gen))
+    word_dir = _unit(torch.randn(model.head_dim, generator=gen))
+
+    def plant(_i, q, answer):
+        word = 1.0 if answer == "yes" else -1.0
+        true = 1.0 if (answer == "yes") == q.present else -1.0
+        return {(0, 0): word * word_dir, (1, 1): 0.3 * true * t + torch.randn(model.head_dim, generator=gen)}
+
+    monkeypatch.setattr(iti, "question_states", _fake_head_states(model, plant))
+    questions = _unbalanced_questions(200, 400)
+    balanced = ITI().fit(model, questions, k=1)
+    old = ITI().fit(model, questions, k=1, balance="none")
+    assert old.provenance["k"] == 1 and list(old.provenance["heads"]) == ["head_out.0[0]"]
+    assert list(balanced.provenance["heads"]) == ["head_out.1[1]"]
+    scores = np.array(balanced.provenance["val_accuracy_by_head"])
+    assert scores[0, 0] == pytest.approx(0.5, abs=0.02)
+
+
+# ------------------------------------------------------------------ presets
+def test_iti_paper_preset(organism):
+    from haltrace.errors import InputError
+    from haltrace.steering.iti import paper_k
+
+    assert paper_k(32 * 32) == 48 and paper_k(12 * 12) == 48 and paper_k(16) == 1
+    model, world = organism
+    items = fit_items(world, "iti", n_images=8)
+    fitted = ITI().fit(model, items, preset="paper")
+    prov = fitted.provenance
+    assert prov["preset"] == "paper" and prov["k"] == 1 and prov["alpha"] == 15.0
+    assert any(d.startswith("K=1 of 4 heads") for d in prov["deviations"])
+    assert ITI().fit(model, items, preset="paper", alpha=4.0).provenance["alpha"] == 4.0
+    assert any("alpha 4" in d for d in ITI().fit(model, items, alpha=4.0).provenance["deviations"])
+    with pytest.raises(InputError, match="unknown ITI preset"):
+        ITI().fit(model, items, preset="fast")
+    with pytest.raises(InputError, match="balance"):
+        ITI().fit(model, items, balance="half")
+
+
+def test_caa_paper_preset(organism):
+    from haltrace.errors import InputError
+
+    model, world = organism
+    items = fit_items(world, "caa", n_images=6)
+    fitted = CAA().fit(model, items, preset="paper")
+    prov = fitted.provenance
+    assert prov["preset"] == "paper" and prov["multiplier"] == 1.0
+    assert prov["layer"]["haltrace"] == f"resid_post.{default_layer(model.n_layers)}"
+    assert "CAA's -1" in prov["sign"] and any("relative depth" in d for d in prov["deviations"])
+    assert CAA().fit(model, items, preset="paper", multiplier=2.0).provenance["multiplier"] == 2.0
+    with pytest.raises(InputError, match="unknown CAA preset"):
+        CAA().fit(model, items, preset="fast")
+    with pytest.raises(InputError, match="balance"):
+        CAA().fit(model, items, balance="half")

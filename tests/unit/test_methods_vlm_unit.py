@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from haltrace.data import CaptionItem, CaptionPair, PvPItem
+from haltrace.steering.engine import from_state, steer, to_state
 from haltrace.steering.erasure import ProjectAway, erase, erasure_hooks, text_representations
 from haltrace.steering.fitdata import last_token_states
 from haltrace.steering.pvp import PvP
@@ -15,10 +16,10 @@ from haltrace.steering.vista import VISTA, default_sla_layers, steering_vectors
 from haltrace.steering.vti import (
     VTI,
     RotateTowards,
+    VisionRotateTowards,
     mask_patches,
     mean_plus_pc1,
     rotate_towards,
-    vision_layers,
 )
 
 
@@ -100,9 +101,14 @@ def test_vti_directions_and_hooks(llava):
     assert mean_plus_pc1(torch.randn(5, 3, 4)).shape == (3, 4)
     pairs = [CaptionPair(im, "a red circle", "a red circle star", prompt="caption :") for im in images]
     fitted = VTI().fit(model, pairs, alpha_text=2.0, alpha_image=2.0, num_trials=3)
-    assert len(fitted.interventions) == model.n_layers
-    assert all(isinstance(i, RotateTowards) and i.hook.startswith("mlp_out.") for i in fitted.interventions)
-    assert fitted.hooks is not None and len(vision_layers(model)) == len(fitted.provenance["layers"]["vision"])
+    text = [i for i in fitted.interventions if isinstance(i, RotateTowards)]
+    vision = [i for i in fitted.interventions if isinstance(i, VisionRotateTowards)]
+    assert len(text) == model.n_layers and all(i.hook.startswith("mlp_out.") for i in text)
+    n_vision = len(model.adapter.vision_blocks)
+    assert [i.hook for i in vision] == [f"vision_mlp_out.{k}" for k in range(n_vision)]
+    assert len(text) + len(vision) == len(fitted.interventions)
+    assert fitted.hooks is None and not fitted.state and not fitted.generate_kwargs  # engine only
+    assert n_vision == len(fitted.provenance["layers"]["vision"])
     before, n_hooks = _logits(model, inputs), _hook_count(model)
     with fitted.apply(model):
         assert not torch.allclose(_logits(model, inputs), before)
@@ -189,12 +195,19 @@ def test_restored_hooks_check_what_the_file_holds(llava):
     with pytest.raises(ValueError, match="out of range"):
         with ProjectAway().restore({**state, "directions": torch.randn(2, d), "edit_layer": 99}).apply(model):
             pass
-    n_vision = len(vision_layers(model))
-    with pytest.raises(ValueError, match=f"has {n_vision + 1} layers but the vision tower has {n_vision}"):
-        with VTI().restore({"vision_direction": torch.randn(n_vision + 1, 5, 8), "vision_step": 0.1}).apply(model):
+    n_vision = len(model.adapter.vision_blocks)
+    width = model.adapter.vision_hidden_size
+    with pytest.raises(ValueError, match="out of range"):  # a saved VTI fit for a deeper vision tower
+        with steer(model, VisionRotateTowards(f"vision_mlp_out.{n_vision}", torch.randn(5, width), alpha=0.1)):
+            pass
+    with pytest.raises(ValueError, match=f"width {width + 1}.*width is {width}"):
+        with steer(model, VisionRotateTowards("vision_mlp_out.0", torch.randn(5, width + 1), alpha=0.1)):
             pass
     with pytest.raises(ValueError, match="NaN or inf"):
-        VTI().restore({"vision_direction": torch.randn(n_vision, 5, 8), "vision_step": float("inf")})
+        from_state(to_state(VisionRotateTowards("vision_mlp_out.0", torch.randn(5, width), alpha=0.1)) | {
+            "alpha": float("inf")})
+    with pytest.raises(ValueError, match="NaN or inf"):
+        VisionRotateTowards("vision_mlp_out.0", torch.full((5, width), float("nan")), alpha=0.1)
     assert _hook_count(model) == n_hooks and torch.equal(_logits(model, inputs), before)  # nothing left behind
 
 

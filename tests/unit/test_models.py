@@ -160,7 +160,7 @@ def test_load_text_model_and_organism_name(tmp_path, tiny_gpt2, monkeypatch):
     loaded = haltrace.load(str(folder), dtype="float32", remote=True)
     assert not loaded.is_vlm and loaded.processor is None and loaded.remote
     assert loaded.device.type in ("cpu", "cuda")
-    # organism short names resolve through haltrace.organism.paths (HALTRACE_ARTIFACTS points elsewhere)
+    # organism short names resolve through haltrace.models.shipped (HALTRACE_ARTIFACTS points elsewhere)
     _save(tiny_gpt2.hf, tiny_gpt2.tokenizer, tmp_path / "artifacts" / "organisms" / "shapes-llava")
     monkeypatch.setenv("HALTRACE_ARTIFACTS", str(tmp_path / "artifacts"))
     organism = haltrace.load("shapes-llava", device="cpu")

@@ -69,6 +69,79 @@ def test_reduced_basis_close_to_exact_on_spiked_data():
     assert reduced.info["reduced_dim"] == 16 and exact.info["reduced_dim"] is None
     assert abs(float(exact.auroc[0]) - float(reduced.auroc[0])) < 0.06  # measured gap 0.01-0.045 over 4 seeds
     assert reduced.weight.shape == (1, d)
+    assert reduced.info["reduced_rank"] is True and reduced.info["rank"] == 16 and reduced.info["max_dim"] == 16
+    assert exact.info["reduced_rank"] is False and exact.info["rank"] == d
+
+
+def _inner_split_features(monkeypatch, X, y, outer, masks, target):
+    """Run fit_probes with fixed folds and return the features the solver got for the problem that trains on
+    the rows ``target`` (and is scored on the rest of its fold's training part)."""
+    import haltrace.probes.linear as lin
+
+    monkeypatch.setattr(lin, "_split_masks", lambda *a, **k: (outer, masks))  # same folds whatever the labels
+    seen = []
+    real = lin._newton
+
+    def spy(Z, y_, m, Cs, **kw):
+        fm = kw.get("feature_mask")
+        for g in range(m.shape[0]):
+            for q in range(m.shape[1]):
+                if torch.equal(m[g, q], target):
+                    seen.append(Z[g] if fm is None else Z[g][:, fm[q]])
+        return real(Z, y_, m, Cs, **kw)
+
+    monkeypatch.setattr(lin, "_newton", spy)
+    lin.fit_probes(X, y, n_folds=3, inner_folds=2, max_dim=8, seed=0)
+    assert seen, "no solver problem trained on the inner split's rows"
+    return seen[0].clone()
+
+
+def test_inner_cv_basis_never_sees_the_inner_validation_labels(monkeypatch):
+    """Regression: the reduced basis of every fold held the class-mean gap of its whole training part, so the
+    features an inner split was fitted and scored on carried its own validation rows' labels (inflated inner
+    AUROC, biased choice of C). Changing only those labels must leave that split's features unchanged."""
+    from haltrace.probes.linear import _split_masks
+
+    rng = np.random.default_rng(0)
+    n, d = 90, 60  # wide (d > max_dim=8): the reduced-rank path
+    y0 = np.array([0, 1] * (n // 2))
+    X = torch.from_numpy(rng.normal(size=(1, n, d)).astype(np.float32))
+    outer, masks = _split_masks(y0, np.arange(n).astype(str), 3, 2, 0)
+    target = torch.from_numpy(masks[0, 0])  # fold 0, inner split 0: trains on these rows ...
+    valid = masks[0, -1] & ~masks[0, 0]  # ... and is scored on these
+    assert valid.sum() > 10
+    base = _inner_split_features(monkeypatch, X, y0, outer, masks, target)
+    y_valid = y0.copy()
+    y_valid[valid] = 1 - y_valid[valid]  # only the inner-validation labels change
+    assert torch.allclose(_inner_split_features(monkeypatch, X, y_valid, outer, masks, target), base, atol=1e-5)
+    # the features do depend on the split's own training labels (the check above is not vacuous)
+    y_train = y0.copy()
+    flip = np.flatnonzero(masks[0, 0])[:10]
+    y_train[flip] = 1 - y_train[flip]
+    assert not torch.allclose(_inner_split_features(monkeypatch, X, y_train, outer, masks, target), base,
+                              atol=1e-3)
+
+
+def test_exact_solver_is_sklearn_on_all_features():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    X, y, groups = _data(n=180, d=40, layers=1)
+    sweep = fit_probes(X, y, groups, n_folds=3, inner_folds=2, max_dim=8, exact=True)
+    assert sweep.info["reduced_rank"] is False and sweep.info["rank"] == 40 and "scikit-learn" in sweep.info["solver"]
+    x = X[0].numpy()
+    scaler = StandardScaler().fit(x)
+    clf = LogisticRegression(C=float(sweep.C[0]), max_iter=5000, tol=1e-8).fit(scaler.transform(x), y)
+    ours = x @ sweep.weight[0].numpy() + float(sweep.bias[0])
+    assert np.abs(ours - clf.decision_function(scaler.transform(x))).max() < 1e-3
+    batched = fit_probes(X, y, groups, n_folds=3, inner_folds=2, max_dim=128)  # d <= max_dim: exact too
+    assert abs(float(batched.auroc[0]) - float(sweep.auroc[0])) < 0.01
+    reduced = fit_probes(X, y, groups, n_folds=3, inner_folds=2, max_dim=8)
+    assert reduced.info["reduced_rank"] is True and reduced.info["rank"] == 8
+    from haltrace.errors import InputError
+
+    with pytest.raises(InputError, match="--max-dim 128.*--exact"):
+        fit_probes(X, y, groups, max_dim=1)
 
 
 def test_mass_mean_midpoint_bias_handles_uncentred_data():

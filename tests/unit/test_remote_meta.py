@@ -86,7 +86,7 @@ def _all_meta(model: Model) -> None:
 
 
 def test_remote_capture_and_harvest_without_local_weights(remote_pair, tmp_path) -> None:
-    from haltrace.trace.store import harvest
+    from haltrace.trace.harvest import harvest
 
     client, reference, inputs, requests = remote_pair
     _all_meta(client)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from haltrace.steering import registry, results
+from haltrace.evals import results_table as results
+from haltrace.steering import registry
 from haltrace.steering.registry import FittedIntervention, Method
 
 

@@ -219,3 +219,145 @@ def test_cli_train_json_and_errors(store_dir, tmp_path):
     assert bad.exit_code == 2 and "resid_post.1" in bad.output
     missing = runner.invoke(app, ["latents", "--sae", str(tmp_path / "nope")])
     assert missing.exit_code == 2 and "cfg.json is missing" in missing.output
+
+
+# ------------------------------------------------------------------ SAELens' trainer.fit(), entity-latent fidelity
+def test_training_runs_sae_lens_fit_not_a_copy_of_its_loop(store_dir, monkeypatch):
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    from haltrace.probes.sae import train_sae
+
+    calls = {"fit": 0, "step": 0}
+    real_fit, real_step = SAETrainer.fit, SAETrainer.step
+
+    def fit(self):
+        calls["fit"] += 1
+        calls["cfg"] = self.cfg
+        return real_fit(self)
+
+    def step(self, batch):
+        calls["step"] += 1
+        return real_step(self, batch)
+
+    monkeypatch.setattr(SAETrainer, "fit", fit)
+    monkeypatch.setattr(SAETrainer, "step", step)
+    sae, report = train_sae(store_dir, "resid_post.0", d_sae=16, arch="topk", k=2, steps=20, batch_size=32,
+                            progress=False, num_threads=1)
+    assert calls["fit"] == 1 and calls["step"] == 20 == report.steps  # fit() ran the whole loop
+    assert calls["cfg"].n_batches_for_norm_estimate == 20  # min(50, steps) batches for the norm estimate
+    assert sae.cfg.normalize_activations == "none"  # fit() folded the norm scaling factor into the weights
+
+
+def _planted_sae(d_in=4, d_sae=4):
+    """A StandardSAE whose latent j is relu(x_j): firing rates are easy to count by hand."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, metadata=SAEMetadata(hook_name="blocks.1.hook_resid_post")))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(d_in, d_sae))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+        sae.W_dec.copy_(torch.eye(d_sae, d_in))
+    return sae
+
+
+def test_generic_filter_drops_latents_firing_on_two_percent_of_generic_tokens():
+    from haltrace.probes.sae_latents import firing_frequency, generic_filter, separation_scores, top_latents
+
+    sae = _planted_sae()
+    generic = torch.zeros(1000, 4)
+    generic[:, 0] = 1.0  # latent 0 fires on every generic token (dense)
+    generic[:20, 1] = 1.0  # latent 1 on exactly 2 %: dropped (the paper keeps < 0.02)
+    generic[:19, 2] = 1.0  # latent 2 on 1.9 %: kept
+    chunks = [generic[:300], generic[300:]]  # an iterable of chunks counts like one tensor
+    freq, n = firing_frequency(sae, iter(chunks))
+    assert n == 1000 and freq.tolist() == pytest.approx([1.0, 0.02, 0.019, 0.0])
+    keep = generic_filter(freq)
+    assert keep.tolist() == [False, False, True, True]
+    assert generic_filter(freq, None).all()
+    # the dense latent separates best, so without the filter it would rank first
+    known = torch.tensor([True] * 10 + [False] * 10)
+    acts = torch.zeros(20, 4)
+    acts[:10, 0] = 1.0
+    acts[:8, 2] = 1.0
+    acts[:6, 3] = 1.0
+    scores = separation_scores(acts, known, ["band"] * 20)
+    assert top_latents(scores, "known", n=1)[0]["latent"] == 0
+    kept = top_latents(scores, "known", n=5, keep=keep, generic_freq=freq)
+    assert [r["latent"] for r in kept] == [2, 3] and kept[0]["generic_freq"] == pytest.approx(0.019)
+    from haltrace.errors import InputError
+
+    with pytest.raises(InputError, match="max_generic_freq=0"):
+        generic_filter(freq, 0.0)
+    with pytest.raises(InputError, match="generic_stores"):
+        firing_frequency(sae, torch.zeros(0, 4))
+
+
+def test_entity_split_is_by_entity_stratified_and_seeded():
+    from haltrace.errors import InputError
+    from haltrace.probes.sae_latents import split_entities
+
+    rows = [{"name": f"{kind}{etype}{i}", "known": kind == "k", "etype": etype}
+            for kind in ("k", "u") for etype in ("band", "player") for i in range(6) for _ in range(2)]  # 2 questions
+    held = split_entities(rows, 0.5, seed=0)
+    assert held == split_entities(rows, 0.5, seed=0) and held != split_entities(rows, 0.5, seed=1)
+    by_name = {}
+    for r, h in zip(rows, held, strict=True):
+        by_name.setdefault(r["name"], set()).add(h)
+    assert all(len(v) == 1 for v in by_name.values())  # both questions of an entity on one side
+    for kind in ("k", "u"):
+        for etype in ("band", "player"):
+            names = {r["name"] for r, h in zip(rows, held, strict=True) if h and r["name"].startswith(kind + etype)}
+            assert len(names) == 3  # half of the 6 entities of every class and type
+    assert not any(split_entities(rows, 0.0))
+    with pytest.raises(InputError, match="at least 2 per class, type and group"):
+        split_entities(rows[:2] + rows[-2:], 0.5)
+    with pytest.raises(InputError, match="heldout_fraction=1"):
+        split_entities(rows, 1.0)
+
+
+def test_random_latents_have_zero_score_and_exclude_the_tested_latent():
+    from haltrace.probes.sae_latents import random_latents
+
+    scores = {"unknown": torch.tensor([0.9, 0.0, 0.3, 0.0, 0.0, -0.2, 0.0])}
+    picked, max_abs = random_latents(scores, "unknown", 3, exclude=[3], seed=0)
+    assert len(picked) == 3 and set(picked) <= {1, 4, 6} and max_abs == 0.0
+    assert random_latents(scores, "unknown", 3, exclude=[3], seed=0)[0] == picked  # seeded
+    few, max_abs = random_latents(scores, "unknown", 5, exclude=[0], seed=0)  # only 4 exact zeros: closest used
+    assert sorted(few) == [1, 3, 4, 5, 6] and max_abs == pytest.approx(0.2)
+
+
+def test_entity_scores_on_held_out_entities_and_random_latent_baseline(tiny_gpt2, trained, tmp_path):
+    from haltrace.errors import InputError
+    from haltrace.probes.sae_latents import entity_refusal_experiment, score_entity_latents
+
+    sae, _, _ = trained
+    names = {("band", True): ["red", "green", "blue", "black"], ("band", False): ["circle", "square", "star", "left"],
+             ("player", True): ["right", "top", "what", "bold"], ("player", False): ["is", "a", "of", "capital"]}
+    rows = [{"prompt": f"where does the {etype} {name} live", "name": name, "etype": etype, "known": known,
+             "group": "known" if known else "unknown_train"}
+            for (etype, known), group in names.items() for name in group]
+    result = score_entity_latents(sae, tiny_gpt2, rows, store=tmp_path / "entity", top=3, seed=0,
+                                  max_generic_freq=0.5)
+    split = result["split"]
+    assert split["selection"]["entities"] == split["heldout"]["entities"] == 8  # half of each class and type
+    selected = {r["name"] for r, s in zip(rows, result["_selection"], strict=True) if s}
+    held = {r["name"] for r, h in zip(rows, result["_heldout"], strict=True) if h}
+    assert not selected & held and selected | held == {r["name"] for r in rows}
+    top = result["unknown"][0]
+    assert "score_heldout" in top and "in-sample" in result["scores"]["score"]
+    filt = result["generic_filter"]
+    # no generic store given: the tokens before each entity ("where does the <type>") are the generic set
+    assert filt["n_tokens"] == 4 * len(rows) and "before each entity" in filt["source"]
+    assert all(r["generic_freq"] < 0.5 for w in ("known", "unknown") for r in result[w])
+    exp = entity_refusal_experiment(sae, tiny_gpt2, result, multiples=(0, 1), n_random=2, n_random_latents=3,
+                                    refusal_word="the", known_latent_target=None)
+    unk = exp["unknown_latent_on_known"]
+    assert unk["n"] == 4 and unk["n_in_sample"] == 4  # held-out known questions; the selection ones apart
+    assert "held-out known" in unk["target"]
+    assert len(unk["random_latents"]) == 3 and top["latent"] not in unk["random_latents"]
+    assert len(unk["random_latents_mean"]) == len(unk["random_latents_std"]) == 2
+    assert unk["random_latents_max_abs_score"] <= 0.25  # zero-score latents, or the closest (8 rows)
+    with pytest.raises(InputError, match="keys prompt, name, etype, known, group"):
+        score_entity_latents(sae, tiny_gpt2, [{"prompt": "x"}], store=tmp_path / "bad")

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from haltrace.trace.store import ActivationStore, StoreError, dataset_fingerprint, harvest
+from haltrace.trace.harvest import dataset_fingerprint, harvest
+from haltrace.trace.store import ActivationStore, StoreError
 
 
 class FakeModel:

@@ -15,10 +15,13 @@ The module must be imported for the decorator to run; add it to ``haltrace/model
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+from haltrace.conventions import GLOBAL_HOOKS, VISION_BLOCK_HOOKS, HookPoint, parse_hook
 
 #: HF ``config.model_type`` -> adapter class
 ADAPTERS: dict[str, type[Adapter]] = {}
@@ -27,8 +30,12 @@ ADAPTERS: dict[str, type[Adapter]] = {}
 def register_adapter(*model_types: str) -> Callable[[type[Adapter]], type[Adapter]]:
     """Class decorator that registers an adapter for one or more HF ``model_type`` strings.
 
-    >>> @register_adapter("toy")  # doctest: +SKIP
-    ... class ToyAdapter(DecoderAdapter): family = "toy"
+    >>> @register_adapter("toy")
+    ... class ToyAdapter(DecoderAdapter):
+    ...     family = "toy"
+    >>> "toy" in supported_model_types()
+    True
+    >>> del ADAPTERS["toy"]
     """
 
     def wrap(cls: type[Adapter]) -> type[Adapter]:
@@ -102,13 +109,100 @@ def first_tensor(value: Any) -> torch.Tensor:
     raise TypeError(f"cannot find a tensor in module output of type {type(value).__name__}")
 
 
+def hidden_states_in(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a forward-pre hook (``with_kwargs=True``) sees: the first positional argument, else the
+    ``hidden_states`` keyword, else the first keyword (a projector's ``image_features``).
+
+    Hugging Face passes them positionally today; the keyword forms keep hooks working when a caller does not.
+
+    >>> x = torch.zeros(1, 2, 4)
+    >>> hidden_states_in((x,), {}) is x, hidden_states_in((), {"hidden_states": x, "mask": None}) is x
+    (True, True)
+    """
+    if args:
+        return args[0]
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"]
+    if not kwargs:
+        raise TypeError("the hooked module was called without arguments: no hidden states to read")
+    return next(iter(kwargs.values()))
+
+
+def with_hidden_states(args: tuple, kwargs: dict, value: torch.Tensor) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` with the hidden states (where :func:`hidden_states_in` found them) replaced by
+    ``value``: what a forward-pre hook returns to edit its module's input. The caller's ``kwargs`` is not changed.
+
+    >>> args, kwargs = with_hidden_states((), {"hidden_states": torch.zeros(2)}, torch.ones(2))
+    >>> args, kwargs["hidden_states"].tolist()
+    ((), [1.0, 1.0])
+    """
+    if args:
+        return (value, *args[1:]), kwargs
+    if "hidden_states" in kwargs:
+        return args, {**kwargs, "hidden_states": value}
+    if not kwargs:
+        raise TypeError("the hooked module was called without arguments: no hidden states to replace")
+    return args, {**kwargs, next(iter(kwargs)): value}
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where a hook point sits on the Hugging Face module tree and how to read it (see :meth:`Adapter.site`).
+
+    ``module`` takes a forward-pre hook (``kind="pre"``: the value is its input hidden states,
+    :func:`hidden_states_in`) or a forward hook (``kind="post"``: its output, element ``output_index`` of a
+    tuple). ``heads`` is ``(n_heads, head_dim)`` where the last dim is viewed per head (``head_out``);
+    ``seq_dim`` the token axis of the value (2 for ``attn_pattern``'s ``[B, H, T_query, T_key]``);
+    ``per_image`` marks image-level values ``[n_images, n_tokens, d]`` (token positions do not apply). A family
+    whose point is not a plain module input or output gives a ``reader(args, kwargs, output) -> tensor`` for a
+    ``with_kwargs`` forward hook (Qwen2-VL's vision hooks).
+    """
+
+    point: HookPoint
+    module: nn.Module
+    kind: str  # "pre" | "post"
+    heads: tuple[int, int] | None = None
+    output_index: int = 0
+    seq_dim: int = 1
+    per_image: bool = False
+    reader: Callable[[tuple, dict, Any], torch.Tensor] | None = field(default=None, compare=False)
+
+    def read(self, args: tuple, kwargs: dict, output: Any = None) -> torch.Tensor:
+        """The point's tensor from a hook's arguments (not yet viewed per head: see :meth:`view`)."""
+        if self.reader is not None:
+            return self.reader(args, kwargs, output)
+        if self.kind == "pre":
+            return hidden_states_in(args, kwargs)
+        if self.output_index == 0:
+            return first_tensor(output)
+        value = output[self.output_index] if isinstance(output, tuple) and len(output) > self.output_index else None
+        if value is None:
+            raise RuntimeError(f"{self.point.name}: the {type(self.module).__name__} module returned no weights; "
+                               "load the model with attn_implementation=\"eager\"")
+        return value
+
+    def view(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with its last dim split into ``heads`` (``head_out``), else ``x`` itself."""
+        return x if self.heads is None else x.reshape(*x.shape[:-1], *self.heads)
+
+    def register(self, fn: Callable[[torch.Tensor], Any]) -> Any:
+        """Hook :attr:`module` so every forward calls ``fn(value)`` (:meth:`read`'s value); returns the handle."""
+        if self.kind == "pre":
+            return self.module.register_forward_pre_hook(lambda _m, a, kw: fn(self.read(a, kw)), with_kwargs=True)
+        return self.module.register_forward_hook(lambda _m, a, kw, out: fn(self.read(a, kw, out)), with_kwargs=True)
+
+
 class Adapter:
     """Where a family keeps its blocks, norms and vision parts, plus its dimensions.
 
     Subclasses set ``family`` and implement the abstract properties. Dimensions are read from the text config.
 
-    >>> adapter = adapter_for(hf_model)  # doctest: +SKIP
-    >>> adapter.o_proj(0)                 # doctest: +SKIP
+    >>> from haltrace.models.tiny import build_tiny
+    >>> adapter = adapter_for(build_tiny("llama")[0])
+    >>> adapter
+    LlamaAdapter(family='llama', n_layers=2, d=32)
+    >>> adapter.o_proj(0)
+    Linear(in_features=32, out_features=32, bias=False)
     """
 
     family: str = "base"
@@ -118,6 +212,15 @@ class Adapter:
     # Text around the processor's image placeholder when a prompt is built without a chat template (Qwen2-VL
     # finds its images by the vision-start token, so a bare <|image_pad|> is not enough).
     image_placeholder_wrap: tuple[str, str] = ("", "")
+    # How the decoder numbers positions when no position_ids are given: "arange" (0..T-1 per row, what Hugging
+    # Face's forward does for every 1-D rotary or absolute scheme), or "mrope" (Qwen2-VL's 3-D M-RoPE, which the
+    # model derives itself from the image grid). Backends pin "arange" positions explicitly; never "mrope" ones.
+    position_scheme: str = "arange"
+    # The processor wants one list of images per prompt (Gemma 3), not one image per prompt.
+    nested_images: bool = False
+    # TransformerLens' TransformerBridge ``vision_projector.hook_in`` / ``hook_out`` hold exactly haltrace's
+    # vision_out / projector_out (checked per family; Gemma 3's hook_in differs).
+    tl_vision_hooks_match: bool = False
 
     def __init__(self, hf_model: nn.Module):
         self.hf = hf_model
@@ -241,20 +344,71 @@ class Adapter:
         return impl if impl is not None else getattr(self.config, "_attn_implementation", None)
 
     # --- vision hooks ----------------------------------------------------------------------------------
-    def register_vision_hook(self, kind: str, sink: Callable[[torch.Tensor], None]) -> list[Any]:
-        """Register hooks that call ``sink(tensor[n_images, n_tokens, d])`` for ``vision_out``/``projector_out``.
+    # --- hook sites ------------------------------------------------------------------------------------
+    def site(self, point: HookPoint | str) -> Site:
+        """The module to hook for ``point``, whether to use a pre- or a post-hook, and how to read the value.
 
-        Default: ``vision_out`` is the projector's first input, ``projector_out`` its output. Returns handles.
+        ``resid_pre.i``/``resid_post.i``: input/output of block ``i``; ``attn_out.i``/``mlp_out.i``: output of
+        the attention / MLP module; ``head_out.i``: input of ``o_proj``, viewed as ``[..., n_heads, head_dim]``;
+        ``attn_pattern.i``: element 1 of the attention output; ``vision_out``/``projector_out``:
+        :meth:`vision_site`; the steering-only ``vision_resid_post.K``/``vision_mlp_out.K``: output of vision
+        block ``K`` / of its MLP.
+
+        >>> from haltrace.models.tiny import build_tiny
+        >>> adapter = adapter_for(build_tiny("llama")[0])
+        >>> s = adapter.site("head_out.1")
+        >>> s.module is adapter.o_proj(1), s.kind, s.heads
+        (True, 'pre', (4, 8))
+        >>> adapter.site("resid_post.0").kind, adapter.site("attn_pattern.0").output_index
+        ('post', 1)
         """
-        if self.projector is None:
-            raise ValueError(f"{kind!r} needs a vision-language model; {self.family} has no projector")
-        if kind == "vision_out":
-            def pre(_module, args, kwargs):
-                sink(args[0] if args else next(iter(kwargs.values())))
-            return [self.projector.register_forward_pre_hook(pre, with_kwargs=True)]
-        if kind == "projector_out":
-            return [self.projector.register_forward_hook(lambda _m, _a, out: sink(first_tensor(out)))]
-        raise ValueError(f"unknown vision hook {kind!r}")
+        if isinstance(point, str):
+            kind = point.partition(".")[0]
+            point = (parse_hook(point, kinds=VISION_BLOCK_HOOKS) if kind in VISION_BLOCK_HOOKS
+                     else parse_hook(point, self.n_layers, vision=self.is_vlm))
+        kind, i = point.kind, point.layer
+        if kind == "resid_pre":
+            return Site(point, self.layers[i], "pre")
+        if kind == "resid_post":
+            return Site(point, self.layers[i], "post")
+        if kind == "attn_out":
+            return Site(point, self.attention(i), "post")
+        if kind == "mlp_out":
+            return Site(point, self.mlp(i), "post")
+        if kind == "head_out":
+            return Site(point, self.o_proj(i), "pre", heads=(self.n_heads, self.head_dim))
+        if kind == "attn_pattern":
+            return Site(point, self.attention(i), "post", output_index=1, seq_dim=2)
+        if kind in GLOBAL_HOOKS:
+            if not self.is_vlm or self.projector is None:
+                raise ValueError(f"{kind!r} needs a vision-language model; {self.family} has no vision tower")
+            return self.vision_site(point)
+        if kind == "vision_resid_post":
+            return Site(point, self.vision_blocks[i], "post")
+        if kind == "vision_mlp_out":
+            return Site(point, self.vision_mlp(i), "post")
+        raise ValueError(f"no hook site for {point.name!r}")
+
+    def vision_site(self, point: HookPoint) -> Site:
+        """``vision_out``/``projector_out`` (``[n_images, n_tokens, d]``). Default: the projector's first input /
+        its output; a family whose tower works otherwise overrides this (Qwen2-VL)."""
+        if point.kind == "vision_out":
+            return Site(point, self.projector, "pre", per_image=True)
+        if point.kind == "projector_out":
+            return Site(point, self.projector, "post", per_image=True)
+        raise ValueError(f"unknown vision hook {point.kind!r}")
+
+    @property
+    def plain_vision_sites(self) -> bool:
+        """Whether the vision hooks are the projector's plain input/output (other engines can read those too)."""
+        return type(self).vision_site is Adapter.vision_site
+
+    def register_vision_hook(self, kind: str, sink: Callable[[torch.Tensor], None]) -> list[Any]:
+        """Register hooks that call ``sink(tensor[n_images, n_tokens, d])`` for ``vision_out``/``projector_out``
+        (at :meth:`site`). Returns the handles."""
+        if kind not in GLOBAL_HOOKS:
+            raise ValueError(f"unknown vision hook {kind!r}")
+        return [self.site(HookPoint(kind)).register(sink)]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(family={self.family!r}, n_layers={self.n_layers}, d={self.hidden_size})"

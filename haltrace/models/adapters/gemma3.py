@@ -5,7 +5,11 @@ before adding them to the residual; ``attn_out``/``mlp_out`` are the raw ``self_
 those norms), so they are *not* the residual contributions. ``hidden_states[0]`` is already scaled by
 ``sqrt(d)`` (the scaled embedding module does it).
 
->>> adapter_for(gemma3_hf_model).image_token_id  # doctest: +SKIP
+>>> from haltrace.models.adapters import adapter_for
+>>> from haltrace.models.tiny import build_tiny
+>>> adapter = adapter_for(build_tiny("gemma3")[0])
+>>> adapter.family, adapter.nested_images, type(adapter.projector).__name__
+('gemma3', True, 'Gemma3MultiModalProjector')
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from haltrace.models.adapters.llava import LlavaAdapter
 @register_adapter("gemma3")
 class Gemma3Adapter(LlavaAdapter):
     family = "gemma3"
+    nested_images = True  # Gemma3Processor wants one list of images per prompt
+    tl_vision_hooks_match = False  # TransformerLens' vision_projector.hook_in is not the projector input here
 
     def patch_grid(self, inputs, n_image_tokens, row=0, image_size=None, processor=None):  # type: ignore[override]
         from haltrace.models.grids import gemma3_grid

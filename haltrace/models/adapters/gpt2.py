@@ -1,7 +1,10 @@
 """GPT-2: ``transformer.h[i].attn.c_proj`` (a Conv1D) is the output projection; ``ln_f`` the final norm.
 
->>> adapter_for(GPT2LMHeadModel(GPT2Config(n_layer=2))).n_layers  # doctest: +SKIP
-2
+>>> from transformers import GPT2Config, GPT2LMHeadModel
+>>> from haltrace.models.adapters import adapter_for
+>>> adapter = adapter_for(GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64)))
+>>> adapter.n_layers, type(adapter.o_proj(0)).__name__, adapter.absolute_positions
+(2, 'Conv1D', True)
 """
 
 from __future__ import annotations

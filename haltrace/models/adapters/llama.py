@@ -1,6 +1,8 @@
 """Text-only Llama-layout families: Llama, Mistral, Qwen2 (and Gemma 3's text model, same layout).
 
->>> adapter_for(LlamaForCausalLM(cfg)).family  # doctest: +SKIP
+>>> from haltrace.models.adapters import adapter_for
+>>> from haltrace.models.tiny import build_tiny
+>>> adapter_for(build_tiny("mistral")[0]).family
 'llama'
 """
 

@@ -3,8 +3,11 @@
 ``vision_out`` is the projector input ``[n_images, n_patches, d_vision]`` (the selected vision layer, CLS
 already dropped by the "default" strategy); ``projector_out`` is ``[n_images, n_patches, d]``.
 
->>> adapter_for(llava_hf_model).projector  # doctest: +SKIP
-LlavaMultiModalProjector(...)
+>>> from haltrace.models.adapters import adapter_for
+>>> from haltrace.models.tiny import build_tiny
+>>> adapter = adapter_for(build_tiny("llava")[0])
+>>> type(adapter.projector).__name__, adapter.site("vision_out").module is adapter.projector
+('LlavaMultiModalProjector', True)
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from haltrace.models.adapters.base import DecoderAdapter, register_adapter
 @register_adapter("llava")
 class LlavaAdapter(DecoderAdapter):
     family = "llava"
+    tl_vision_hooks_match = True
 
     @property
     def _inner(self) -> nn.Module:

@@ -3,7 +3,9 @@
 ``vision_out``/``projector_out`` therefore have one row per *crop* (base view first), not per image:
 ``[n_crops_total, n_patches, d]``. The unpadding and ``image_newline`` tokens are added after the projector.
 
->>> adapter_for(llava_next_hf_model).family  # doctest: +SKIP
+>>> from haltrace.models.adapters import adapter_for
+>>> from haltrace.models.tiny import build_tiny
+>>> adapter_for(build_tiny("llava_next")[0]).family
 'llava_next'
 """
 

@@ -6,20 +6,23 @@ back per image ``[n_images, n_patches, d_vision]`` and ``projector_out`` the mer
 windows inside the tower; we undo that so rows follow the processor's patch order. When images differ in size
 the per-image rows cannot be stacked and the tensors stay flat: ``[1, total, d]`` (a warning says so).
 
->>> adapter_for(qwen2_vl_hf_model).projector  # doctest: +SKIP
-PatchMerger(...)
+>>> from haltrace.models.adapters import adapter_for
+>>> from haltrace.models.tiny import build_tiny
+>>> adapter = adapter_for(build_tiny("qwen2_vl")[0])
+>>> type(adapter.projector).__name__, adapter.position_scheme, adapter.site("projector_out").module is adapter.vision_tower
+('PatchMerger', 'mrope', True)
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from haltrace.models.adapters.base import register_adapter
+from haltrace.conventions import HookPoint
+from haltrace.models.adapters.base import Site, register_adapter
 from haltrace.models.adapters.llava import LlavaAdapter
 
 
@@ -35,6 +38,8 @@ def _split_per_image(flat: torch.Tensor, sizes: list[int], kind: str) -> torch.T
 class Qwen2VLAdapter(LlavaAdapter):
     family = "qwen2_vl"
     image_placeholder_wrap = ("<|vision_start|>", "<|vision_end|>")
+    position_scheme = "mrope"  # 3-D positions the model derives from the image grid
+    tl_vision_hooks_match = False  # the vision hooks read the whole tower (see vision_site)
 
     @property
     def vision_tower(self) -> nn.Module | None:  # type: ignore[override]
@@ -56,32 +61,27 @@ class Qwen2VLAdapter(LlavaAdapter):
                                                   window_size=visual.window_size, patch_size=patch)
         return torch.argsort(window_index)
 
-    def register_vision_hook(self, kind: str, sink: Callable[[torch.Tensor], None]) -> list[Any]:
-        # hook the whole tower: it sees grid_thw (needed to split per image) and returns the merger output
-        # already in processor order (Qwen2.5 reorders after the merger)
+    def vision_site(self, point: HookPoint) -> Site:  # type: ignore[override]
+        # hook the whole tower: its call carries grid_thw (needed to split per image) and it returns the merger
+        # output already in processor order (Qwen2.5 reorders after the merger)
+        kind = point.kind
         if kind not in ("vision_out", "projector_out"):
             raise ValueError(f"unknown vision hook {kind!r}")
         visual = self.vision_tower
-        state: dict[str, torch.Tensor] = {}
         merge_unit = visual.spatial_merge_size**2
 
-        def pre(_module, args, kwargs):
-            state["grid"] = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
-
-        def post(_module, _args, _kwargs, out):
-            grid = state["grid"]
+        def read(args: tuple, kwargs: dict, out: Any) -> torch.Tensor:
+            grid = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
             patches = [int(n) for n in grid.prod(-1)]
             if kind == "projector_out":
-                sink(_split_per_image(out.pooler_output, [n // merge_unit for n in patches], kind))
-                return
+                return _split_per_image(out.pooler_output, [n // merge_unit for n in patches], kind)
             hidden = out.last_hidden_state
             reverse = self._window_reverse(grid)
             if reverse is not None:
                 hidden = hidden.reshape(-1, merge_unit, hidden.shape[-1])[reverse].reshape(hidden.shape)
-            sink(_split_per_image(hidden, patches, kind))
+            return _split_per_image(hidden, patches, kind)
 
-        return [visual.register_forward_pre_hook(pre, with_kwargs=True),
-                visual.register_forward_hook(post, with_kwargs=True)]
+        return Site(point, visual, "post", per_image=True, reader=read)
 
     def patch_grid(self, inputs, n_image_tokens, row=0, image_size=None, processor=None):  # type: ignore[override]
         from haltrace.models.grids import qwen_vl_grid

@@ -26,27 +26,19 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from haltrace.errors import HaltraceError
+# the shared helpers live one level down (common), so the backends never import this package module
+from haltrace.trace.backends.common import (
+    BACKENDS,
+    UnsupportedHookError,
+    check_supported,
+    check_vision_inputs,
+    default_position_ids,
+    supports,
+)
 
 if TYPE_CHECKING:
-    from haltrace.conventions import HookPoint
     from haltrace.models.base import Model
     from haltrace.trace.capture import Capture, PositionSpec
-
-#: backend names accepted by :func:`capture_with`
-BACKENDS: tuple[str, ...] = ("hooks", "nnsight", "transformer_lens")
-
-#: families whose TL ``vision_projector.hook_in/out`` equal haltrace's vision_out/projector_out
-_TL_VISION_FAMILIES = frozenset({"llava", "llava_next"})
-#: families whose default (arange) positions TransformerLens / nnsight's pipeline would otherwise
-#: replace with mask-derived ones; mRoPE families (Qwen-VL) derive their own and are left alone
-_ARANGE_POSITION_FAMILIES = frozenset({"gpt2", "llama", "mistral", "qwen2", "llava", "llava_next", "gemma3"})
-
-
-class UnsupportedHookError(HaltraceError):
-    """A hook that the chosen backend cannot capture for this model; the message names the alternatives."""
 
 
 def capture_with(
@@ -63,9 +55,8 @@ def capture_with(
     when ``model.remote`` is truthy (``True``: NDIF, ``"local"``: the remote path simulated in-process).
     Raises :class:`UnsupportedHookError` when ``backend`` cannot capture one of ``hooks`` for this model.
 
-    >>> cap = capture_with(model, inputs, ["head_out.1"], positions="last", backend="transformer_lens")
-    ... # doctest: +SKIP
-    >>> cap["head_out.1"].shape  # [B, P, n_heads, head_dim], whatever the backend  # doctest: +SKIP
+    >>> cap = capture_with(model, inputs, ["head_out.1"], positions="last", backend="nnsight")
+    >>> cap["head_out.1"].shape  # [B, P, n_heads, head_dim], whatever the backend
     torch.Size([2, 1, 4, 8])
     """
     if backend == "hooks":
@@ -83,75 +74,5 @@ def capture_with(
     raise ValueError(f"unknown capture backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
-# --- helpers shared by the backends --------------------------------------------------------------------------
-
-def supports(backend: str, model: Model, kind: str) -> bool:
-    """Whether ``backend`` can capture hook kind ``kind`` (``"resid_post"``, ``"vision_out"``, ...) on ``model``.
-
-    >>> supports("nnsight", model, "head_out")  # doctest: +SKIP
-    True
-    """
-    if backend == "hooks" or kind not in ("vision_out", "projector_out"):
-        return True
-    if not model.is_vlm or not _default_vision_hooks(model):
-        # the other engines read the projector's input/output; families whose adapter hooks something
-        # else (Qwen-VL: the whole tower, reordered per image) only work with plain hooks
-        return False
-    # TL's vision_projector hook points match haltrace's only where checked (Gemma-3's hook_in differs)
-    return backend != "transformer_lens" or model.adapter.family in _TL_VISION_FAMILIES
-
-
-def _default_vision_hooks(model: Model) -> bool:
-    from haltrace.models.adapters.base import Adapter
-
-    return type(model.adapter).register_vision_hook is Adapter.register_vision_hook
-
-
-def check_supported(backend: str, model: Model, points: Sequence[HookPoint]) -> None:
-    """Raise :class:`UnsupportedHookError` naming backend, hook and the backends that can capture it."""
-    for point in points:
-        if supports(backend, model, point.kind):
-            continue
-        others = [b for b in BACKENDS if b != backend and supports(b, model, point.kind)]
-        raise UnsupportedHookError(
-            f"backend {backend!r} cannot capture hook {point.name!r} on {model.adapter.family} "
-            f"({type(model.hf).__name__}): that backend's {point.kind} is not the same tensor as haltrace's "
-            f"(the adapter's own vision hooks / the engine's hook point differ). Backends that support "
-            f"{point.name!r} here: "
-            f"{', '.join(others)}; use capture_with(..., backend={others[0]!r})")
-
-
-def check_vision_inputs(points: Sequence[HookPoint], inputs: Mapping[str, Any]) -> None:
-    """Vision hooks only fire when the inputs carry images; fail before running rather than after."""
-    vision = [p.name for p in points if p.layer is None]
-    if vision and not any(k in inputs for k in ("pixel_values", "pixel_values_videos")):
-        raise RuntimeError(f"hooks {vision} did not fire during the forward (no images in the inputs?)")
-
-
-def default_position_ids(model: Model, inputs: Mapping[str, Any]) -> torch.Tensor | None:
-    """``position_ids`` that Hugging Face computes when none are given (``arange(T)`` per row), or ``None``.
-
-    TransformerLens and nnsight's pipeline path derive positions from a left-padded ``attention_mask``
-    instead, which changes absolute-position models (GPT-2) on padded rows. Passing HF's own default
-    keeps every backend identical to ``model.hf(**inputs)``. ``None`` when the caller gave positions, when
-    the family derives its own (mRoPE), or when there are no ``input_ids``.
-
-    >>> default_position_ids(model, {"input_ids": torch.zeros(2, 3, dtype=torch.long)}).tolist()  # doctest: +SKIP
-    [[0, 1, 2], [0, 1, 2]]
-    """
-    ids = inputs.get("input_ids")
-    if "position_ids" in inputs or ids is None or model.adapter.family not in _ARANGE_POSITION_FAMILIES:
-        return None
-    batch, seq = ids.shape[:2]
-    return torch.arange(seq, device=ids.device).unsqueeze(0).expand(batch, seq)
-
-
-def select_positions(x: torch.Tensor, pos: torch.Tensor | None, seq_dim: int = 1) -> torch.Tensor:
-    """Pick ``pos[b]`` along ``seq_dim`` of row ``b`` (detached copy), like the hooks backend does."""
-    from haltrace.trace.capture import _select
-
-    return _select(x, pos, seq_dim)
-
-
-__all__ = ["BACKENDS", "UnsupportedHookError", "capture_with", "check_supported", "default_position_ids",
-           "supports"]
+__all__ = ["BACKENDS", "UnsupportedHookError", "capture_with", "check_supported", "check_vision_inputs",
+           "default_position_ids", "supports"]

@@ -50,7 +50,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from haltrace.trace.backends import check_supported, check_vision_inputs, default_position_ids
+from haltrace._optional import require
+from haltrace.trace.backends.common import check_supported, check_vision_inputs, default_position_ids
 from haltrace.trace.capture import Capture, parse_hooks, resolve_positions
 
 if TYPE_CHECKING:
@@ -66,11 +67,17 @@ _WRAPPERS: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDicti
 _STAGE = {"resid_pre": 0, "head_out": 1, "attn_out": 2, "attn_pattern": 2, "mlp_out": 3, "resid_post": 4}
 
 
+def _nnsight(module: str = "nnsight") -> Any:
+    """The optional nnsight package (or one of its modules); names ``haltrace[nnsight]`` when it is missing."""
+    return require(module, extra="nnsight", feature="the nnsight backend")
+
+
 def wrapper_for(model: Model, remote: bool | str | None = None) -> Any:
     """The nnsight envoy tracing ``model.hf`` (cached): ``NNsight`` locally, a remotable wrapper otherwise.
 
-    >>> env = wrapper_for(model)  # doctest: +SKIP
-    >>> env.get("model.layers.0")  # doctest: +SKIP
+    >>> env = wrapper_for(model)
+    >>> wrapper_for(model) is env, type(env.get("model.language_model.layers.0")._module).__name__
+    (True, 'LlamaDecoderLayer')
     """
     kind = "ndif" if remote is True or (isinstance(remote, str) and remote != "local") else (
         "local-remote" if remote == "local" else "local")
@@ -82,15 +89,11 @@ def wrapper_for(model: Model, remote: bool | str | None = None) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # nnsight deprecation chatter
             if kind == "local":
-                from nnsight import NNsight
-
-                per_model[kind] = NNsight(model.hf)
+                per_model[kind] = _nnsight().NNsight(model.hf)
             elif kind == "local-remote":
                 # Remotable wrapper around the in-memory module; inputs go straight to the module (no
                 # pipeline re-batching), so results match model.hf(**inputs) exactly
-                from nnsight.modeling.huggingface import HuggingFaceModel
-
-                per_model[kind] = HuggingFaceModel(model.hf)
+                per_model[kind] = _nnsight("nnsight.modeling.huggingface").HuggingFaceModel(model.hf)
             else:
                 per_model[kind] = _ndif_wrapper(model)
     return per_model[kind]
@@ -98,7 +101,7 @@ def wrapper_for(model: Model, remote: bool | str | None = None) -> Any:
 
 def _ndif_wrapper(model: Model) -> Any:
     """``TransformersModel`` keyed by the checkpoint name: NDIF reconstructs the model from that key."""
-    from nnsight.modeling.transformers import TransformersModel
+    TransformersModel = _nnsight("nnsight.modeling.transformers").TransformersModel
 
     name = model.name_or_path
     if not name or "/" not in name and not model.revision:
@@ -126,9 +129,7 @@ def _trace_call(model: Any, wrapper: Any, call: dict, remote: Any) -> dict:
 
 
 def _is_pipeline_wrapper(wrapper: Any) -> bool:
-    from nnsight.modeling.transformers import TransformersModel
-
-    return isinstance(wrapper, TransformersModel)
+    return isinstance(wrapper, _nnsight("nnsight.modeling.transformers").TransformersModel)
 
 
 def _module_paths(model: Model) -> dict[int, str]:
@@ -138,26 +139,22 @@ def _module_paths(model: Model) -> dict[int, str]:
 def build_plan(model: Model, points: Sequence[HookPoint]) -> list[tuple[str, str, list[tuple[str, str]]]]:
     """``[(module_path, "input"|"output", [(hook_name, kind), ...]), ...]`` in forward order.
 
-    >>> build_plan(model, parse_hooks(model, ["resid_post.0", "resid_pre.0"]))  # doctest: +SKIP
-    [('model.layers.0', 'input', [('resid_pre.0', 'resid_pre')]), ('model.layers.0', 'output', [...])]
+    >>> build_plan(model, parse_hooks(model, ["resid_post.0", "resid_pre.0"]))
+    [('model.language_model.layers.0', 'input', [('resid_pre.0', 'resid_pre')]),
+     ('model.language_model.layers.0', 'output', [('resid_post.0', 'resid_post')])]
     """
     adapter, paths = model.adapter, _module_paths(model)
     steps: dict[tuple[str, str], list[tuple[str, str]]] = {}
     order: dict[tuple[str, str], tuple[int, int]] = {}
     for point in points:
-        kind, i = point.kind, point.layer
-        if kind in ("vision_out", "projector_out"):
-            module, what = adapter.projector, "input" if kind == "vision_out" else "output"
-            key = (-1, 0 if kind == "vision_out" else 1)
+        site = adapter.site(point)  # the module and pre/post, as the hooks backend uses them
+        what = "input" if site.kind == "pre" else "output"
+        if site.per_image:
+            key = (-1, 0 if what == "input" else 1)
         else:
-            module, what = {
-                "resid_pre": (adapter.layers[i], "input"), "resid_post": (adapter.layers[i], "output"),
-                "attn_out": (adapter.attention(i), "output"), "attn_pattern": (adapter.attention(i), "output"),
-                "mlp_out": (adapter.mlp(i), "output"), "head_out": (adapter.o_proj(i), "input"),
-            }[kind]
-            key = (i, _STAGE[kind])
-        path = paths[id(module)]
-        steps.setdefault((path, what), []).append((point.name, kind))
+            key = (point.layer, _STAGE[point.kind])
+        path = paths[id(site.module)]
+        steps.setdefault((path, what), []).append((point.name, point.kind))
         order[(path, what)] = min(order.get((path, what), key), key)
     return [(path, what, steps[(path, what)]) for path, what in sorted(steps, key=order.__getitem__)]
 
@@ -176,7 +173,9 @@ def capture_nnsight(
 
     ``output=False`` skips saving the model output (logits), which matters for remote runs.
 
-    >>> cap = capture_nnsight(model, inputs, ["resid_post.1"], positions="last", remote="local")  # doctest: +SKIP
+    >>> cap = capture_nnsight(model, inputs, ["resid_post.1"], positions="last", remote="local")
+    >>> cap["resid_post.1"].shape
+    torch.Size([2, 1, 32])
     """
     if remote is None:
         remote = getattr(model, "remote", False)
@@ -203,7 +202,7 @@ def _trace(wrapper: Any, call: dict[str, Any], trace_kw: dict[str, Any], plan: l
            n_heads: int, head_dim: int, want_output: bool) -> tuple[dict[str, torch.Tensor], Any]:
     # The block below is what nnsight ships to a remote server: it uses only torch and the captured
     # locals (envoys, tensors, ints), never haltrace code, so the server needs nothing but nnsight.
-    import nnsight
+    nnsight = _nnsight()  # the nnsight module itself, as `import nnsight` would bind it
 
     out = None  # set before the block: a remote run returns only saved values, and None is never saved
     with wrapper.trace(**call, **trace_kw):
@@ -240,7 +239,9 @@ def lens_logits_nnsight(model: Model, inputs: Mapping[str, Any], hooks: Sequence
     the unembedding applied *inside* the trace: a ``remote=True`` model's lens runs on NDIF and ships back only
     the selected rows' logits (never the weights, never every position).
 
-    >>> z = lens_logits_nnsight(model, inputs, ["resid_post.0"], None)  # doctest: +SKIP
+    >>> z = lens_logits_nnsight(model, inputs, ["resid_post.0"], None)
+    >>> z.shape[:2], z.shape[-1] == model.hf.config.text_config.vocab_size   # [L, B, P, V]
+    (torch.Size([1, 2]), True)
     """
     if remote is None:
         remote = getattr(model, "remote", False)
@@ -262,7 +263,7 @@ def lens_logits_nnsight(model: Model, inputs: Mapping[str, Any], hooks: Sequence
 def _lens_trace(wrapper: Any, call: dict[str, Any], trace_kw: dict[str, Any], plan: list, pos: torch.Tensor | None,
                 norm: Any, head: Any, apply_norm: bool, softcap: float | None) -> dict[str, torch.Tensor]:
     # shipped to the server as is: torch and the captured locals only
-    import nnsight
+    nnsight = _nnsight()
 
     with wrapper.trace(**call, **trace_kw):
         got = {}

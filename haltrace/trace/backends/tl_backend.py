@@ -1,6 +1,7 @@
 """Capture with TransformerLens 3.x: ``TransformerBridge`` around the in-memory HF model + ``run_with_cache``.
 
-Hook names map onto TransformerLens canonical names:
+Hook names map onto TransformerLens canonical names (the table lives in :mod:`haltrace.conventions`,
+:func:`~haltrace.conventions.tl_bridge_hook_name`):
 
 ==================  ==========================================
 haltrace name       TransformerLens name
@@ -52,13 +53,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from haltrace.trace.backends import (
-    check_supported,
-    check_vision_inputs,
-    default_position_ids,
-    select_positions,
-)
+from haltrace._optional import require
+from haltrace.trace.backends.common import check_supported, check_vision_inputs, default_position_ids
 from haltrace.trace.capture import Capture, parse_hooks, resolve_positions
+from haltrace.trace.capture import _select as select_positions
 
 if TYPE_CHECKING:
     from haltrace.conventions import HookPoint
@@ -66,17 +64,6 @@ if TYPE_CHECKING:
     from haltrace.trace.capture import PositionSpec
 
 _BRIDGES: weakref.WeakKeyDictionary[torch.nn.Module, Any] = weakref.WeakKeyDictionary()
-
-_TL_NAMES = {
-    "resid_pre": "blocks.{i}.hook_resid_pre",
-    "resid_post": "blocks.{i}.hook_resid_post",
-    "attn_out": "blocks.{i}.attn.hook_out",
-    "mlp_out": "blocks.{i}.mlp.hook_out",
-    "head_out": "blocks.{i}.attn.hook_z",
-    "attn_pattern": "blocks.{i}.attn.hook_pattern",
-    "vision_out": "vision_projector.hook_in",
-    "projector_out": "vision_projector.hook_out",
-}
 
 
 def tl_name(point: HookPoint) -> str:
@@ -86,7 +73,9 @@ def tl_name(point: HookPoint) -> str:
     >>> tl_name(parse_hook("head_out.3"))
     'blocks.3.attn.hook_z'
     """
-    return _TL_NAMES[point.kind].format(i=point.layer)
+    from haltrace.conventions import tl_bridge_hook_name
+
+    return tl_bridge_hook_name(point)
 
 
 @contextlib.contextmanager
@@ -123,14 +112,14 @@ def _bridge_tokenizer(model: Model) -> Any:
 def bridge_for(model: Model) -> Any:
     """The ``TransformerBridge`` over ``model`` (built once, sharing ``model.hf``'s weights).
 
-    >>> bridge_for(model).cfg.n_layers  # doctest: +SKIP
+    >>> bridge_for(gpt2_model).cfg.n_layers
     2
     """
     bridge = _BRIDGES.get(model.hf)
     if bridge is not None:
         return bridge
-    from transformer_lens.model_bridge import TransformerBridge
-
+    TransformerBridge = require("transformer_lens.model_bridge", extra="tl",
+                                feature="the TransformerLens backend").TransformerBridge
     hf = model.hf
     shared = {id(t): t for t in [*hf.parameters(), *hf.buffers()]}
     clone = copy.deepcopy(hf, shared)  # new module tree, same tensors
@@ -163,7 +152,11 @@ def capture_tl(
 
     ``Capture.output`` holds a ``CausalLMOutputWithPast`` with ``logits`` only.
 
-    >>> cap = capture_tl(model, inputs, ["resid_post.1", "head_out.0"], positions="last")  # doctest: +SKIP
+    >>> from haltrace.models.tiny import build_tiny_inputs
+    >>> inputs = build_tiny_inputs("gpt2", gpt2_model.tokenizer)
+    >>> cap = capture_tl(gpt2_model, inputs, ["resid_post.1", "head_out.0"], positions="last")
+    >>> cap["resid_post.1"].shape, cap["head_out.0"].shape
+    (torch.Size([2, 1, 32]), torch.Size([2, 1, 4, 8]))
     """
     points = parse_hooks(model, hooks)
     check_supported("transformer_lens", model, points)

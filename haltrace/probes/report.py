@@ -3,6 +3,9 @@
 The page embeds plotly.js, so it opens offline. For the ``prior-vs-pixel`` task the AUROC curve is the
 per-layer answer to "where does the model's choice of prior over pixels become linearly readable".
 
+It belongs to the probes layer (:func:`haltrace.probes.artifacts.run_probe` writes it with every sweep); the
+viz package above it holds the figures of the other commands.
+
 >>> write_probe_report(json.loads(Path("out/probes.json").read_text()), "out/report.html")  # doctest: +SKIP
 """
 
