@@ -286,9 +286,21 @@ def steer_cmd(
                 raise typer.BadParameter(str(exc), param_hint="--fit-data") from None
     fit_seconds = time.perf_counter() - started
     warn_strength(fitted, hf_model)
+    # evaluations the paper runs under other fit options (VISTA: lambda 0.17 on captions, 0.01 on POPE) get a
+    # fit of their own, unless the user set those options; a loaded fit is evaluated as it is
+    per_eval = {} if from_dir is not None else {
+        e: opts for e, opts in getattr(impl, "eval_fit_options", {}).items()
+        if (e in eval_names or (e == "chair" and files.get("chair_images") is not None)) and not set(opts) & set(kwargs)}
+    main_files = {**files, "chair_images": None} if "chair" in per_eval and files else files
     try:
-        after = _evaluate_all(hf_model, eval_names, files, console, method, fitted,
-                              answers / "after" if files else None)
+        after = _evaluate_all(hf_model, [e for e in eval_names if e not in per_eval], main_files, console, method,
+                              fitted, answers / "after" if main_files else None)
+        for e, opts in per_eval.items():
+            with console.status(f"fitting {method} with {opts} for {e} ..."):
+                task_fit = impl.fit(hf_model, fit_items, **kwargs, **opts)
+            e_files = {**files, "pope": []} if e == "chair" and files.get("chair_images") is not None else {}
+            after.update(_evaluate_all(hf_model, [e] if e in eval_names else [], e_files, console,
+                                       f"{method} {opts}", task_fit, answers / f"after-{e}" if e_files else None))
     except ValueError as exc:  # e.g. a saved vector of another model's hidden size: names both sizes
         raise typer.BadParameter(str(exc), param_hint="--from" if from_dir else "--model") from None
 
@@ -303,6 +315,8 @@ def steer_cmd(
                "before": strip_answers(before), "after": strip_answers(after),
                "provenance": _jsonable(dict(fitted.provenance), {}, "provenance"),
                "registered_methods": list_methods()}
+    if per_eval:
+        payload["per_eval_fit_options"] = per_eval  # --out saves the main fit; these evaluations used their own
     if from_dir is not None:
         payload["loaded_from"] = str(from_dir)
     if out is not None:
@@ -318,6 +332,8 @@ def steer_cmd(
     out_console = _stdout()  # tables go to stdout
     how = f"loaded from {from_dir}" if from_dir is not None else f"fit {fit_seconds:.1f} s"
     _print_comparison(out_console, rows, f"{method} on {model} ({how})")
+    for e, opts in per_eval.items():
+        out_console.print(f"{e} was evaluated under {method}'s fit with {opts} (the paper's per-task setting)")
     if out is not None:
         out_console.print(f"saved {payload['saved']['safetensors']} and {payload['saved']['json']}")
 

@@ -183,3 +183,33 @@ def test_steer_all_wants_options_scoped_per_method(dummy):
     assert res.exit_code != 0 and "would go to every method" in _flat(res.output) and "--opt pvp.alpha=4" in _flat(res.output)
     res = runner.invoke(app, ["steer", "--method", "all", "--opt", "nosuch.alpha=4"])
     assert res.exit_code != 0 and "names no registered method" in _flat(res.output) and "pvp" in _flat(res.output)
+
+
+def test_single_method_steer_fits_again_for_a_per_task_setting(organism_folder):
+    """A method whose paper sets options per evaluation (VISTA's caption lambda) is evaluated there under them,
+    unless the user set those options."""
+    calls = []
+
+    class _PerTask(_Dummy):
+        name = "dummy-per-task"
+        eval_fit_options = {"refusal": {"alpha": 0.0}}
+
+        def fit(self, model, data=None, alpha: float = 8.0, layer: int = 0, **kw):
+            calls.append(alpha)
+            return super().fit(model, data, alpha=alpha, layer=layer, **kw)
+
+    register_method(_PerTask)
+    try:
+        res = runner.invoke(app, ["steer", "--method", _PerTask.name, "--model", organism_folder, "--eval",
+                                  "refusal", "--json"])
+        assert res.exit_code == 0, res.output
+        data = json.loads(res.stdout)
+        assert calls == [8.0, 0.0] and data["per_eval_fit_options"] == {"refusal": {"alpha": 0.0}}
+        assert all(abs(r["change"]) < 1e-9 for r in data["comparison"])  # refusal ran under the alpha-0 fit
+        calls.clear()
+        res = runner.invoke(app, ["steer", "--method", _PerTask.name, "--model", organism_folder, "--eval",
+                                  "refusal", "--json", "--alpha", "3"])
+        assert res.exit_code == 0, res.output
+        assert calls == [3.0] and "per_eval_fit_options" not in json.loads(res.stdout)
+    finally:
+        _REGISTRY.pop(_PerTask.name, None)
