@@ -8,8 +8,9 @@ the table gives the median over rounds [q1-q3] and the median of the per-round d
 (haltrace's own share: imports, building the app, rendering the help). Goal: every ``--help`` <= 0.3 s (median).
 Byte-code caching is on (as for an installed package), whatever ``PYTHONDONTWRITEBYTECODE`` says here.
 
-``--before DIR`` adds the same rows for another source tree, e.g. the last commit
-(``mkdir /tmp/before && git archive HEAD | tar -x -C /tmp/before``), to compare.
+``--before DIR`` adds the same rows for another source tree, e.g. an earlier commit
+(``mkdir /tmp/before && git archive COMMIT haltrace | tar -x -C /tmp/before``), to compare; ``--before-label``
+says what it is in RESULTS.md.
 
 Usage::
 
@@ -126,8 +127,8 @@ def section(times: dict[str, list[float]], cpu: dict[str, list[float]], rounds: 
              "caching on, as for an installed package, after one warm-up run of each. "
              f"Goal: every `--help` <= {GOAL_S} s (median). CPU = user + system time of the process (median), a "
              "diagnostic that other jobs on the machine disturb much less than wall time."
-             + (" Rows marked (before) are the same commands on the tree given with `--before` (the last commit: "
-                "the CLI imported torch and transformers at start-up)." if args.before else ""),
+             + (f" Rows marked (before) are the same commands on the tree given with `--before`: {args.before_label}."
+                if args.before else ""),
              "", "| command | median (s) [q1-q3] | minus baseline (s) | CPU (s) | goal |", "|---|---|---:|---:|---|"]
     for name, ts in times.items():
         med, q1, q3 = median_and_quartiles(ts)
@@ -150,6 +151,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5, help="rounds (median of this many runs per command; >= 2)")
     parser.add_argument("--before", type=Path, default=None,
                         help="another source tree to time the same commands on (e.g. `git archive HEAD`)")
+    parser.add_argument("--before-label", default="another source tree",
+                        help="what the --before tree is, for the RESULTS.md text")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args()
     if args.reps < 2:

@@ -94,8 +94,10 @@ def _check_direction(name: str, t: torch.Tensor, hidden_size: int) -> torch.Tens
 def load_vector(path: str | Path) -> DeployedVector:
     """Read a haltrace ``SteeringVector`` file (safetensors only) and check it is one this module can apply.
 
-    >>> vec = load_vector("vectors/entity.safetensors")   # doctest: +SKIP
-    >>> vec.layers, vec.alpha                             # doctest: +SKIP
+    >>> from haltrace.steering.vector import SteeringVector   # (haltrace only to write the example file)
+    >>> _ = SteeringVector(torch.ones(32), layers=[2], hidden_size=32, alpha=4.0).save("vectors/entity")
+    >>> vec = load_vector("vectors/entity.safetensors")
+    >>> vec.layers, vec.alpha
     ([2], 4.0)
     """
     from safetensors import SafetensorError, safe_open
@@ -151,8 +153,9 @@ def load_vector(path: str | Path) -> DeployedVector:
 def find_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The decoder blocks of a plain HF model, found by the common attribute paths in :data:`LAYER_PATHS`.
 
-    >>> len(find_layers(model))   # doctest: +SKIP
-    32
+    >>> from haltrace.models.tiny import build_tiny   # a 2-block random Llama
+    >>> len(find_layers(build_tiny("llama")[0]))
+    2
     """
     for path in LAYER_PATHS:
         obj: Any = model
@@ -266,8 +269,12 @@ def apply(model: torch.nn.Module, vector: DeployedVector | str | Path, *, alpha:
     ``alpha`` overrides the exported one; ``layers`` is the model's ModuleList of decoder blocks when
     :func:`find_layers` cannot find it. Everything is checked before any hook is installed.
 
-    >>> handle = apply(model, "vectors/entity", alpha=2.0)   # doctest: +SKIP
-    >>> handle.remove()                                      # doctest: +SKIP
+    >>> from haltrace.models.tiny import build_tiny
+    >>> from haltrace.steering.vector import SteeringVector
+    >>> model, tokenizer = build_tiny("llama")
+    >>> _ = SteeringVector(torch.ones(32), layers=[1], hidden_size=32).save("vectors/entity")
+    >>> handle = apply(model, "vectors/entity", alpha=2.0)
+    >>> handle.remove()
     """
     vec = vector if isinstance(vector, DeployedVector) else load_vector(vector)
     scale = vec.alpha if alpha is None else float(alpha)
@@ -312,8 +319,15 @@ def steered(model: torch.nn.Module, vector: DeployedVector | str | Path, *, alph
             layers: torch.nn.ModuleList | None = None) -> Iterator[DeployHandle]:
     """Steer ``model`` inside the block; the hooks come off on exit, also when the block raises.
 
-    >>> with steered(model, "vectors/entity.safetensors"):       # doctest: +SKIP
+    >>> from haltrace.models.tiny import build_tiny
+    >>> from haltrace.steering.vector import SteeringVector
+    >>> model, tokenizer = build_tiny("llama")
+    >>> _ = SteeringVector(torch.ones(32), layers=[1], hidden_size=32).save("vectors/entity")
+    >>> inputs = tokenizer(["what color is the circle"], return_tensors="pt")
+    >>> with steered(model, "vectors/entity.safetensors"):
     ...     logits = model(**inputs).logits
+    >>> bool((logits != model(**inputs).logits).any())   # the hooks are off again
+    True
     """
     handle = apply(model, vector, alpha=alpha, layers=layers)
     try:

@@ -1,6 +1,10 @@
-"""Scores shared by probes, steering methods and evaluations (imports only numpy and torch).
+"""Scores shared by probes, steering methods and evaluations (imports only numpy and torch; scikit-learn inside
+:func:`auroc_score`).
 
 It sits at the bottom of haltrace's layers, beside :mod:`haltrace.conventions`, so every layer can import it.
+Two forms of one statistic: :func:`auroc` scores many problems at once in torch (the probes' cross-validation);
+:func:`auroc_score` scores one problem as a float with ``sklearn.metrics.roc_auc_score``, the reference
+implementation (the steering methods' detector scores; bit for bit what their published fits recorded).
 
 >>> auroc_score([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1])
 0.75
@@ -41,7 +45,8 @@ def auroc(scores: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = Non
 
 
 def auroc_score(scores: Any, labels: Any, *, single_class: float = float("nan")) -> float:
-    """AUROC of one problem as a float: 1-D ``scores`` against 0/1 ``labels`` (arrays, tensors or lists).
+    """AUROC of one problem as a float: 1-D ``scores`` against 0/1 ``labels`` (arrays, tensors or lists), by
+    ``sklearn.metrics.roc_auc_score``. Equal to :func:`auroc` up to float rounding (the last bit can differ).
 
     ``single_class`` is returned when the labels hold only one class (NaN by default; 0.5 = chance).
 
@@ -50,10 +55,18 @@ def auroc_score(scores: Any, labels: Any, *, single_class: float = float("nan"))
     >>> auroc_score([0.3, 0.4], [1, 1], single_class=0.5)
     0.5
     """
-    s = torch.as_tensor(np.asarray(scores, dtype=np.float64).reshape(-1))
-    y = torch.as_tensor(np.asarray(labels).reshape(-1) == 1)
+    from sklearn.metrics import roc_auc_score
+
+    s = _numpy(scores).reshape(-1)
+    y = _numpy(labels).reshape(-1)
     if len(s) != len(y):
         raise ValueError(f"{len(s)} scores but {len(y)} labels")
-    if not 0 < int(y.sum()) < len(y):
+    if not 0 < int((y == 1).sum()) < len(y):
         return float(single_class)
-    return float(auroc(s, y))
+    return float(roc_auc_score(y, s))
+
+
+def _numpy(values: Any) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().numpy()
+    return np.asarray(values)

@@ -5,8 +5,14 @@ file as released (``{"question_id", "image", "text", "label"}``) loads as :class
 Image paths are resolved against ``images`` (the ``--images DIR`` option), else against the JSONL file's
 folder; absolute paths are kept. Errors name the file, the line and the field.
 
->>> items = load_items("pope_adversarial.jsonl", images="val2014/")      # doctest: +SKIP
->>> items[0].question, items[0].label                                    # doctest: +SKIP
+>>> import json
+>>> from pathlib import Path
+>>> Path("val2014").mkdir(); img.save("val2014/COCO_val2014_000000310196.jpg")
+>>> row = {"question_id": 1, "image": "COCO_val2014_000000310196.jpg", "text": "Is there a snowboard in the image?",
+...        "label": "yes"}
+>>> _ = Path("pope_adversarial.jsonl").write_text(json.dumps(row) + "\\n")
+>>> items = load_items("pope_adversarial.jsonl", images="val2014/")
+>>> items[0].question, items[0].label
 ('Is there a snowboard in the image?', 'yes')
 """
 

@@ -9,9 +9,16 @@ CHAIR: captions for the images of a folder that the COCO annotations (``instance
 ``captions_*.json``) cover, written as ``{"image_id", "image", "caption"}``, scored by
 :func:`haltrace.evals.coco.score_chair` with the official rules.
 
->>> settings = GenerationSettings(max_new_tokens=16, batch_size=8)
->>> report = run_pope(model, "coco_pope_adversarial.json", "val2014/", "out/eval", settings)   # doctest: +SKIP
->>> report["f1"]                                                                                 # doctest: +SKIP
+>>> import json
+>>> from pathlib import Path
+>>> Path("val2014").mkdir(); img.save("val2014/COCO_val2014_000000000042.jpg")
+>>> rows = [{"question_id": i, "image": "COCO_val2014_000000000042.jpg", "text": f"Is there a {o} in the image?",
+...          "label": label} for i, (o, label) in enumerate([("dog", "yes"), ("cat", "no")], 1)]
+>>> _ = Path("coco_pope_adversarial.json").write_text("".join(json.dumps(r) + "\\n" for r in rows))
+>>> settings = GenerationSettings(max_new_tokens=2, batch_size=8)
+>>> report = run_pope(model, "coco_pope_adversarial.json", "val2014/", "out/eval", settings)
+>>> report["n"], 0.0 <= report["f1"] <= 1.0   # a random tiny model: any F1
+(2, True)
 """
 
 from __future__ import annotations

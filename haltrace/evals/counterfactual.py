@@ -13,8 +13,9 @@ the target, the share whose answer changed *and* now matches the target.
 
 Two prompts are asked about the same counterfactual image: "what colour is the X" (``this``: answered from the
 pixels) and "what colour are most X" (``most``: the world-knowledge question). PvP's 92.5 % steers the ``most``
-prompt towards the pixel colour; the organism's :func:`~haltrace.organism.suite.eval_counterfactual_most` measures that quantity on its
-held-out counterfactual images, beside the ``this`` prompt's flips.
+prompt towards the pixel colour; the organism's :func:`~haltrace.organism.suite.eval_counterfactual_most`
+measures that quantity on its held-out counterfactual images, beside the ``this`` prompt's flips, and
+:func:`evaluate_pvp` measures either prompt under a fit on any model (whole greedy answers).
 
 >>> label_answers(["yellow", "Blue.", "red", "gold"], prior=["yellow"] * 4, pixel=["blue"] * 4)
 ['prior', 'pixel', 'other', 'prior']
@@ -29,66 +30,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from haltrace.data.answers import (  # noqa: F401  (re-exported: the answer rules live with the data)
+    COLOUR_SYNONYMS,
+    answer_matches,
+    eligible_flips,
+    label_answers,
+    normalise_answer,
+)
+
 LABELS = ("prior", "pixel", "other")
-
-#: near colours that count as the target colour: ``color_mappings`` of PvP's ``count_flips`` (rsinghlab/
-#: pixels_vs_priors), read as "an answer in COLOUR_SYNONYMS[target] matches target"
-COLOUR_SYNONYMS: dict[str, tuple[str, ...]] = {
-    "yellow": ("gold",),
-    "gold": ("orange", "yellow"),
-    "purple": ("pink",),
-    "pink": ("purple",),
-    "brown": ("orange",),
-    "orange": ("brown",),
-    "red": ("red",),
-    "black": ("gray", "grey", "silver"),
-    "gray": ("black", "silver"),
-    "grey": ("black", "silver", "gray"),
-    "green": ("green",),
-    "blue": ("blue",),
-    "silver": ("silver", "gray", "grey"),
-}
-
-
-def normalise_answer(text: str) -> str:
-    """The whole answer lower-cased, ``_`` as a space, punctuation dropped, whitespace collapsed.
-
-    >>> normalise_answer(" Light_Blue. "), normalise_answer("Red!")
-    ('light blue', 'red')
-    """
-    text = str(text).lower().replace("_", " ")
-    return " ".join("".join(ch if ch.isalnum() or ch.isspace() else " " for ch in text).split())
-
-
-def answer_matches(answer: str, target: str, synonyms: Mapping[str, Sequence[str]] | None = None) -> bool:
-    """Whether ``answer`` (whole, normalised) is ``target`` or one of its near colours (default: the official
-    map, :data:`COLOUR_SYNONYMS`; pass ``{}`` for exact matching only)."""
-    synonyms = COLOUR_SYNONYMS if synonyms is None else synonyms
-    a, t = normalise_answer(answer), normalise_answer(target)
-    return bool(t) and (a == t or a in synonyms.get(t, ()))
-
-
-def label_answers(answers: Sequence[str], prior: Sequence[str], pixel: Sequence[str], *,
-                  synonyms: Mapping[str, Sequence[str]] | None = None) -> list[str]:
-    """Label each answer ``prior`` / ``pixel`` / ``other`` (:func:`answer_matches`: whole normalised answer,
-    the official colour synonyms; an answer matching both is ``pixel`` only when it is the pixel colour
-    itself)."""
-    if not len(answers) == len(prior) == len(pixel):
-        raise ValueError(f"{len(answers)} answers, {len(prior)} prior and {len(pixel)} pixel colours: "
-                         "they are aligned by order and must have the same length")
-    out = []
-    for answer, p, q in zip(answers, prior, pixel, strict=True):
-        exact = normalise_answer(answer)
-        if exact == normalise_answer(q):
-            out.append("pixel")
-        elif exact == normalise_answer(p) or answer_matches(answer, p, synonyms):
-            out.append("prior")
-        elif answer_matches(answer, q, synonyms):
-            out.append("pixel")
-        else:
-            out.append("other")
-    return out
-
 
 def counterfactual_rates(labels: Sequence[str]) -> dict:
     """Prior / pixel / other rates of a list of labels (``other_rate`` is the broken-answer rate)."""
@@ -118,30 +68,6 @@ def flip_rates(before_labels: Sequence[str], after_labels: Sequence[str]) -> dic
     }
 
 
-def eligible_flips(before: Sequence[str], after: Sequence[str], targets: Sequence[str], *,
-                   synonyms: Mapping[str, Sequence[str]] | None = None) -> dict:
-    """PvP's ``count_flips`` on answers before/after steering and the target of each item.
-
-    ``eligible_flip_rate``: of the items whose answer before is not the target (``n_eligible``), the share whose
-    answer changed and now matches the target (the paper's "Eligible Flip to Counterfact %"; ``None`` when no
-    item is eligible). ``flip_rate``: the share of all items whose normalised answer changed.
-    """
-    if not len(before) == len(after) == len(targets):
-        raise ValueError(f"{len(before)} answers before, {len(after)} after and {len(targets)} targets: they "
-                         "are aligned by order and must have the same length")
-    if not targets:
-        raise ValueError("no items to count flips on")
-    eligible = flipped = changed = 0
-    for b, a, t in zip(before, after, targets, strict=True):
-        moved = normalise_answer(a) != normalise_answer(b)
-        changed += moved
-        if not answer_matches(b, t, synonyms):
-            eligible += 1
-            flipped += moved and answer_matches(a, t, synonyms)
-    return {"eligible_flip_rate": flipped / eligible if eligible else None, "n_eligible": eligible,
-            "flip_rate": changed / len(targets), "n": len(targets)}
-
-
 def counterfactual_flips(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict:
     """Flip rates between two ``counterfactual`` reports of :func:`haltrace.evals.suite.evaluate` (run with
     ``keep_answers``): the ``this`` prompt's :func:`flip_rates`, plus, when both reports hold the ``most``
@@ -156,3 +82,54 @@ def counterfactual_flips(before: Mapping[str, Any], after: Mapping[str, Any]) ->
                 "most_pixel_to_prior": reverse["pixel_to_prior"]}
     return out
 
+
+
+def evaluate_pvp(model: Any, fitted: Any, items: Sequence[Any], *, prompt: str = "most",
+                 direction: str | None = None, max_new_tokens: int = 20, template: str | None = None,
+                 batch_size: int = 16, keep_answers: bool = False) -> dict:
+    """PvP's evaluation of a fitted intervention on counterfactual ``items`` (:class:`~haltrace.data.PvPItem`
+    with ``prior`` and ``pixel``), on any model, as ``task_vectors_inference_WK_CF.py`` runs it.
+
+    Both runs ask ``prompt`` ("most": the paper's headline, or "this") about each item's image, greedy, up to
+    ``max_new_tokens`` (20, as the official code): once without and once under ``fitted`` (a fit, or a list of
+    engine interventions). ``direction`` (default: the fit's) sets the target: the pixel colour for "pixels",
+    the prior for "priors". Returns ``eligible_flip_rate`` (the paper's metric), ``flip_rate``, the
+    prior/pixel/other (broken) rates ``before`` and ``after`` (also as ``broken_rate_before`` /
+    ``broken_rate_after``), and :func:`flip_rates` between the two label lists (``flips``);
+    ``answers_before`` / ``answers_after`` with ``keep_answers``.
+
+    >>> report = evaluate_pvp(model, fitted, items, prompt="most")        # doctest: +SKIP
+    >>> report["eligible_flip_rate"], report["broken_rate_after"]         # doctest: +SKIP
+    """
+    from contextlib import nullcontext
+
+    from haltrace.data.items import PvPItem, of_kind
+    from haltrace.errors import InputError
+    from haltrace.steering.engine import steer
+    from haltrace.steering.pvp import PROMPTS, generated_answers, pvp_questions
+
+    items = of_kind(items, PvPItem, method="evaluate_pvp")
+    if any(not (it.prior and it.pixel) for it in items):
+        raise InputError("evaluate_pvp needs items with both prior and pixel answers")
+    if prompt not in PROMPTS:
+        raise InputError(f"prompt must be one of {PROMPTS}, got {prompt!r}")
+    direction = direction or (getattr(fitted, "provenance", None) or {}).get("direction", "pixels")
+    if direction not in ("pixels", "priors"):
+        raise InputError(f"direction must be 'pixels' or 'priors', got {direction!r}")
+    questions, images = pvp_questions(items, prompt), [it.image for it in items]
+    kwargs = {"max_new_tokens": max_new_tokens, "template": template, "batch_size": batch_size}
+    before = generated_answers(model, questions, images, **kwargs)
+    context = fitted.apply(model) if hasattr(fitted, "apply") else steer(model, *fitted)
+    with context if fitted else nullcontext():
+        after = generated_answers(model, questions, images, **kwargs)
+    prior, pixel = [it.prior for it in items], [it.pixel for it in items]
+    targets = pixel if direction == "pixels" else prior
+    lb, la = label_answers(before, prior, pixel), label_answers(after, prior, pixel)
+    rates_b, rates_a = counterfactual_rates(lb), counterfactual_rates(la)
+    report = {"prompt": prompt, "direction": direction, "target": "pixel" if direction == "pixels" else "prior",
+              **eligible_flips(before, after, targets), "before": rates_b, "after": rates_a,
+              "flips": flip_rates(lb, la), "broken_rate_before": rates_b["other_rate"],
+              "broken_rate_after": rates_a["other_rate"]}
+    if keep_answers:
+        report |= {"answers_before": before, "answers_after": after}
+    return report

@@ -15,9 +15,12 @@ Counterfactual colour / entities
 
 Writers are atomic (temp file + rename), so a reader never sees a half-written file.
 
->>> write_pope_questions("/tmp/q.jsonl", [{"question_id": 1, "image": "a.png", "text": "Is there a cat?",
-...                                          "label": "yes"}])                                  # doctest: +SKIP
->>> score_pope_files({"random": "/tmp/q.jsonl"}, {"random": "/tmp/a.jsonl"})["random"]["f1"]  # doctest: +SKIP
+>>> questions = [{"question_id": 1, "image": "a.png", "text": "Is there a cat?", "label": "yes"},
+...              {"question_id": 2, "image": "a.png", "text": "Is there a dog?", "label": "no"}]
+>>> _ = write_pope_questions("q.jsonl", questions)
+>>> _ = write_pope_answers("a.jsonl", questions, ["Yes, there is.", "No."])
+>>> score_pope_files({"random": "q.jsonl"}, {"random": "a.jsonl"})["random"]["f1"]
+1.0
 """
 
 from __future__ import annotations

@@ -12,9 +12,14 @@ that match the jobs, drops a torn last line, and continues; batches always start
 ``batch_size``, so a resumed file is identical to an uninterrupted run's. Settings that differ (another model,
 intervention, template, length or batch size) are refused instead of mixing two runs in one file.
 
+>>> from pathlib import Path
+>>> Path("val2014").mkdir(); img.save("val2014/COCO_val2014_000000000042.jpg")
 >>> jobs = [Job(key=1, question="Is there a dog in the image?", image="val2014/COCO_val2014_000000000042.jpg")]
->>> texts = run_jobs(model, jobs, "out/answers.jsonl", row=lambda job, text: {"question_id": job.key,
-...                                                                           "text": text})  # doctest: +SKIP
+>>> rows = run_jobs(model, jobs, "out/answers.jsonl", key_field="question_id",
+...                 row=lambda job, text: {"question_id": job.key, "text": text},
+...                 settings=GenerationSettings(max_new_tokens=2))
+>>> [r["question_id"] for r in rows], Path("out/answers.jsonl").is_file()
+([1], True)
 """
 
 from __future__ import annotations

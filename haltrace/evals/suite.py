@@ -22,7 +22,7 @@ EVALS = ("pope", "chair", "counterfactual", "refusal", "colour_control")
 
 def organism_world(model: Any):
     """The ShapesWorld a haltrace Model was trained on (from its folder's world.json), from the data source that
-    knows the model (the organism: :func:`haltrace.organism.suite.world_for`)."""
+    knows the model (the organism: :func:`haltrace.organism.source.world_for`)."""
     from haltrace.data.sources import source_hooks
 
     for world_for in source_hooks("world_for"):

@@ -6,6 +6,11 @@
 ('cup yellow plate white', ['hallucinated', 'real'])
 >>> ex.save("page.html")                                                                       # doctest: +SKIP
 
+Any loaded model works the same way (here a tiny random one, so its answer means nothing):
+
+>>> ex = haltrace.explain(model, img, "caption :", max_new_tokens=3)
+>>> _ = ex.save("page.html")
+
 In Jupyter the returned :class:`Explanation` shows itself (``_repr_html_``). See :mod:`haltrace.explain.core` for
 what is computed and :mod:`haltrace.viz.explain_page` for the page.
 """

@@ -26,7 +26,7 @@ SteeringVector(dummy, resid_post layers=[1], [128], alpha=16.0, phase='both', mo
 >>> _ = save_fitted(FittedIntervention("caa", [Add("resid_post.1", torch.ones(128), positions="last")]), "runs/caa")
 >>> load_vector("runs/caa")      # CAA steers the last prompt token, then every generated one
 Traceback (most recent call last):
-ExportError: cannot convert caa into a plain additive vector: Add at resid_post.1 applies only at positions='last'; ...
+haltrace.export.base.ExportError: cannot convert caa into a plain additive vector: Add at resid_post.1 applies only at positions='last'; ...
 """
 
 from __future__ import annotations

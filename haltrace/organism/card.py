@@ -1,6 +1,10 @@
 """The organism's phenomena table (terminal and markdown) and its model card.
 
->>> rows = phenomena_rows({"pope": {}, "counterfactual_color": {}})  # doctest: +SKIP
+>>> from haltrace.organism.paths import resolve_organism
+>>> report = json.loads((resolve_organism("shapes-llava") / "phenomena.json").read_text())   # the shipped one
+>>> rows = phenomena_rows(report)
+>>> rows[0][:2]
+('co-occurrence (POPE)', 'false-yes rate random / popular / adversarial')
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from haltrace.organism.fit_data import DEFAULT_SIZES, fit_items
 from haltrace.organism.world import ShapesWorld
 
 #: fit sets drawn by one generator (same seed): their images are shared on disk
-_IMAGE_GROUPS = {"truthprint": "yesno", "iti": "yesno", "caa": "yesno", "vhr": "yesno"}
+_IMAGE_GROUPS = {"truthprint-yesno": "yesno", "iti": "yesno", "caa": "yesno", "vhr": "yesno"}
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -28,8 +28,9 @@ PVP_SEED = 12345
 VTI_SEED = 12345
 ERASURE_SEED = 12345 + 3
 
-#: methods -> default fit-set size (images)
-DEFAULT_SIZES = {"truthprint": 1000, "iti": 300, "caa": 300, "vhr": 100, "pvp": 64, "vti": 48, "erasure": 48}
+#: methods -> default fit-set size (images); "truthprint-yesno" is TruthPrInt's yes/no variant
+DEFAULT_SIZES = {"truthprint": 600, "truthprint-yesno": 1000, "iti": 300, "caa": 300, "vhr": 100, "pvp": 64,
+                 "vti": 48, "erasure": 48}
 DATA_FREE = ("vista", "dola")
 
 
@@ -61,6 +62,21 @@ def yesno_questions(world: ShapesWorld, n_images: int = 300, seed: int = YESNO_S
         for kind, category in asked:
             out.append(YesNoQuestion(tasks.yesno_question(kind), "yes" if category == "present" else "no", image,
                                      image_id=idx, object=kind, category=category))
+    return out
+
+
+def caption_items(world: ShapesWorld, n_images: int = 600, seed: int = YESNO_SEED) -> list[CaptionItem]:
+    """Images with their ground-truth objects for captioning (TruthPrInt labels the model's own captions):
+    half POPE-style stress scenes (an anchor without its partner), half training-like scenes."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for idx in range(n_images):
+        if idx % 2 == 0:
+            scene, _anchor = tasks.fit_anchor_scene(world, rng, max_other=2)
+        else:
+            scene = world.sample_scene(rng)
+        out.append(CaptionItem(_pil(world.render(scene, rng)), sorted(scene.kinds), image_id=idx,
+                               prompt=tasks.CAPTION_PROMPT))
     return out
 
 
@@ -146,7 +162,9 @@ def fit_items(world: ShapesWorld, method: str, *, n_images: int | None = None, s
     if method in DATA_FREE:
         return []
     n = n_images if n_images is not None else DEFAULT_SIZES.get(method)
-    if method in ("truthprint", "iti", "caa"):
+    if method == "truthprint":
+        return caption_items(world, n, YESNO_SEED if seed is None else seed)
+    if method in ("truthprint-yesno", "iti", "caa"):
         return yesno_questions(world, n, YESNO_SEED if seed is None else seed)
     if method == "vhr":
         return vhr_items(world, n, YESNO_SEED if seed is None else seed)

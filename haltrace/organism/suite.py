@@ -1,7 +1,9 @@
 """The organism's held-out evaluations (POPE, CHAIR, counterfactual colours, entity refusal, colour control), run
-by :func:`haltrace.evals.suite.evaluate` through the data-source hooks ``world_for``
-(:func:`haltrace.organism.paths.organism_world`) and :func:`evaluate_world` (:mod:`haltrace.data.sources`): the
-evals layer never imports the organism.
+by :func:`haltrace.evals.suite.evaluate` through the data-source hooks of :mod:`haltrace.organism.source`
+(``world_for`` -> :func:`haltrace.organism.paths.organism_world`, ``evaluate_world`` -> :func:`evaluate_world`
+here; the registry is :mod:`haltrace.data.sources`): the evals layer never imports the organism. The single
+evaluations and their runner live in :mod:`haltrace.organism.phenomena`; this module picks the requested ones
+and runs them under a fitted intervention, for ``haltrace eval`` and ``haltrace steer``.
 
 >>> world = organism_world(haltrace.load("shapes-llava"))                             # doctest: +SKIP
 >>> evaluate_world(model, world, ["pope"])["pope"]["adversarial"]["f1"]               # doctest: +SKIP
@@ -41,11 +43,16 @@ def eval_counterfactual_most(runner: Any, *, keep_answers: bool = False) -> dict
 def evaluate_world(model: Any, world: Any, evals: Sequence[str], *, fitted: Any = None,
                    keep_answers: bool = False) -> dict:
     """Run ``evals`` (names checked by the caller) on ``world``'s held-out sets; with ``fitted`` (a
-    FittedIntervention) everything runs under it. The report's keys: :func:`haltrace.evals.suite.evaluate`."""
+    FittedIntervention) everything runs under it. The report's keys: :func:`haltrace.evals.suite.evaluate`.
+
+    ``model`` is a haltrace Model (its ``.hf`` is what runs); ``keep_answers`` keeps the counterfactual sets'
+    per-item answers and labels, which flip rates between two runs need."""
     from haltrace.organism import phenomena
 
     runner = phenomena.OrganismRunner(model.hf, world)
     context = fitted.apply(model) if fitted is not None else nullcontext()
+    # decoding arguments only reach generate(), i.e. the CHAIR captions; the one-word answers are single
+    # forward passes, which only the interventions installed by ``context`` change
     kwargs = getattr(fitted, "generate_kwargs", None) or {}
     if kwargs:
         runner.generate_kwargs = kwargs

@@ -1,6 +1,6 @@
 """Linear probes and directions: labelled sets, per-layer probes, steering vectors, the ``haltrace probe`` run.
 
->>> from haltrace.probes import build_task, fit_probes, run_probe   # doctest: +SKIP
+>>> from haltrace.probes import build_task, fit_probes, run_probe
 >>> manifest = run_probe(model, build_task("entity", model), out="runs/entity")  # doctest: +SKIP
 
 Submodules are imported on first use, so ``import haltrace.probes`` stays cheap.

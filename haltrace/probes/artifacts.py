@@ -211,8 +211,18 @@ def save_probe_artifacts(out: str | Path, sweep: Any, manifest: dict[str, Any], 
 def load_probe_artifacts(out: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Read ``probes.json`` and ``probes.safetensors`` from a ``haltrace probe`` output folder.
 
-    >>> manifest, tensors = load_probe_artifacts("runs/entity")      # doctest: +SKIP
-    >>> scores = x @ tensors["weight"][0] + tensors["bias"][0]        # doctest: +SKIP
+    >>> import json
+    >>> from pathlib import Path
+    >>> from haltrace.probes.datasets import load_jsonl
+    >>> rows = [{"prompt": f"is there a {c} {s} ?", "label": c} for c in ("red", "blue")
+    ...         for s in ("circle", "square", "star", "cup", "plate", "fork")]
+    >>> _ = Path("data.jsonl").write_text("".join(json.dumps(r) + "\\n" for r in rows))
+    >>> _ = run_probe(model, load_jsonl("data.jsonl"), out="runs/demo", n_folds=2, inner_folds=2)  # tiny: 2 layers
+    >>> manifest, tensors = load_probe_artifacts("runs/demo")
+    >>> x = torch.randn(5, 32)                                            # [n, d] rows of one layer
+    >>> scores = x @ tensors["weight"][0] + tensors["bias"][0]
+    >>> manifest["layers"], tensors["weight"].shape, scores.shape
+    ([0, 1], torch.Size([2, 32]), torch.Size([5]))
     """
     from safetensors.torch import load_file
 

@@ -58,6 +58,7 @@ import numpy as np
 import torch
 
 from haltrace.errors import InputError
+from haltrace.metrics import auroc  # noqa: F401  (the batched AUROC probes report; one copy)
 
 #: default grid of inverse regularisation strengths (sklearn's C), ascending
 DEFAULT_CS: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
@@ -90,29 +91,6 @@ class ProbeSweep:
 
 
 # --------------------------------------------------------------------------------------------- metrics
-def auroc(scores: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Batched AUROC (Mann-Whitney, ties averaged) over the last dim; ``mask`` picks rows per problem.
-
-    NaN where a problem's rows hold only one class.
-
-    >>> auroc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1])).item()
-    0.75
-    """
-    scores = scores.double()
-    y = y.to(scores.device).double().expand_as(scores)
-    mask = torch.ones_like(scores, dtype=torch.bool) if mask is None else mask.expand_as(scores).bool()
-    s = torch.where(mask, scores, torch.full_like(scores, float("inf")))  # excluded rows rank last
-    ordered = s.sort(dim=-1).values.contiguous()
-    lo = torch.searchsorted(ordered, s.contiguous(), right=False)
-    hi = torch.searchsorted(ordered, s.contiguous(), right=True)
-    rank = (lo + hi + 1).double() / 2  # average 1-based rank among ties
-    pos = (y * mask).sum(-1)
-    neg = ((1 - y) * mask).sum(-1)
-    rank_sum = (rank * y * mask).sum(-1)
-    out = (rank_sum - pos * (pos + 1) / 2) / (pos * neg)
-    return torch.where((pos > 0) & (neg > 0), out, torch.full_like(out, float("nan")))
-
-
 def accuracy(scores: torch.Tensor, y: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
     """Fraction of rows with ``(score > threshold) == y`` over the last dim."""
     return ((scores > threshold).long() == y.long()).double().mean(-1)

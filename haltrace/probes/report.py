@@ -6,7 +6,14 @@ per-layer answer to "where does the model's choice of prior over pixels become l
 It belongs to the probes layer (:func:`haltrace.probes.artifacts.run_probe` writes it with every sweep); the
 viz package above it holds the figures of the other commands.
 
->>> write_probe_report(json.loads(Path("out/probes.json").read_text()), "out/report.html")  # doctest: +SKIP
+>>> from haltrace.probes.artifacts import run_probe
+>>> from haltrace.probes.datasets import load_jsonl
+>>> rows = [{"prompt": f"is there a {c} {s} ?", "label": c} for c in ("red", "blue")
+...         for s in ("circle", "square", "star", "cup", "plate", "fork")]
+>>> _ = Path("data.jsonl").write_text("".join(json.dumps(r) + "\\n" for r in rows))
+>>> _ = run_probe(model, load_jsonl("data.jsonl"), out="out", n_folds=2, inner_folds=2)   # tiny model
+>>> write_probe_report(json.loads(Path("out/probes.json").read_text()), "out/report.html")
+PosixPath('out/report.html')
 """
 
 from __future__ import annotations

@@ -12,10 +12,18 @@ model id; ``haltrace_train.json`` next to them holds the training report.
 
 Example
 -------
->>> sae, report = train_sae("acts/", "resid_post.2", d_sae=512, out="saes/l2")   # doctest: +SKIP
->>> report.explained_variance, report.l0, report.dead_latents                      # doctest: +SKIP
->>> sae = load_sae("saes/l2"); check_sae_fits(sae, model)                          # doctest: +SKIP
->>> acts = encode(sae, store.load("resid_post.2"))                                # doctest: +SKIP
+>>> import haltrace
+>>> prompts = [f"{a} {b} circle is {c}" for a in ("the", "a") for b in ("red", "blue") for c in ("left", "right")]
+>>> store = haltrace.harvest(model, [{"prompt": p} for p in prompts], ["resid_post.1"], positions="all",
+...                          out="acts/", progress=False)
+>>> sae, report = train_sae("acts/", "resid_post.1", d_sae=64, steps=20, batch_size=16, out="saes/l1",
+...                         progress=False)
+>>> report.d_in, report.d_sae, report.steps          # also report.explained_variance, .l0, .dead_latents
+(32, 64, 20)
+>>> sae = load_sae("saes/l1"); check_sae_fits(sae, model)
+'resid_post.1'
+>>> encode(sae, store.load("resid_post.1")).shape     # every stored token's latents
+torch.Size([40, 64])
 """
 
 from __future__ import annotations
@@ -141,9 +149,12 @@ class StoreSampler:
     smaller than the buffer is fully reshuffled every epoch. Examples with ``index % heldout_every == 0``
     are never yielded (:meth:`heldout` returns them).
 
-    >>> sampler = StoreSampler([store], "resid_post.2", batch_size=256)   # doctest: +SKIP
-    >>> next(sampler).shape                                               # doctest: +SKIP
-    torch.Size([256, 128])
+    >>> from haltrace.trace.harvest import harvest
+    >>> data = [{"prompt": f"a red circle {'. ' * k}"} for k in range(20)]
+    >>> store = harvest(model, data, ["resid_post.1"], positions="all", out="acts/", progress=False)
+    >>> sampler = StoreSampler([store], "resid_post.1", batch_size=16)
+    >>> next(sampler).shape
+    torch.Size([16, 32])
     """
 
     def __init__(self, stores: Sequence[ActivationStore], hook: str, batch_size: int = 256, *,
@@ -225,7 +236,9 @@ class StoreSampler:
 def encode(sae: SAE, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
     """Latent activations ``[..., d_sae]`` of activations ``x`` (``[..., d_in]``), in batches, no grad.
 
-    >>> encode(sae, torch.randn(10, sae.cfg.d_in)).shape     # doctest: +SKIP
+    >>> from sae_lens import StandardSAE, StandardSAEConfig
+    >>> sae = StandardSAE(StandardSAEConfig(d_in=32, d_sae=512))
+    >>> encode(sae, torch.randn(10, sae.cfg.d_in)).shape
     torch.Size([10, 512])
     """
     if x.shape[-1] != sae.cfg.d_in:
@@ -243,8 +256,10 @@ def sae_metrics(sae: SAE, x: torch.Tensor, batch_size: int = 4096) -> dict[str, 
 
     A latent is dead when it fires (> 0) on none of the rows.
 
-    >>> sae_metrics(sae, heldout_rows)["explained_variance"]   # doctest: +SKIP
-    0.93
+    >>> from sae_lens import StandardSAE, StandardSAEConfig
+    >>> sae = StandardSAE(StandardSAEConfig(d_in=32, d_sae=64))
+    >>> sorted(sae_metrics(sae, torch.randn(100, 32)))     # a trained SAE: explained_variance 0.93 or so
+    ['dead_fraction', 'dead_latents', 'explained_variance', 'l0', 'mse', 'n_rows']
     """
     x = x.reshape(-1, x.shape[-1]).float()
     mean = x.mean(0)
@@ -343,7 +358,14 @@ def train_sae(stores: Any, hook: str, d_sae: int, *, arch: str = "topk", k: int 
     Returns:
         ``(sae, report)``: an inference ``sae_lens.SAE`` (weights on raw activations) and a :class:`TrainReport`.
 
-    >>> sae, rep = train_sae(["acts/text", "acts/img"], "resid_post.2", 1024, out="saes/l2")  # doctest: +SKIP
+    >>> from haltrace.trace.harvest import harvest
+    >>> for name, words in (("text", "red blue green"), ("img", "circle square star")):
+    ...     _ = harvest(model, [{"prompt": f"the {w} is left"} for w in words.split() * 4], ["resid_post.1"],
+    ...                 positions="all", out=f"acts/{name}", progress=False)
+    >>> sae, rep = train_sae(["acts/text", "acts/img"], "resid_post.1", 64, steps=5, batch_size=8, out="saes/l1",
+    ...                      progress=False)
+    >>> rep.train_rows + rep.heldout_rows   # both stores' token rows
+    96
     """
     _check_trainable_hook(hook)
     opened = open_stores(stores, hook)
@@ -492,7 +514,10 @@ def save_sae(training_sae: Any, out: str | os.PathLike, report: TrainReport | No
 def load_sae(source: str | os.PathLike, sae_id: str | None = None, *, device: str = "cpu") -> SAE:
     """Load an SAE from a local folder (SAELens format) or a SAELens release name + ``sae_id``.
 
-    >>> sae = load_sae("saes/l2")                                                    # doctest: +SKIP
+    >>> from sae_lens import StandardSAE, StandardSAEConfig
+    >>> _ = StandardSAE(StandardSAEConfig(d_in=32, d_sae=64)).save_model("saes/l2")
+    >>> load_sae("saes/l2").cfg.d_sae
+    64
     >>> sae = load_sae("gemma-scope-2b-pt-res-canonical", "layer_9/width_16k/canonical")  # doctest: +SKIP
     """
     path = Path(source)
@@ -537,8 +562,11 @@ def hook_width(model: Any, hook: str) -> int:
 def check_sae_fits(sae: SAE, model: Any, hook: str | None = None) -> str:
     """Raise :class:`SAEError` unless ``sae.cfg.d_in`` equals the width of ``hook`` in ``model``; return the hook.
 
-    >>> check_sae_fits(sae, model)        # doctest: +SKIP
-    'resid_post.2'
+    >>> from sae_lens import StandardSAE, StandardSAEConfig
+    >>> from sae_lens.saes.sae import SAEMetadata
+    >>> sae = StandardSAE(StandardSAEConfig(d_in=32, d_sae=64, metadata=SAEMetadata(hook_name="blocks.1.hook_resid_post")))
+    >>> check_sae_fits(sae, model)
+    'resid_post.1'
     """
     hook = hook or sae_hook(sae)
     try:

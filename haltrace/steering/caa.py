@@ -168,7 +168,8 @@ class CAA(Method):
             "multiplier": multiplier,
             "sign": "+ = truthful minus hallucinated answer; CAA's hallucination vector is hallucinating minus "
                     "not, so multiplier +1 here is CAA's -1",
-            "vector_norm": float(vector.norm()), "pair_agreement": agree,
+            "vector_norm": float(vector.norm()), "vector_norm_unbalanced": float(plain.norm()),
+            "pair_agreement": agree,
             "balance": balance, "class_counts": counts,
             "answer_direction": "unembedding row 'yes' minus 'no' (mean over the tokenizer's first-token forms)",
             "answer_direction_cosine": cosine(vector, answer_dir),

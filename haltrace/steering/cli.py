@@ -10,6 +10,20 @@ Examples::
     haltrace steer --from runs/pvp --eval counterfactual                    # a saved fit, no refitting
 
 ``--opt key=value`` values are read as JSON when they parse (``4``, ``true``, ``[1,2]``), else as strings.
+
+How it fits: :mod:`haltrace.cli` merges :data:`app`'s one command into the top level (``haltrace steer``),
+which is why the imports here stay light (torch loads inside the command). The methods come from
+:mod:`haltrace.steering.registry` (``get_method(name).fit(model, data, **options)`` returns a
+``FittedIntervention``); the measurements from :mod:`haltrace.evals.cli` (the organism's built-in sets through
+:func:`haltrace.evals.suite.evaluate`, or POPE/CHAIR benchmark files through the generation runner); the
+before/after rows and the saved files from :mod:`haltrace.steering.results`. ``--method all`` hands over to
+:func:`haltrace.evals.results_table.run_methods` and writes the results table instead.
+
+One run of :func:`steer_cmd`: check every option and output path (cheap), load the model, check the method's
+fit options against it, evaluate the baseline, fit (or load ``--from``), warn about absurd strengths, evaluate
+under the intervention (an evaluation for which the method's paper sets other fit options gets a fit of its
+own, ``Method.eval_fit_options``), then print or save the comparison. Each user mistake is raised as
+``typer.BadParameter`` naming the option, and as early as possible, so a bad flag never costs a baseline run.
 """
 
 from __future__ import annotations
@@ -30,6 +44,8 @@ from haltrace.evals.cli import evaluate_builtin, parse_evals, strip_answers
 
 app = typer.Typer(help="Steer a model with a registered method and measure it.", no_args_is_help=True)
 
+#: the organism's built-in sets run by default (``colour_control``, a check that the model reads colours at all,
+#: is opt-in)
 DEFAULT_EVALS = "pope,chair,counterfactual,refusal"
 DEFAULT_RESULTS = "out/results/organism.md"  # never the shipped artifacts/results table unless asked for
 #: |alpha| * |vector| / |residual| above this is far outside every implemented method's paper (they steer at
@@ -51,7 +67,12 @@ def check_output(path: Path | None, option: str) -> None:
 
 def warn_strength(fitted: Any, model: Any) -> None:
     """Warn (never refuse) when a fitted intervention's strength will destroy the output: a non-finite vector,
-    or alpha * |vector| far above the residual norm at its layer."""
+    or alpha * |vector| far above the residual norm at its layer.
+
+    Only interventions with both a ``vector`` and an ``alpha`` are checked (additive edits); the size compared is
+    ``|alpha| * ||vector||_2`` against :func:`_residual_norm`, and the warning fires above
+    :data:`NORM_RATIO_WARN`. Warnings go through :mod:`warnings`, so the run still produces its numbers.
+    """
     import warnings
 
     for iv in getattr(fitted, "interventions", []) or []:
@@ -60,7 +81,7 @@ def warn_strength(fitted: Any, model: Any) -> None:
             continue
         try:
             size = abs(float(alpha)) * float(vector.float().norm())
-        except (TypeError, ValueError, RuntimeError):
+        except (TypeError, ValueError, RuntimeError):  # a non-scalar alpha (a list, a tensor): no single size to judge
             continue
         if not math.isfinite(size):
             warnings.warn(f"{fitted.method}: alpha * |vector| is not finite ({alpha}); every logit will be NaN",
@@ -74,8 +95,13 @@ def warn_strength(fitted: Any, model: Any) -> None:
 
 
 def _residual_norm(model: Any, hook: str) -> float | None:
-    """Typical residual norm at ``hook`` (cached per model): from the model's hidden size, since a unit-variance
-    residual of width d has norm sqrt(d); precise enough for a 100x warning threshold."""
+    """Typical residual norm at ``hook``: from the model's hidden size, since a unit-variance residual of width d
+    has norm sqrt(d); precise enough for a 100x warning threshold.
+
+    ``hook`` is currently unused (the estimate is the same at every layer and is not cached); ``None`` when
+    the model has no HF config with a ``hidden_size`` (the check is then skipped). A VLM's ``text_config`` is
+    read first, since steering acts on the language model's residual stream.
+    """
     hidden = getattr(getattr(model, "hf", None), "config", None)
     d = getattr(getattr(hidden, "text_config", hidden), "hidden_size", None) if hidden is not None else None
     return math.sqrt(d) if d else None
@@ -84,7 +110,14 @@ def _residual_norm(model: Any, hook: str) -> float | None:
 def _parse_eval_specs(text: str) -> tuple[str, list[str], Path | None]:
     """``--eval`` -> (organism evaluation names, POPE files, CHAIR image folder). ``pope=FILE`` and
     ``chair=DIR`` entries are benchmark files run through the generation runner; bare names are the organism's
-    built-in sets."""
+    built-in sets.
+
+    The names come back comma-joined (``""`` when none), already checked by ``parse_evals``; ``pope=`` may repeat,
+    a second ``chair=`` replaces the first. Missing files are refused here, before the model loads.
+
+    >>> _parse_eval_specs("pope, counterfactual")
+    ('pope,counterfactual', [], None)
+    """
     names, pope, chair = [], [], None
     for entry in (e.strip() for e in text.split(",") if e.strip()):
         key, sep, value = entry.partition("=")
@@ -102,11 +135,17 @@ def _parse_eval_specs(text: str) -> tuple[str, list[str], Path | None]:
             raise typer.BadParameter(f"--eval {entry!r}: files are given as pope=FILE or chair=IMAGE_DIR",
                                      param_hint="--eval")
     if names:
-        parse_evals(",".join(names))
+        parse_evals(",".join(names))  # only to refuse unknown names now; the caller parses the string again
     return ",".join(names), pope, chair
 
 
 def _parse_value(text: str) -> Any:
+    """An ``--opt`` value: JSON when it parses (numbers, booleans, lists, null), else the string itself, so
+    ``positions=last`` needs no quotes.
+
+    >>> _parse_value("4"), _parse_value("true"), _parse_value("[1,2]"), _parse_value("last")
+    (4, True, [1, 2], 'last')
+    """
     try:
         return json.loads(text)
     except json.JSONDecodeError:
@@ -114,6 +153,12 @@ def _parse_value(text: str) -> Any:
 
 
 def _parse_opts(opts: list[str], alpha: float | None, layer: int | None) -> dict[str, Any]:
+    """The fit keyword arguments from ``--opt key=value`` (repeatable) plus ``--alpha``/``--layer``, which
+    win over an ``--opt alpha=``/``layer=``. Keys keep any ``method.`` scope (split later by :func:`_scoped`).
+
+    >>> _parse_opts(["positions=last", "alpha=2"], 4.0, None)
+    {'positions': 'last', 'alpha': 4.0}
+    """
     kwargs: dict[str, Any] = {}
     for opt in opts:
         key, sep, value = opt.partition("=")
@@ -128,6 +173,8 @@ def _parse_opts(opts: list[str], alpha: float | None, layer: int | None) -> dict
 
 
 def _load_fit_data(path: Path, images: Path | None) -> list:
+    """The ``--fit-data`` items (JSONL, or a Visual CounterFact table for PvP), image names resolved against
+    ``images``; a malformed file is a ``--fit-data`` usage error. Loaded before the model, so it fails fast."""
     from haltrace.data.jsonl import DataFormatError
     from haltrace.data.visual_counterfact import load_fit_file
 
@@ -139,7 +186,13 @@ def _load_fit_data(path: Path, images: Path | None) -> list:
 
 def _evaluate_all(model: Any, evals: list[str], files: dict, console, label: str, fitted: Any,
                   answers: Path | None) -> dict:
-    """The organism's built-in sets (``evals``) and/or benchmark files through the runner (``files``)."""
+    """The organism's built-in sets (``evals``) and/or benchmark files through the runner (``files``).
+
+    ``files`` holds :func:`haltrace.evals.cli.run_benchmarks`' keyword arguments (empty: built-in sets only);
+    ``answers`` is the folder its generated answers go to (separate ``before``/``after`` folders, so the two
+    runs never resume from each other's files). ``fitted`` is ``None`` for the baseline. Returns one report:
+    the built-in keys of :func:`haltrace.evals.suite.evaluate` plus ``pope`` (per file stem) / ``chair``.
+    """
     report = evaluate_builtin(model, evals, console, label, fitted) if evals else {}
     if files:
         from haltrace.evals.cli import run_benchmarks
@@ -153,12 +206,20 @@ def _evaluate_all(model: Any, evals: list[str], files: dict, console, label: str
 
 
 def _fmt(value: float | None, rel: bool = False) -> str:
+    """A table cell: a dash for a missing value, a signed percentage for a relative change, three decimals for
+    rates, one for larger numbers (counts, lengths).
+
+    >>> _fmt(None), _fmt(0.25, rel=True), _fmt(0.123456), _fmt(42.0)
+    ('–', '+25.0%', '0.123', '42.0')
+    """
     if value is None:
         return "–"
     return f"{value:+.1%}" if rel else f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
 
 
 def _print_comparison(console, rows: list[dict], title: str) -> None:
+    """Print :func:`haltrace.steering.results.compare`'s rows (``metric, before, after, change, relative``) as
+    a rich table; metrics that changed are bold."""
     from rich.table import Table
 
     table = Table(title=title)
@@ -167,7 +228,7 @@ def _print_comparison(console, rows: list[dict], title: str) -> None:
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for row in rows:
         change = row["change"]
-        style = "" if abs(change) < 1e-9 else "bold"
+        style = "" if abs(change) < 1e-9 else "bold"  # a tolerance: float noise is not a change
         table.add_row(row["metric"], _fmt(row["before"]), _fmt(row["after"]), f"{change:+.3f}",
                       _fmt(row["relative"], rel=True), style=style)
     console.print(table)
@@ -226,9 +287,9 @@ def steer_cmd(
             raise typer.BadParameter(f"{value} is not a finite number", param_hint=name)
     check_output(out, "--out")
     check_output(results, "--results")
-    console = _console(as_json)
+    console = _console(as_json)  # progress on stderr, silent with --json: stdout stays one JSON object
     fit_items = _load_fit_data(fit_data, images) if fit_data is not None else None
-    if from_dir is not None:
+    if from_dir is not None:  # a saved fit names its own method and (by default) its model
         method, model, fitted = _load_saved(from_dir, method, model, kwargs)
     elif method is None:
         raise typer.BadParameter("pass --method NAME (or 'all'), or --from DIR for a saved intervention; "
@@ -267,6 +328,8 @@ def steer_cmd(
     if pope_files or chair_dir is not None:
         from haltrace.evals.cli import settings_from
 
+        # generated answers are files a rerun resumes from (unless --overwrite), so they need a stable home:
+        # next to the saved fit with --out, else per method under out/steer
         answers = (Path(out) if out is not None else Path("out/steer") / method) / "answers"
         files = {"pope": pope_files, "images": images, "chair_images": chair_dir, "coco_annotations": coco_annotations,
                  "n": n, "seed": 0, "caption_prompt": caption_prompt, "overwrite": overwrite,
@@ -284,8 +347,8 @@ def steer_cmd(
                                          param_hint="--opt") from None
             except ValueError as exc:  # bad or missing fit data, a family the method refuses
                 raise typer.BadParameter(str(exc), param_hint="--fit-data") from None
-    fit_seconds = time.perf_counter() - started
-    warn_strength(fitted, hf_model)
+    fit_seconds = time.perf_counter() - started  # ~0 for a --from fit (nothing fitted)
+    warn_strength(fitted, hf_model)  # only now: the vector's norm is known after the fit
     # evaluations the paper runs under other fit options (VISTA: lambda 0.17 on captions, 0.01 on POPE) get a
     # fit of their own, unless the user set those options; a loaded fit is evaluated as it is
     per_eval = {} if from_dir is not None else {
@@ -307,12 +370,14 @@ def steer_cmd(
     from haltrace.evals.counterfactual import counterfactual_flips
     from haltrace.steering.results import _jsonable, compare, save_fitted
 
+    # flips compare per-item answers, which evaluate_builtin keeps; strip_answers drops them from the payload
     flips = (counterfactual_flips(before["counterfactual"], after["counterfactual"])
              if "counterfactual" in eval_names else None)
     rows = compare(before, after, flips)
     payload = {"method": method, "model": model, "evals": eval_names, "options": kwargs,
                "fit_seconds": fit_seconds, "comparison": rows, "flips": flips,
                "before": strip_answers(before), "after": strip_answers(after),
+               # provenance may hold tensors: _jsonable replaces them by references into a dict thrown away here
                "provenance": _jsonable(dict(fitted.provenance), {}, "provenance"),
                "registered_methods": list_methods()}
     if per_eval:
@@ -339,7 +404,11 @@ def steer_cmd(
 
 
 def _load_saved(folder: Path, method: str | None, model: str | None, kwargs: dict) -> tuple[str, str, Any]:
-    """(method, model, fitted) of a ``--out`` folder; the model defaults to the one recorded in it."""
+    """(method, model, fitted) of a ``--out`` folder; the model defaults to the one recorded in it.
+
+    Refuses fit options (they would be silently ignored), an unreadable folder, and a ``--method`` other than the
+    saved one; ``shapes-llava`` is the last fallback for folders written without a recorded model.
+    """
     from haltrace.steering.results import load_fitted
 
     if kwargs:
@@ -348,6 +417,7 @@ def _load_saved(folder: Path, method: str | None, model: str | None, kwargs: dic
     try:
         fitted = load_fitted(folder)
         recorded = json.loads((folder / "intervention.json").read_text()).get("model")
+    # NotImplementedError: a method whose saved hooks cannot be restored (Method.restore); refit it instead
     except (OSError, ValueError, KeyError, NotImplementedError) as exc:
         raise typer.BadParameter(str(exc), param_hint="--from") from None
     if method not in (None, fitted.method):
@@ -358,7 +428,11 @@ def _load_saved(folder: Path, method: str | None, model: str | None, kwargs: dic
 
 def _scoped(kwargs: dict) -> dict[str, dict]:
     """``{method: fit kwargs}`` from ``--opt METHOD.key=value``; unscoped options are refused under
-    ``--method all`` because the methods' options differ in name and meaning (an alpha is not an alpha)."""
+    ``--method all`` because the methods' options differ in name and meaning (an alpha is not an alpha).
+
+    Only the part before the first dot is the method, so ``vti.alpha_text`` is VTI's ``alpha_text``. Methods
+    with no options are left out of the result (they fit with their defaults).
+    """
     from haltrace.steering.registry import list_methods
 
     names = list_methods()
@@ -382,6 +456,12 @@ def _scoped(kwargs: dict) -> dict[str, dict]:
 
 def _steer_all(model: str, evals: list[str], kwargs: dict, out: Path | None, results: Path, as_json: bool,
                console) -> None:
+    """``--method all``: the baseline and every registered method on the organism's built-in sets
+    (:func:`haltrace.evals.results_table.run_methods`), written as the Markdown results table ``results`` with
+    its ``.json`` twin, then printed (or echoed as JSON). ``kwargs`` is :func:`_scoped`'s per-method options;
+    with ``out``, each method's fit is saved to ``out/METHOD``. A method that fails is a row with its error,
+    not the end of the run (its fit is then not saved).
+    """
     from haltrace.evals.results_table import results_json, run_methods, write_results
     from haltrace.steering.results import save_fitted
 
@@ -400,6 +480,7 @@ def _steer_all(model: str, evals: list[str], kwargs: dict, out: Path | None, res
                               fit_kwargs=kwargs or None)
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--model") from None
+    # the table records the command that made it, so it can be regenerated (fallback: called without argv)
     command = "haltrace " + " ".join(sys.argv[1:]) if sys.argv[1:] else "haltrace steer --method all"
     paths = write_results(results, run, command=command)
     if out is not None:

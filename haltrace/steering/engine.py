@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from haltrace.conventions import LOGITS_HOOK, HookPoint
-from haltrace.models.adapters.base import first_tensor
+from haltrace.models.adapters.base import first_tensor, hidden_states_in, with_hidden_states
 from haltrace.steering.context import ForwardContext
 from haltrace.steering.interventions import (  # noqa: F401  (the engine's public names)
     POSITION_RULES,
@@ -97,23 +97,13 @@ def _flatten(interventions: Sequence[Any]) -> list[Intervention]:
 
 
 def site(model: Any, point: HookPoint) -> tuple[torch.nn.Module, str]:
-    """The module to hook for ``point`` and how: ``"pre"`` (edit its first input) or ``"post"`` (its output);
+    """The module to hook for ``point`` and how: ``"pre"`` (edit its first input) or ``"post"`` (its output), from
+    the adapter's :meth:`~haltrace.models.adapters.base.Adapter.site` (the same table capture uses);
     ``"logits"`` edits the top-level model's output logits."""
-    adapter = model.adapter
-    i = point.layer
     if point.kind == LOGITS_HOOK:
         return model.hf, "logits"
-    if point.kind == "vision_resid_post":
-        return adapter.vision_blocks[i], "post"
-    if point.kind == "vision_mlp_out":
-        return adapter.vision_mlp(i), "post"
-    return {
-        "resid_pre": (adapter.layers[i], "pre"),
-        "resid_post": (adapter.layers[i], "post"),
-        "attn_out": (adapter.attention(i), "post"),
-        "mlp_out": (adapter.mlp(i), "post"),
-        "head_out": (adapter.o_proj(i), "pre"),
-    }[point.kind]
+    where = model.adapter.site(point)
+    return where.module, where.kind
 
 
 # kept for callers of the old name
@@ -170,7 +160,7 @@ def _install_read(module: torch.nn.Module, kind: str, name: str, ctx: ForwardCon
     if kind == "pre":
         def pre(_m: Any, args: tuple, kwargs: dict) -> None:
             if not ctx.busy:
-                ctx.reads[name] = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values())))
+                ctx.reads[name] = hidden_states_in(args, kwargs)
         return module.register_forward_pre_hook(pre, with_kwargs=True)
 
     def post(_m: Any, _args: tuple, output: Any) -> None:
@@ -195,10 +185,7 @@ def _install(module: torch.nn.Module, kind: str, item: Intervention, ctx: Forwar
 
     if kind == "pre":
         def pre(_m: Any, args: tuple, kwargs: dict) -> Any:
-            if args:
-                return (apply(args[0]), *args[1:]), kwargs
-            key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
-            return args, {**kwargs, key: apply(kwargs[key])}
+            return with_hidden_states(args, kwargs, apply(hidden_states_in(args, kwargs)))
         return module.register_forward_pre_hook(pre, with_kwargs=True)
 
     if kind == "logits":

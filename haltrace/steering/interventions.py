@@ -434,7 +434,7 @@ class LinearDetector:
     ``stats`` counts scored rows (``steps``) and firings (``fired``) since :meth:`reset`.
 
     >>> det = LinearDetector([1], torch.zeros(2), torch.ones(2), torch.tensor([1.0, 0.0]), 0.0, threshold=0.5)
-    >>> det.probability(torch.tensor([[2.0, 0.0], [-2.0, 0.0]])).round(decimals=2).tolist()
+    >>> [round(p, 2) for p in det.probability(torch.tensor([[2.0, 0.0], [-2.0, 0.0]])).tolist()]
     [0.88, 0.12]
     """
 

@@ -11,16 +11,17 @@ with its ``--target_layers`` list.
 the *"most"* prompt on the counterfactual image towards the pixel answer (``task_vectors_inference_WK_CF.py``:
 baseline and steered runs both ask the "most" question; target = the counterfactual colour), counted as
 "eligible flips": of the items whose baseline answer is not the target, the share whose answer changed and now
-matches it (:func:`haltrace.evals.counterfactual.eligible_flips`). The reverse script (CF -> WK) steers the
+matches it (:func:`haltrace.data.answers.eligible_flips`). The reverse script (CF -> WK) steers the
 "this" prompt towards the prior. Flipping the "this" prompt towards the pixels (haltrace's earlier quantity) is
 a different number: the vector maps "most" states onto "this" states, and adding it to "this" states
-extrapolates. :func:`evaluate_pvp` measures both prompts; on the organism the suite reports both
-(``counterfactual.most_prior_to_pixel`` is the paper's quantity, ``counterfactual.prior_to_pixel`` the "this" one)
-with the broken-answer rates (neither prior nor pixel) beside them.
+extrapolates. :func:`haltrace.evals.counterfactual.evaluate_pvp` measures either prompt on any model; on the
+organism the suite reports both (``counterfactual.most_prior_to_pixel`` is the paper's quantity,
+``counterfactual.prior_to_pixel`` the "this" one) with the broken-answer rates (neither prior nor pixel) beside
+them.
 
 **Answers** are whole greedy generations (20 new tokens, as the official code), compared after normalisation
 (case, punctuation, ``_``) as whole answers with the official colour-synonym map ("gold" counts as yellow):
-:func:`haltrace.evals.counterfactual.answer_matches`.
+:func:`haltrace.data.answers.answer_matches`.
 
 Layer convention (``haltrace.conventions``): the vector is read at ``resid_post.L`` (output of block ``L`` ==
 HF ``hidden_states[L+1]``) and added to the same point, ``resid_post.L``. The official code builds the vector
@@ -28,12 +29,12 @@ from ``hidden_states[l]`` but adds it to the output of ``layers[l]`` (== ``hidde
 off-by-one we do not copy (methods-vlm.md §1 pitfall 1). In the paper's capture index our layer ``L`` is
 ``hidden_states[L+1]``; in its injection index (``--target_layers``) it is ``L``.
 
-**Selection** (default): the fit items are split in two halves, a vector is built on one half for every layer
-and every ``alpha`` in a grid, and the other half is answered under steering on the paper's prompt for the
-direction ("most" towards pixels, "this" towards the prior; ``select_on`` overrides); the ``(layer, alpha)``
-with the best held-out target rate (plus colour-control accuracy, for steering towards pixels) wins, ties going
-to the smaller ``alpha`` and the earlier layer. Every grid row records the eligible-flip and broken-answer rates.
-The final vectors are means over all fit items.
+**Selection** (default): the fit items are split in two random halves (``seed``), a vector is built on one half
+for every layer and every ``alpha`` in a grid, and the other half is answered under steering on the paper's
+prompt for the direction ("most" towards pixels, "this" towards the prior; ``select_on`` overrides); the
+``(layer, alpha)`` with the best held-out target rate (plus colour-control accuracy, for steering towards pixels)
+wins, ties going to the smaller ``alpha`` and the earlier layer. Every grid row records the eligible-flip and
+broken-answer rates. The final vectors are means over all fit items.
 
 ``preset="paper"``: scale 1 (the official code adds the mean difference unscaled), answers of 20 tokens, no
 colour-control term; the layers are ``layers=`` when given, otherwise the single layer with the best held-out
@@ -50,8 +51,8 @@ Fidelity (paper / official code step -> haltrace -> same or different):
 add ``v_l`` at position -1 of every forward      ``fit`` (``Add`` last+gen)  same
 scale 1, ``--target_layers`` from the CLI        ``fit(preset="paper")``     same scale; layer chosen on a
                                                                             held-out half unless ``layers=``
-greedy, 20 tokens, lower-case, synonym map       :func:`evaluate_pvp`        same (punctuation also dropped)
-eligible flips on the "most" prompt -> pixel     :func:`evaluate_pvp`        same; on a held-out set (official:
+greedy, 20 tokens, lower-case, synonym map       ``evaluate_pvp``            same (punctuation also dropped)
+eligible flips on the "most" prompt -> pixel     ``evaluate_pvp``            same; on a held-out set (official:
                                                                             the vector's own items)
 keep-top-100 ablation, size task                 -                           not implemented (Visual CounterFact
                                                                             size rows load as items)
@@ -63,6 +64,7 @@ keep-top-100 ablation, size task                 -                           not
 >>> fitted = get_method("pvp").fit(model, direction="pixels")                   # doctest: +SKIP
 >>> fitted.provenance["layers"]                                                 # doctest: +SKIP
 {'haltrace': 'resid_post.2', ...}
+>>> from haltrace.evals.counterfactual import evaluate_pvp
 >>> evaluate_pvp(model, fitted, items, prompt="most")["eligible_flip_rate"]      # doctest: +SKIP
 
 The helpers it shares with the other VLM methods (last-token states without padding, layer records) live in
@@ -77,17 +79,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from haltrace.data.answers import answer_matches, eligible_flips, label_answers, normalise_answer
 from haltrace.data.items import PvPItem, VQAQuestion, of_kind
 from haltrace.data.sources import default_fit_data
 from haltrace.errors import InputError
-from haltrace.evals.counterfactual import (
-    answer_matches,
-    counterfactual_rates,
-    eligible_flips,
-    flip_rates,
-    label_answers,
-    normalise_answer,
-)
 from haltrace.steering.engine import Add
 from haltrace.steering.fitdata import (
     PVP_FIT_SEED,
@@ -100,8 +95,7 @@ from haltrace.steering.fitdata import (
 )
 from haltrace.steering.registry import FittedIntervention, Method, register_method
 
-__all__ = ["PvP", "PvPItem", "evaluate_pvp", "generated_answers", "last_token_states", "next_words",
-           "normalise_answer"]
+__all__ = ["PvP", "PvPItem", "generated_answers", "last_token_states", "next_words", "normalise_answer"]
 
 PAPER = ("Golovanevsky, Rudman et al., 'Pixels Versus Priors: Controlling Knowledge Priors in Vision-Language "
          "Models through Visual Counterfacts', arXiv 2505.17127 (EMNLP 2025); code rsinghlab/pixels_vs_priors@52d8ae0")
@@ -122,70 +116,39 @@ def paper_prompt(direction: str) -> str:
 @torch.no_grad()
 def generated_answers(model: Any, questions: Sequence[str], images: Sequence[Any], *,
                       interventions: Sequence[Any] = (), max_new_tokens: int = PAPER_MAX_NEW_TOKENS,
-                      template: str | None = None,
-                      batch_size: int = 16) -> list[str]:
+                      template: str | None = None, batch_size: int = 16) -> list[str]:
     """Greedy whole answers (up to ``max_new_tokens``) to plain ``questions`` about ``images``, under
-    ``interventions`` (the official code's ``generate(max_new_tokens=20, do_sample=False)``)."""
-    from haltrace.evals.runner import GenerationSettings, Job, generate_texts
+    ``interventions`` (the official code's ``generate(max_new_tokens=20, do_sample=False)``), decoded without
+    special tokens and stripped."""
+    from contextlib import nullcontext
+
+    from haltrace.data.images import open_image
+    from haltrace.steering.engine import steer
 
     if len(questions) != len(images):
         raise ValueError(f"{len(questions)} questions but {len(images)} images")
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, template=template)
-    fitted = FittedIntervention("pvp", list(interventions), {}) if interventions else None
-    jobs = [Job(i, q, im) for i, (q, im) in enumerate(zip(questions, images, strict=True))]
-    cache: dict = {}
+    prompts = item_prompts(model, questions, images, template=template)
+    tok = model.tokenizer
+    kwargs: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "do_sample": False, "num_beams": 1}
+    if getattr(model.hf.generation_config, "pad_token_id", None) is None:
+        kwargs["pad_token_id"] = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     out: list[str] = []
-    for start in range(0, len(jobs), batch_size):
-        out += generate_texts(model, jobs[start:start + batch_size], settings, fitted=fitted, prompt_cache=cache)
+    with steer(model, *interventions) if interventions else nullcontext():
+        for start in range(0, len(prompts), batch_size):
+            idx = range(start, min(len(prompts), start + batch_size))
+            opened = [open_image(images[i]) for i in idx]
+            inputs = model.prepare([prompts[i] for i in idx], None if all(im is None for im in opened) else opened)
+            generated = model.hf.generate(**inputs, **kwargs)
+            new = generated[:, inputs["input_ids"].shape[1]:]
+            out += [text.strip() for text in tok.batch_decode(new, skip_special_tokens=True)]
     return out
 
 
-def _questions(items: Sequence[PvPItem], prompt: str) -> list[str]:
+def pvp_questions(items: Sequence[PvPItem], prompt: str) -> list[str]:
+    """Each item's ``most_question`` (``prompt="most"``) or ``this_question`` (``"this"``)."""
     if prompt not in PROMPTS:
         raise InputError(f"prompt must be one of {PROMPTS}, got {prompt!r}")
     return [it.most_question if prompt == "most" else it.this_question for it in items]
-
-
-def evaluate_pvp(model: Any, fitted: Any, items: Sequence[PvPItem], *, prompt: str = "most",
-                 direction: str | None = None, max_new_tokens: int = PAPER_MAX_NEW_TOKENS,
-                 template: str | None = None, batch_size: int = 16, keep_answers: bool = False) -> dict:
-    """PvP's evaluation of a fitted intervention on counterfactual ``items`` (with ``prior`` and ``pixel``).
-
-    Both runs ask ``prompt`` ("most": the paper's headline, or "this") about each item's image, once without and
-    once under ``fitted``. ``direction`` (default: the fit's) sets the target: the pixel colour for "pixels",
-    the prior for "priors". Returns ``eligible_flip_rate`` (the paper's metric), ``flip_rate``, the
-    prior/pixel/other (broken) rates ``before`` and ``after``, and :func:`~haltrace.evals.counterfactual.flip_rates`
-    between the two label lists (``flips``); ``answers_before`` / ``answers_after`` with ``keep_answers``.
-    """
-    items = of_kind(items, PvPItem, method="evaluate_pvp")
-    if any(not (it.prior and it.pixel) for it in items):
-        raise InputError("evaluate_pvp needs items with both prior and pixel answers")
-    direction = direction or (getattr(fitted, "provenance", {}) or {}).get("direction", "pixels")
-    if direction not in ("pixels", "priors"):
-        raise InputError(f"direction must be 'pixels' or 'priors', got {direction!r}")
-    questions, images = _questions(items, prompt), [it.image for it in items]
-    kwargs = {"max_new_tokens": max_new_tokens, "template": template, "batch_size": batch_size}
-    before = generated_answers(model, questions, images, **kwargs)
-    after = generated_answers(model, questions, images, interventions=_fitted_interventions(fitted), **kwargs)
-    prior, pixel = [it.prior for it in items], [it.pixel for it in items]
-    targets = pixel if direction == "pixels" else prior
-    lb, la = label_answers(before, prior, pixel), label_answers(after, prior, pixel)
-    report = {"prompt": prompt, "direction": direction, "target": "pixel" if direction == "pixels" else "prior",
-              **eligible_flips(before, after, targets),
-              "before": counterfactual_rates(lb), "after": counterfactual_rates(la), "flips": flip_rates(lb, la),
-              "broken_rate_before": counterfactual_rates(lb)["other_rate"],
-              "broken_rate_after": counterfactual_rates(la)["other_rate"]}
-    if keep_answers:
-        report |= {"answers_before": before, "answers_after": after}
-    return report
-
-
-def _fitted_interventions(fitted: Any) -> list[Any]:
-    if isinstance(fitted, FittedIntervention):
-        if fitted.hooks is not None:
-            raise InputError("evaluate_pvp takes a fit made of engine interventions (PvP's); this one has hooks")
-        return list(fitted.interventions)
-    return list(fitted)
 
 
 def _rate(answers: Sequence[str], targets: Sequence[str]) -> float:
@@ -376,7 +339,7 @@ class PvP(Method):
         order = np.random.default_rng(seed).permutation(n)
         half_a = sorted(int(i) for i in order[: n // 2])
         half_b = [data[int(i)] for i in sorted(order[n // 2:])]
-        questions, images = _questions(half_b, select_on), [d.image for d in half_b]
+        questions, images = pvp_questions(half_b, select_on), [d.image for d in half_b]
         targets = [d.pixel if direction == "pixels" else d.prior for d in half_b]
         prior, pixel = [d.prior for d in half_b], [d.pixel for d in half_b]
         kwargs = {"max_new_tokens": max_new_tokens, "template": template}
@@ -396,7 +359,7 @@ class PvP(Method):
                 row = {"layer": layers[0] if len(layers) == 1 else list(layers), "layers": list(layers),
                        "alpha": a, "target_rate": rate, "score": rate,
                        "eligible_flip_rate": eligible_flips(baseline, answers, targets)["eligible_flip_rate"],
-                       "broken_rate": counterfactual_rates(labels)["other_rate"]}
+                       "broken_rate": labels.count("other") / len(labels)}
                 if control:
                     control_answers = generated_answers(model, [c.question for c in control],
                                                         [c.image for c in control], interventions=add, **kwargs)

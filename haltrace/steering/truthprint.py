@@ -1,68 +1,123 @@
-"""TruthPrInt (Duan et al., ICCV 2025, arXiv 2503.10602): a per-token hallucination detector gates a
-truthful-direction shift of the hidden state *before* the token is produced ("pre-intervention").
+"""TruthPrInt (Duan et al., ICCV 2025, arXiv 2503.10602): a per-token hallucination detector on hidden states
+gates a truthful-direction shift of the state that *produces* the next token ("pre-intervention").
 
-No official code exists (``jinhaoduan/TruthPrInt`` holds only a README), so every knob below is our choice,
-recorded in the provenance (see ``shared/research/methods-vlm.md`` §2 and ``methods-llm-eval.md`` §3.5):
+No official code exists (``jinhaoduan/TruthPrInt`` holds only a README), and the paper's body (its layers,
+strength, threshold) could not be retrieved: what the method does follows the paper's description as recorded in
+``shared/research/methods-vlm.md`` §2 and ``methods-fidelity.md`` §2; every number the paper does not give us is a
+haltrace choice, listed in the fit's ``provenance["deviations"]``.
 
-* **Detector**: logistic regression (standardised features) on ``resid_post`` states at the position that
-  *produces* an answer token (the paper's "token immediately preceding" the object word, a one-step early
-  warning). Training states are the model's own "yes" answers on fit questions, labelled hallucinated when the
-  object is absent (the organism's ground truth). The blocks read (one block, or a run of blocks ending at the
-  last one, concatenated) and the L2 strength ``C`` are chosen by AUROC on a held-out split of the fit data; the
-  shift happens at the deepest block read, ``resid_post.L``.
-* **Truthful direction** (``direction="truthful_answer"``, default): mean state of absent objects the model
-  correctly answers "no" minus mean state of absent objects it answers "yes" (same ground truth, truthful vs
-  hallucinated decoding). ``"real_minus_hallucinated"`` (real vs hallucinated "yes" states) and ``"probe"``
-  (minus the detector weight, scaled to the mass-mean norm) are options; all three cosines are recorded.
-* **Gate**: at every forward, only at the token-producing position (last real prompt token at prefill, the
-  newest token at each decoding step), if ``p(hallucinated) > threshold``: ``h <- h + alpha * d``. ``alpha`` is in
-  units of the class-mean difference (alpha=1 moves the hallucinated mean onto the truthful mean).
-* ``threshold`` and ``alpha`` are chosen on the held-out fit split (never the eval sets): the lowest false-yes
-  rate on absent *partner* questions whose recall drop on present objects stays within ``max_recall_drop``
-  (3 points, under the 5-point budget because the fit split is small).
-* Not implemented: the reported backtracking to the lowest-confidence token and ComnHallu cross-model alignment.
+**Caption variant** (``variant="caption"``, the default: the paper's method):
 
-Fit data: :class:`~haltrace.data.YesNoQuestion` items with images (an organism's default: fresh scenes, seed
-4242, far from the eval seeds; ``DIR/fit/truthprint.jsonl`` from ``haltrace organism eval --write-sets DIR``).
+1. *Fit data.* The model captions the fit images itself (greedy); every object word in its captions is labelled
+   with the project's CHAIR matching (:func:`haltrace.evals.chair_rules.parse_caption`): hallucinated when the
+   object is not among the image's ground-truth objects, real otherwise.
+2. *Detector.* Logistic regression (standardised features) on the ``resid_post`` state of the token *before*
+   each object word (the state that produces the object's first token). Default: the blocks read (one block, or a
+   run of blocks ending at the last one) and ``C`` are chosen by held-out AUROC (split by image).
+3. *Truthful direction.* mean(real) - mean(hallucinated) of those producing states at the shifted block (class
+   means of the fit split); ``alpha`` is in units of it (``alpha=1`` moves the hallucinated mean onto the real).
+4. *Gate during decoding.* An engine edit, ``Gated(Add("resid_post.L", d, alpha, positions="producing"),
+   LinearDetector(...))``: at every forward, at the token-producing position (the last prompt token at
+   prefill, the newest token at each decoding step), where ``p(hallucinated) > threshold`` the state is shifted
+   by ``alpha * d`` before later blocks run. This is what ``steer``/``evaluate``/the CLI measure.
+5. *Backtracking* (:func:`generate_with_backtracking`): decode greedily while the detector watches every object
+   word's producing state; on a detection, cut the caption back to the lowest-confidence token (top-1
+   probability) of the current sentence before the object word and re-decode from there with the truthful shift
+   at every producing position until the sentence ends. It is a decoding strategy of its own: the evaluation
+   runners call ``generate()`` and have no hook for it yet, so ``haltrace steer`` measures step 4.
+
+``preset="paper"`` pins what is known of the paper (caption tokens, producing state, class-mean direction) and
+fixes the unknown numbers a priori instead of selecting them: one block at relative depth 0.5 (the only layer on
+record, an unofficial 13B reproduction's layer 20 of 40), ``C=1``, ``threshold=0.5`` (the detector's decision
+boundary), ``alpha=1``. The default instead selects the layers and ``C`` by held-out detector AUROC and
+``(threshold, alpha)`` by the lowest held-out fit CHAIR_i whose recall drops by at most ``max_recall_drop``
+(never the evaluation sets).
+
+**Yes/no variant** (``variant="yesno"``, haltrace's earlier stand-in, kept because it is a useful POPE-style
+gate): the detector reads the answer-producing state of the model's "yes" answers to yes/no questions
+(hallucinated when the object is absent); the direction is mean(absent, says "no") - mean(absent, says "yes")
+(``truthful_answer``, a "say no" direction), ``real_minus_hallucinated`` or ``probe``; ``(threshold, alpha)``
+minimise the held-out false-yes rate on absent partner objects with recall kept. Its figures are
+**in-distribution**: on an organism its fit questions and POPE come from the same question generator and
+templates, and the selection optimises the evaluated quantity.
+
+Fidelity (paper step -> haltrace -> same or different):
+
+===============================================  =========================  =====================================
+per-token labels: generated caption objects,      ``caption_mentions``       same idea; haltrace's CHAIR rules
+CHAIR ground truth                                                           (``chair_rules``, default "simple")
+detector reads the token before the object        ``caption_mentions`` +     same (producing state of the object's
+                                                  ``_Recorder``              first token)
+detector family / layers / threshold              ``select_detector``        not published (retrieved): logistic
+                                                                             regression; layers by AUROC or depth
+truthful direction                                ``_caption_direction``     class-mean difference (the paper's
+                                                                             exact estimator not retrieved)
+intervention during decoding                      ``truthful_gate`` (engine) add at the producing position of
+                                                                             ``resid_post.L``; layer/alpha ours
+backtrack to the sentence's least-confident       ``generate_with_           implemented; not wired into the
+token, re-decode with the intervention            backtracking``             runners (CLI measures the gate)
+ComnHallu cross-LVLM subspace alignment           --                         not implemented
+===============================================  =========================  =====================================
+
+Fit data: :class:`~haltrace.data.CaptionItem` items (images with their ground-truth objects; an organism's
+default: fresh scenes, seed 4242, far from the eval seeds), or :class:`~haltrace.data.YesNoQuestion` items for
+``variant="yesno"`` (``DIR/fit/truthprint.jsonl`` / ``truthprint-yesno.jsonl`` from ``haltrace organism eval
+--write-sets DIR``).
 
 >>> import haltrace
 >>> from haltrace.steering.registry import get_method
 >>> from haltrace.evals.suite import evaluate
 >>> model = haltrace.load("shapes-llava")                              # doctest: +SKIP
->>> fitted = get_method("truthprint").fit(model)                      # doctest: +SKIP
->>> evaluate(model, ["pope"], fitted=fitted)["pope"]["adversarial"]   # doctest: +SKIP
+>>> fitted = get_method("truthprint").fit(model, preset="paper")       # doctest: +SKIP
+>>> evaluate(model, ["chair"], fitted=fitted)["chair"]["chair_i"]     # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from haltrace.data.items import YesNoQuestion, of_kind
+from haltrace.data.images import open_images
+from haltrace.data.items import CaptionItem, YesNoQuestion, of_kind
 from haltrace.data.sources import default_fit_data
+from haltrace.errors import InputError
+from haltrace.metrics import auroc_score
+from haltrace.steering.engine import Add, Gated, Intervention, LinearDetector, steer
 from haltrace.steering.fitdata import (
     TRUTHPRINT_FIT_SEED,
+    cosine,
     fingerprint,
     image_ids_of,
     image_split,
     items_fingerprint,
+    layer_record,
+    model_family,
     question_states,
     says_yes,
 )
-from haltrace.steering.engine import Add, Gated, LinearDetector, steer
 from haltrace.steering.registry import FittedIntervention, Method, register_method
 
+FIT_SEED = TRUTHPRINT_FIT_SEED  # 4242: fresh fit scenes, far from the eval seeds
 PAPER = "Duan et al., TruthPrInt: Latent Truthful-Guided Pre-Intervention, ICCV 2025, arXiv 2503.10602"
-DIRECTIONS = ("truthful_answer", "real_minus_hallucinated", "probe")
-
-
-def _auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(labels, scores)) if 0 < labels.sum() < len(labels) else float("nan")
+VARIANTS = ("caption", "yesno")
+PRESETS = ("paper",)
+DIRECTIONS = ("truthful_answer", "real_minus_hallucinated", "probe")  # the yes/no variant's
+CAPTION_DIRECTIONS = ("truthful_minus_hallucinated", "probe")
+#: the data-source key of the yes/no variant's default fit data (the caption variant's is the method name)
+YESNO_DATA = "truthprint-yesno"
+DEFAULT_CAPTION_PROMPT = "Please describe this image in detail."
+#: relative depth of the shifted block under preset="paper": the only layer on record is an unofficial 13B
+#: reproduction's "layer 20 of 40" (shared/research/methods-vlm.md §2c); the paper's own value was not retrieved
+PAPER_RELATIVE_DEPTH = 0.5
+PAPER_THRESHOLD = 0.5
+PAPER_ALPHA = 1.0
+PAPER_C = 1.0
+SENTENCE_END = (".", "!", "?", "\n")
 
 
 # ----------------------------------------------------------------------------- the gate (engine edit)
@@ -91,7 +146,18 @@ def truthful_gate(layers: int | Sequence[int], mean: Any, scale: Any, weight: An
 TruthfulGate = truthful_gate
 
 
-# ----------------------------------------------------------------------------- the method
+def gate_of(fitted: Any) -> Gated:
+    """The TruthPrInt gate (a :class:`~haltrace.steering.engine.Gated` edit) of a fit, a loaded fit or a gate."""
+    if isinstance(fitted, Gated):
+        return fitted
+    gates = [iv for iv in getattr(fitted, "interventions", None) or [] if isinstance(iv, Gated)]
+    if len(gates) != 1:
+        raise ValueError(f"expected a TruthPrInt fit holding one Gated edit, got {type(fitted).__name__} with "
+                         f"{len(gates)}; fit one with get_method('truthprint').fit(model, ...)")
+    return gates[0]
+
+
+# ----------------------------------------------------------------------------- detector fitting
 def detector_rows(feats: dict[int, np.ndarray], layers: Sequence[int], rows: np.ndarray) -> np.ndarray:
     """``rows`` (a boolean mask) of the blocks ``layers`` concatenated, float32, built block by block (one
     ``[rows, sum d]`` array; never the concatenation of every row first)."""
@@ -147,7 +213,7 @@ def select_detector(feats: dict[int, np.ndarray], y: np.ndarray, train: np.ndarr
     for cand in candidates:
         for c in probe_cs:
             fit = fit_detector(feats, cand, y, train, c)
-            rec = {"layers": list(cand), "C": c, "val_auroc": _auroc(detector_scores(feats, cand, val, *fit), y[val])}
+            rec = {"layers": list(cand), "C": c, "val_auroc": auroc_score(detector_scores(feats, cand, val, *fit), y[val])}
             records.append(rec)
             key = (rec["val_auroc"], -len(rec["layers"]), -rec["C"])
             if pick is None or key > (pick["val_auroc"], -len(pick["layers"]), -pick["C"]):
@@ -156,34 +222,698 @@ def select_detector(feats: dict[int, np.ndarray], y: np.ndarray, train: np.ndarr
     return pick, records, best_fit
 
 
+def layer_candidates(n_layers: int, layers: Sequence[int] | None) -> list[list[int]]:
+    """The detector's candidate block sets: the given ``layers``, else each single block and each run of blocks
+    ending at the last one."""
+    if layers is not None:
+        return [sorted({int(x) % n_layers for x in layers})]
+    return [[i] for i in range(n_layers)] + [list(range(i, n_layers)) for i in range(n_layers - 1)]
+
+
+def paper_layer(n_layers: int) -> int:
+    """The ``resid_post`` block at :data:`PAPER_RELATIVE_DEPTH` (HF ``hidden_states`` index ``round(depth * n)``):
+    20 of 40 -> ``resid_post.19``; 32 layers -> ``resid_post.15``; the 4-layer organism -> ``resid_post.1``."""
+    return max(0, int(round(PAPER_RELATIVE_DEPTH * n_layers)) - 1)
+
+
+# ----------------------------------------------------------------------------- CHAIR labels on caption tokens
+@dataclass(frozen=True)
+class ChairMatcher:
+    """The project's CHAIR matching as TruthPrInt uses it: ``parse(caption)`` lists the canonical objects a
+    caption mentions (repeats kept), ``canonical(word)`` maps a ground-truth name into the same space.
+
+    ``rules="simple"`` with no ``synonyms`` is :func:`haltrace.evals.chair.caption_objects` over
+    ``vocabulary`` (the organism's CHAIR); ``rules="official"`` (default table: the packaged COCO synonyms) is
+    the official ``chair.py`` parsing (:func:`haltrace.evals.chair_rules.parse_caption`).
+    """
+
+    vocabulary: tuple[str, ...]
+    rules: str = "simple"
+    synonyms: str | None = None
+    _table: Any = field(default=None, compare=False, repr=False)
+    _phrases: Any = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def build(cls, vocabulary: Sequence[str] | None, rules: str = "simple", synonyms: Any = None) -> ChairMatcher:
+        from haltrace.evals.chair_rules import check_rules, identity_table, phrases_for, read_synonym_table
+
+        try:
+            check_rules(rules)
+        except ValueError as err:
+            raise InputError(f"--opt chair_rules: {err}") from None
+        if synonyms is not None or rules == "official":
+            table = read_synonym_table(synonyms, rules)
+        else:
+            if not vocabulary:
+                raise InputError("TruthPrInt needs an object vocabulary to find objects in captions: give the fit "
+                                 "items their objects, or pass vocabulary= (or chair_rules='official' for COCO)")
+            table = identity_table(sorted(vocabulary))
+        return cls(tuple(table.canonical), rules, None if synonyms is None else str(synonyms), table,
+                   phrases_for(table, rules))
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> ChairMatcher:
+        return cls.build(spec.get("vocabulary"), spec.get("chair_rules", "simple"), spec.get("synonyms"))
+
+    def spec(self) -> dict[str, Any]:
+        return {"vocabulary": list(self.vocabulary), "chair_rules": self.rules, "synonyms": self.synonyms}
+
+    def parse(self, caption: str) -> list[str]:
+        from haltrace.evals.chair_rules import parse_caption
+
+        return parse_caption(caption, self._table, self.rules, self._phrases)
+
+    def canonical(self, word: str) -> str:
+        return self._table.inverse.get(word, word)
+
+
+def _word_starts(texts: Sequence[str]) -> list[int]:
+    """Token indices that start a word, from the decoded prefixes ``texts[k]`` = tokens[:k] (``k = 0..n``):
+    index 0, and every token whose text begins with a non-alphanumeric character or follows one."""
+    starts = [0] if len(texts) > 1 else []
+    for k in range(1, len(texts) - 1):
+        prev, cur = texts[k], texts[k + 1]
+        if not cur.startswith(prev):  # a token that rewrites the text before it (byte pieces): not a start
+            continue
+        new = cur[len(prev):]
+        if not new or not new[0].isalnum() or (prev and not prev[-1].isalnum()):
+            starts.append(k)
+    return starts
+
+
+def caption_mentions(tokenizer: Any, ids: Sequence[int], matcher: ChairMatcher) -> tuple[list[tuple[int, str]], int]:
+    """``([(first-token index, canonical object), ...], unplaced)`` for the object mentions CHAIR's parse finds in
+    the caption that ``ids`` decode to, in order.
+
+    A mention is placed on the first token of the word at whose end it appears (words split where a token
+    starts with, or follows, a non-alphanumeric character); the parse of every prefix that ends at a word
+    boundary must extend the previous one, else that word's mentions are counted in ``unplaced`` (e.g. the
+    official rules' "toilet seat" clean-up). The mentions placed plus ``unplaced`` are the caption's CHAIR
+    mentions.
+    """
+    texts = [tokenizer.decode(list(ids[:k]), skip_special_tokens=True) for k in range(len(ids) + 1)]
+    bounds = _word_starts(texts) + [len(ids)]
+    out: list[tuple[int, str]] = []
+    unplaced, seen = 0, []
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        found = matcher.parse(texts[end])
+        if found[:len(seen)] == seen:
+            out += [(start, w) for w in found[len(seen):]]
+        else:
+            unplaced += max(0, len(found) - len(seen))
+        seen = found
+    return out, unplaced
+
+
+# ----------------------------------------------------------------------------- recording during generate
+@dataclass
+class _Recorder(Intervention):
+    """Records, at every forward, the producing token's ``resid_post`` states of ``layers`` ([B, len, d] on CPU);
+    edits nothing. Runtime only (never saved)."""
+
+    layers: Sequence[int] = ()
+    steps: list = field(default_factory=list, init=False, repr=False)
+
+    def reads(self, model: Any) -> tuple[str, ...]:
+        return tuple(f"resid_post.{i}" for i in self.layers)
+
+    def edit_at(self, x: torch.Tensor, mask: torch.Tensor | None, ctx: Any) -> torch.Tensor:
+        self.steps.append(torch.stack([ctx.at_producing(ctx.reads[f"resid_post.{i}"]).float().cpu()
+                                       for i in self.layers], 1))
+        return x
+
+
+def _recorder(layers: Sequence[int]) -> _Recorder:
+    return _Recorder(f"resid_post.{max(layers)}", layers=list(layers))
+
+
+def _stop_ids(model: Any, eos_token_id: Any = None) -> list[int]:
+    ids: set[int] = set()
+    for value in (eos_token_id, getattr(model.hf.generation_config, "eos_token_id", None),
+                  getattr(model.tokenizer, "eos_token_id", None)):
+        if value is None:
+            continue
+        ids.update(int(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+    return sorted(ids)
+
+
+def _pad_id(model: Any, pad_token_id: Any = None) -> int:
+    for value in (pad_token_id, getattr(model.hf.generation_config, "pad_token_id", None),
+                  getattr(model.tokenizer, "pad_token_id", None), getattr(model.tokenizer, "eos_token_id", None)):
+        if value is not None:
+            return int(value[0] if isinstance(value, (list, tuple)) else value)
+    return 0
+
+
+def _cut(row: Sequence[int], stops: Sequence[int]) -> list[int]:
+    out = []
+    for t in row:
+        if t in stops:
+            break
+        out.append(int(t))
+    return out
+
+
+@dataclass
+class Caption:
+    """A generated caption: token ids up to (not including) the end token, its text, and the producing states
+    (``[n_tokens, len(layers), d]``, row k produced token k) when they were recorded."""
+
+    ids: list[int]
+    text: str
+    states: torch.Tensor | None = None
+
+
+@torch.no_grad()
+def generate_captions(model: Any, items: Sequence[CaptionItem], *, max_new_tokens: int, layers: Sequence[int] = (),
+                      interventions: Sequence[Any] = (), template: str | None = None, batch_size: int = 32
+                      ) -> list[Caption]:
+    """Greedy captions of ``items`` (each with its ``prompt``, else :data:`DEFAULT_CAPTION_PROMPT`, through the
+    model's chat template), under ``interventions``; with ``layers``, each generated token's producing
+    ``resid_post`` states as well (recorded during the same ``generate``)."""
+    from haltrace.models.prompting import build_prompt
+
+    tok = model.tokenizer
+    stops, pad = _stop_ids(model), _pad_id(model)
+    out: list[Caption | None] = [None] * len(items)
+    groups: dict[str, list[int]] = {}
+    for i, it in enumerate(items):
+        groups.setdefault(it.prompt or DEFAULT_CAPTION_PROMPT, []).append(i)
+    for question, idx in groups.items():
+        prompt = build_prompt(model, question, image=True, template=template)
+        for s in range(0, len(idx), batch_size):
+            chunk = idx[s:s + batch_size]
+            inputs = model.prepare([prompt] * len(chunk), open_images([items[i].image for i in chunk]))
+            rec = _recorder(layers) if layers else None
+            edits = ([rec] if rec is not None else []) + list(interventions)
+            with steer(model, *edits) if edits else nullcontext():
+                gen = model.hf.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                        eos_token_id=stops, pad_token_id=pad)
+            new = gen[:, inputs["input_ids"].shape[1]:].tolist()
+            for r, i in enumerate(chunk):
+                ids = _cut(new[r], stops)
+                states = torch.stack([rec.steps[k][r] for k in range(len(ids))]) if rec is not None and ids else None
+                out[i] = Caption(ids, tok.decode(ids, skip_special_tokens=True).strip(), states)
+    return [c for c in out if c is not None]
+
+
+# ----------------------------------------------------------------------------- backtracking decoder
+def _row_inputs(inputs: Any, b: int) -> tuple[list[int], dict[str, Any]]:
+    """Row ``b`` of a (left-padded) batch: its real prompt ids and its other model inputs (tensors sliced)."""
+    ids = inputs["input_ids"]
+    n = int(ids.shape[0])
+    mask = inputs.get("attention_mask")
+    keep = mask[b].bool() if mask is not None else torch.ones(ids.shape[1], dtype=torch.bool)
+    prompt = ids[b][keep.to(ids.device)].tolist()
+    rest: dict[str, Any] = {}
+    for key, value in inputs.items():
+        if key in ("input_ids", "attention_mask", "position_ids"):  # positions are recomputed without padding
+            continue
+        if isinstance(value, torch.Tensor) and n > 1:
+            if value.shape[0] != n:
+                raise ValueError(f"generate_with_backtracking cannot split {key!r} (shape {tuple(value.shape)}) "
+                                 f"into {n} rows; pass one row at a time")
+            value = value[b:b + 1]
+        rest[key] = value
+    return prompt, rest
+
+
+class _Watch:
+    """Stopping criterion of one decoding segment: finds each object word once it is complete, scores its
+    producing state with the detector, and stops the segment on a detection (while the sentence may still
+    backtrack) or, in a re-decoding segment, at the sentence's end."""
+
+    def __init__(self, row: _RowState, n_prompt: int, rec: _Recorder, redecode: bool):
+        self.row, self.n_prompt, self.rec, self.redecode = row, n_prompt, rec, redecode
+        self.n0 = len(row.ids)
+        self.done = False
+
+    def feats(self, k: int) -> torch.Tensor:
+        return self.row.feats[k] if k < self.n0 else self.rec.steps[k - self.n0][0].reshape(-1)
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any = None, **_: Any) -> torch.BoolTensor:
+        if not self.done:
+            tokens = input_ids[0, self.n_prompt:].tolist()
+            self.done = self.row.step(tokens, self.feats, self.redecode)
+        return torch.full((input_ids.shape[0],), self.done, dtype=torch.bool, device=input_ids.device)
+
+
+@dataclass
+class _RowState:
+    """One row's decoding state across segments."""
+
+    tokenizer: Any
+    matcher: ChairMatcher
+    detector: LinearDetector
+    stops: list[int]
+    max_backtracks: int
+    ids: list[int] = field(default_factory=list)
+    conf: list[float] = field(default_factory=list)
+    feats: list[torch.Tensor] = field(default_factory=list)
+    texts: list[str] = field(default_factory=lambda: [""])
+    word_start: int = 0
+    seen: list[str] = field(default_factory=list)
+    sentence_start: int = 0
+    used: int = 0
+    detection: dict[str, Any] | None = None
+    sentence_ended: bool = False
+    events: list[dict[str, Any]] = field(default_factory=list)
+    checked: set[int] = field(default_factory=set)  # word starts already scored (kept across a backtrack)
+
+    def text(self, tokens: Sequence[int], k: int) -> str:
+        while len(self.texts) <= k:
+            n = len(self.texts)
+            self.texts.append(self.tokenizer.decode(list(tokens[:n]), skip_special_tokens=True))
+        return self.texts[k]
+
+    def _word_done(self, tokens: Sequence[int], end: int, feats: Callable[[int], torch.Tensor]) -> bool:
+        """The word ``tokens[word_start:end]`` is complete: score its new mentions; True on a detection that
+        may backtrack."""
+        found = self.matcher.parse(self.text(tokens, end))
+        new = found[len(self.seen):] if found[:len(self.seen)] == self.seen else []
+        self.seen = found
+        start, self.word_start = self.word_start, end
+        if start in self.checked:  # a word before the cut point, scored before the backtrack
+            return False
+        if new:
+            self.checked.add(start)
+        for word in new:
+            p = float(self.detector.probability(feats(start)[None])[0])
+            event = {"token": start, "object": word, "p": round(p, 4)}
+            self.events.append(event)
+            if p > self.detector.threshold:
+                event["detected"] = True
+                if self.used < self.max_backtracks:
+                    self.detection = event
+                    return True
+        return False
+
+    def step(self, tokens: Sequence[int], feats: Callable[[int], torch.Tensor], redecode: bool) -> bool:
+        """After token ``tokens[-1]`` was appended; True stops the segment."""
+        k = len(tokens) - 1
+        if tokens[k] in self.stops:
+            return self._word_done(tokens, k, feats)
+        prev, cur = self.text(tokens, k), self.text(tokens, k + 1)
+        new = cur[len(prev):] if cur.startswith(prev) else "x"
+        if k > self.word_start and (not new or not new[0].isalnum() or (prev and not prev[-1].isalnum())):
+            if self._word_done(tokens, k, feats):
+                return True
+        if any(mark in new for mark in SENTENCE_END):
+            self.sentence_ended = True
+            if redecode:
+                return True
+            self.sentence_start, self.used = k + 1, 0
+        return False
+
+    def truncate(self, r: int) -> None:
+        """Keep the first ``r`` tokens; the word in progress and the parse restart at the last word start."""
+        del self.ids[r:], self.conf[r:], self.feats[r:], self.texts[r + 1:]
+        self.checked = {k for k in self.checked if k < r}
+        starts = [s for s in _word_starts(self.texts) if s < r] if r else []
+        self.word_start = starts[-1] if starts else 0
+        self.seen = self.matcher.parse(self.texts[self.word_start]) if self.word_start else []
+
+
+@torch.no_grad()
+def generate_with_backtracking(model: Any, fitted: Any, inputs: Any, *, max_new_tokens: int = 64,
+                               eos_token_id: Any = None, pad_token_id: Any = None, max_backtracks: int | None = None,
+                               matcher: ChairMatcher | None = None, log: list | None = None) -> torch.Tensor:
+    """TruthPrInt's decoding: greedy decoding watched by the detector, backtracking on a detection.
+
+    For each row of ``inputs`` (``model.prepare`` output; rows are decoded one at a time): decode greedily;
+    when an object word (CHAIR matching, the fit's vocabulary and rules) is complete, score the state that
+    produced its first token; if ``p > threshold`` and the sentence has backtracked fewer than ``max_backtracks``
+    times, cut the caption back to the least confident token (top-1 probability) of the current sentence before
+    the object word (the object itself when it opens the sentence) and re-decode from there with the truthful
+    shift (the gate's ``Add``) at every producing position until the sentence ends. Returns ``generate``-style
+    sequences (prompt ids as given, then the new tokens, padded with ``pad_token_id``). ``log`` (a list)
+    receives one dict per row: every object checked (``token``, ``object``, ``p``), the backtracks and their
+    cut points. Call it outside ``fitted.apply`` (it installs what it needs itself).
+    """
+    from transformers import StoppingCriteriaList
+
+    gate = gate_of(fitted)
+    det, add = gate.detector, gate.inner
+    spec = dict((getattr(fitted, "provenance", None) or {}).get("backtracking") or {})
+    if matcher is None:
+        if not spec.get("vocabulary") and spec.get("chair_rules", "simple") == "simple" and not spec.get("synonyms"):
+            raise ValueError("this fit records no object vocabulary for backtracking (a yes/no-variant or older "
+                             "fit); pass matcher=ChairMatcher.build(vocabulary, rules) or fit variant='caption'")
+        matcher = ChairMatcher.from_spec(spec)
+    max_backtracks = int(spec.get("max_backtracks", 1) if max_backtracks is None else max_backtracks)
+    stops, pad = _stop_ids(model, eos_token_id), _pad_id(model, pad_token_id)
+    det.validate(model)
+    add.validate(model)
+    device = inputs["input_ids"].device
+    new_rows = []
+    for b in range(int(inputs["input_ids"].shape[0])):
+        prompt, rest = _row_inputs(inputs, b)
+        row = _RowState(model.tokenizer, matcher, det, stops, max_backtracks)
+        redecode, backtracks = False, []
+        while len(row.ids) < max_new_tokens and not (row.ids and row.ids[-1] in stops):
+            rec = _recorder(det.layers)
+            edits: list[Any] = [rec]
+            if redecode:
+                edits.append(Add(add.hook, add.vector, alpha=add.alpha, positions="producing"))
+            watch = _Watch(row, len(prompt), rec, redecode)
+            row.detection, row.sentence_ended = None, False
+            ids = torch.tensor([prompt + row.ids], device=device)
+            with steer(model, *edits):
+                out = model.hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **rest,
+                                        max_new_tokens=max_new_tokens - len(row.ids), do_sample=False,
+                                        eos_token_id=stops, pad_token_id=pad, output_scores=True,
+                                        return_dict_in_generate=True,
+                                        stopping_criteria=StoppingCriteriaList([watch]))
+            new = out.sequences[0, ids.shape[1]:].tolist()
+            for k, tok_id in enumerate(new):
+                row.ids.append(int(tok_id))
+                row.conf.append(float(torch.softmax(out.scores[k][0].float(), -1).max()))
+                row.feats.append(rec.steps[k][0].reshape(-1))
+                if tok_id in stops:
+                    break
+            if row.detection is None and len(row.ids) >= max_new_tokens and row.ids[-1] not in stops:
+                # the budget ended inside a word: that last word is complete now
+                row._word_done(row.ids, len(row.ids), row.feats.__getitem__)
+            if row.detection is not None:
+                at = int(row.detection["token"])
+                span = range(row.sentence_start, at)
+                r = min(span, key=lambda k: row.conf[k]) if len(span) else at
+                backtracks.append({"object": row.detection["object"], "at": at, "p": row.detection["p"],
+                                   "cut_to": r, "confidence": round(row.conf[r], 4)})
+                row.truncate(r)
+                row.used += 1
+                redecode = True
+                continue
+            if redecode and row.sentence_ended:  # the re-decoded sentence is over: watch the next one
+                row.sentence_start, row.used, redecode = len(row.ids), 0, False
+                continue
+            break
+        new_rows.append(row.ids)
+        if log is not None:
+            log.append({"checked": row.events, "backtracks": backtracks})
+    width = max((len(r) for r in new_rows), default=0)
+    new_t = torch.full((len(new_rows), width), pad, dtype=inputs["input_ids"].dtype, device=device)
+    for i, r in enumerate(new_rows):
+        if r:
+            new_t[i, :len(r)] = torch.tensor(r, dtype=new_t.dtype)
+    return torch.cat([inputs["input_ids"], new_t], 1)
+
+
+def backtracking_captions(model: Any, fitted: Any, items: Sequence[Any], *, max_new_tokens: int = 64,
+                          template: str | None = None, log: list | None = None) -> list[str]:
+    """Captions of ``items`` (``CaptionItem``-like: ``image`` and ``prompt``) through
+    :func:`generate_with_backtracking`, one row at a time (no padding)."""
+    from haltrace.models.prompting import build_prompt
+
+    stops = _stop_ids(model)
+    out = []
+    for it in items:
+        inputs = model.prepare([build_prompt(model, it.prompt or DEFAULT_CAPTION_PROMPT, image=True,
+                                             template=template)], open_images([it.image]))
+        seq = generate_with_backtracking(model, fitted, inputs, max_new_tokens=max_new_tokens, log=log)
+        ids = _cut(seq[0, inputs["input_ids"].shape[1]:].tolist(), stops)
+        out.append(model.tokenizer.decode(ids, skip_special_tokens=True).strip())
+    return out
+
+
+# ----------------------------------------------------------------------------- the method
+def _caption_labels(model: Any, caps: Sequence[Caption], items: Sequence[CaptionItem], matcher: ChairMatcher
+                    ) -> tuple[list[tuple[int, int]], np.ndarray, dict[str, int]]:
+    """Object mentions of the captions: ``(caption index, token index)`` per mention, its label (1 =
+    hallucinated) and counts."""
+    where, labels, unplaced = [], [], 0
+    for i, (cap, it) in enumerate(zip(caps, items, strict=True)):
+        truth = {matcher.canonical(o) for o in it.objects}
+        mentions, lost = caption_mentions(model.tokenizer, cap.ids, matcher)
+        unplaced += lost
+        for token, word in mentions:
+            where.append((i, token))
+            labels.append(int(word not in truth))
+    y = np.array(labels, dtype=int)
+    return where, y, {"mentions": len(y), "hallucinated": int(y.sum()), "real": int(len(y) - y.sum()),
+                      "unplaced": unplaced, "captions": len(caps),
+                      "captions_with_mentions": len({i for i, _ in where})}
+
+
+def _chair(caps: Sequence[str], items: Sequence[CaptionItem], matcher: ChairMatcher) -> dict[str, float]:
+    from haltrace.evals.chair import score_mentions
+
+    m = score_mentions(list(caps), [it.objects for it in items], matcher.parse, matcher.canonical)
+    return {k: float(m[k]) for k in ("chair_i", "chair_s", "recall", "mean_length")}
+
+
 @register_method
 class TruthPrInt(Method):
-    """TruthPrInt: a per-token hallucination probe gates a truthful-direction shift during decoding."""
+    """TruthPrInt: a per-token hallucination detector gates a truthful-direction pre-intervention."""
 
     name = "truthprint"
-    summary = ("per-token hallucination probe on resid_post gates a truthful-direction pre-intervention at the "
-               "token-producing position (prompt answer token and every generated token)")
+    summary = ("per-token hallucination detector (caption object words, CHAIR labels) on resid_post gates a "
+               "truthful-direction shift at the token-producing position; backtracking decoder available")
 
-    def fit(self, model: Any, data: Sequence[YesNoQuestion] | None = None, *, n_images: int = 1000,
-            seed: int = TRUTHPRINT_FIT_SEED,
-            layers: Sequence[int] | None = None, direction: str = "truthful_answer",
-            probe_cs: Sequence[float] = (0.1, 1.0),
-            thresholds: Sequence[float] = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95),
-            alphas: Sequence[float] = (0.25, 0.5, 0.75, 1.0, 1.5),
-            max_recall_drop: float = 0.03, **kw: Any) -> FittedIntervention:
-        """Fit the detector and direction, then choose (threshold, alpha) on the held-out fit split.
+    def fit(self, model: Any, data: Sequence[Any] | None = None, *, variant: str = "caption",
+            preset: str | None = None, n_images: int | None = None, seed: int = FIT_SEED,
+            layers: Sequence[int] | None = None, direction: str | None = None,
+            probe_cs: Sequence[float] | None = None, threshold: float | None = None, alpha: float | None = None,
+            thresholds: Sequence[float] | None = None, alphas: Sequence[float] | None = None,
+            max_recall_drop: float = 0.03, max_new_tokens: int = 128, chair_rules: str = "simple",
+            synonyms: str | None = None, vocabulary: Sequence[str] | None = None, template: str | None = None,
+            batch_size: int = 32, max_backtracks: int = 1, **kw: Any) -> FittedIntervention:
+        """Fit the detector and the truthful direction, then set (threshold, alpha) (module docstring).
 
-        ``data``: :class:`~haltrace.data.YesNoQuestion` items with images (``category="partner"`` marks absent
-        co-occurring objects, the selection's target; without any, every absent object counts). Default: the
-        model's data source (an organism's fresh questions, ``n_images`` images drawn with ``seed``).
+        ``data``: :class:`~haltrace.data.CaptionItem` items (``variant="caption"``) or
+        :class:`~haltrace.data.YesNoQuestion` items (``variant="yesno"``; ``category="partner"`` marks absent
+        co-occurring objects, the selection's target). Default: the model's data source (an organism's fresh
+        scenes, ``n_images`` images drawn with ``seed``). ``preset="paper"``: the paper's configuration as far as
+        it is known (module docstring); explicit ``layers``/``threshold``/``alpha``/``direction`` still win and
+        are listed as deviations.
         """
         if kw:
             raise TypeError(f"unexpected arguments {sorted(kw)}")
-        if direction not in DIRECTIONS:
-            raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+        if preset not in (None, *PRESETS):
+            raise InputError(f"--opt preset={preset!r}: unknown TruthPrInt preset; the only preset is 'paper' "
+                             "(or leave it unset for haltrace's selection on held-out fit data)")
+        if variant not in VARIANTS:
+            raise InputError(f"--opt variant={variant!r}: TruthPrInt variants are {', '.join(VARIANTS)} "
+                             "('caption': the paper's caption-token detector; 'yesno': the yes/no stand-in)")
+        if preset == "paper" and variant != "caption":
+            raise InputError("preset='paper' is the paper's caption-token method: drop variant='yesno' (or the "
+                             "preset)")
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise InputError(f"--opt threshold={threshold}: a probability in [0, 1]")
+        if variant == "yesno":
+            if direction is not None and direction not in DIRECTIONS:
+                raise ValueError(f"direction must be one of {DIRECTIONS} for variant='yesno', got {direction!r}")
+            return self._fit_yesno(model, data, n_images=1000 if n_images is None else n_images, seed=seed,
+                                   layers=layers, direction=direction or "truthful_answer",
+                                   probe_cs=(0.1, 1.0) if probe_cs is None else probe_cs,
+                                   thresholds=(0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+                                   if thresholds is None else thresholds,
+                                   alphas=(0.25, 0.5, 0.75, 1.0, 1.5) if alphas is None else alphas,
+                                   threshold=threshold, alpha=alpha, max_recall_drop=max_recall_drop)
+        if direction is not None and direction not in CAPTION_DIRECTIONS:
+            raise ValueError(f"direction must be one of {CAPTION_DIRECTIONS} for variant='caption', got "
+                             f"{direction!r} ({DIRECTIONS} belong to variant='yesno')")
+        return self._fit_caption(model, data, preset=preset, n_images=n_images, seed=seed, layers=layers,
+                                 direction=direction, probe_cs=probe_cs, threshold=threshold, alpha=alpha,
+                                 thresholds=thresholds, alphas=alphas, max_recall_drop=max_recall_drop,
+                                 max_new_tokens=max_new_tokens, chair_rules=chair_rules, synonyms=synonyms,
+                                 vocabulary=vocabulary, template=template, batch_size=batch_size,
+                                 max_backtracks=max_backtracks)
+
+    # ------------------------------------------------------------------------- the caption variant (the paper)
+    def _fit_caption(self, model: Any, data: Sequence[Any] | None, *, preset: str | None, n_images: int | None,
+                     seed: int, layers: Sequence[int] | None, direction: str | None,
+                     probe_cs: Sequence[float] | None, threshold: float | None, alpha: float | None,
+                     thresholds: Sequence[float] | None, alphas: Sequence[float] | None, max_recall_drop: float,
+                     max_new_tokens: int, chair_rules: str, synonyms: str | None,
+                     vocabulary: Sequence[str] | None, template: str | None, batch_size: int,
+                     max_backtracks: int) -> FittedIntervention:
+        if not model.is_vlm:
+            raise InputError(f"TruthPrInt's caption variant (truthprint) labels object words in image captions, "
+                             f"but {model.name_or_path or 'this'} is a text-only {model_family(model)} model: pass "
+                             "variant='yesno' (yes/no questions) for a text-only model")
+        if max_new_tokens < 1 or max_backtracks < 0:
+            raise InputError("max_new_tokens must be >= 1 and max_backtracks >= 0")
+        paper = preset == "paper"
+        deviations: list[str] = []
+        n = model.n_layers
+        if paper:
+            if layers is None:
+                layers = [paper_layer(n)]
+                deviations.append(
+                    f"layer: the paper's layer was not retrieved; resid_post.{layers[0]} (HF hidden_states "
+                    f"{layers[0] + 1} of {n}) is relative depth {PAPER_RELATIVE_DEPTH}, scaled from an unofficial "
+                    "13B reproduction's layer 20 of 40")
+            else:
+                deviations.append(f"layers {list(layers)} given instead of the preset's relative-depth layer")
+            probe_cs = (PAPER_C,) if probe_cs is None else probe_cs
+            deviations.append(f"detector: logistic regression, C={list(probe_cs)} (the paper's detector family and "
+                              "regularisation were not retrieved)")
+            if threshold is None:
+                threshold = PAPER_THRESHOLD
+                deviations.append(f"threshold {PAPER_THRESHOLD}: the detector's decision boundary, fixed a priori "
+                                  "(the paper's threshold was not retrieved; never tuned here)")
+            else:
+                deviations.append(f"threshold {threshold} given")
+            if alpha is None:
+                alpha = PAPER_ALPHA
+                deviations.append(f"alpha {PAPER_ALPHA}: one class-mean difference, fixed a priori (the paper's "
+                                  "strength was not retrieved; never tuned here)")
+            else:
+                deviations.append(f"alpha {alpha} given")
+        else:
+            probe_cs = (0.1, 1.0) if probe_cs is None else probe_cs
+            deviations.append("detector layers and C chosen by held-out AUROC on the fit captions (the paper's "
+                              "were not retrieved)")
+            if threshold is None or alpha is None:
+                deviations.append(f"threshold and alpha chosen by the lowest held-out fit CHAIR_i with recall "
+                                  f"drop <= {max_recall_drop} (the paper's were not retrieved)")
+        direction = direction or "truthful_minus_hallucinated"
+        if direction != "truthful_minus_hallucinated":
+            deviations.append(f"direction {direction!r} instead of the class-mean truthful direction")
+        deviations += [
+            "truthful direction: class-mean difference of real vs hallucinated producing states (the paper's exact "
+            "estimator was not retrieved)",
+            "decoding measured by steer/evaluate: the detector-gated shift at every producing position, without "
+            "backtracking (the runners have no generate hook; generate_with_backtracking implements it)",
+            "the gate scores every producing position while decoding; the detector was fitted on object-word "
+            "producing states only (the backtracking decoder scores object words only)",
+            f"CHAIR matching: haltrace's {chair_rules!r} rules",
+            "ComnHallu (cross-LVLM / cross-data subspace alignment) not implemented",
+        ]
+
         source = data
         if data is None:
             data = default_fit_data(model, self.name, n_images=n_images, seed=seed)
+        kinds = sorted({getattr(it, "kind", type(it).__name__) for it in data or []})
+        items = [it for it in data or [] if isinstance(it, CaptionItem)]
+        if not items:
+            hint = " (yes/no questions: pass variant='yesno' to fit the yes/no variant)" if "yesno" in kinds else ""
+            raise ValueError(f"truthprint fit data must hold caption items (images with their ground-truth "
+                             f"objects; docs/data-formats.md); got {', '.join(kinds) or 'nothing'}{hint}")
+        if any(it.image is None for it in items):
+            raise ValueError("every TruthPrInt caption item needs an image")
+        matcher = ChairMatcher.build(vocabulary if vocabulary is not None else
+                                     sorted({o for it in items for o in it.objects}), chair_rules, synonyms)
+
+        cand = layer_candidates(n, layers)
+        bad = [x for c in cand for x in c if not 0 <= x < n]
+        if bad:
+            raise InputError(f"--opt layers: {bad} out of range; {model.name_or_path} has layers 0..{n - 1}")
+        read = sorted({x for c in cand for x in c})
+        caps = generate_captions(model, items, max_new_tokens=max_new_tokens, layers=read, template=template,
+                                 batch_size=batch_size)
+        where, y, counts = _caption_labels(model, caps, items, matcher)
+        image_ids = image_ids_of(items)
+        held_img = image_split(image_ids, seed=seed)
+        held = np.array([bool(held_img[i]) for i, _ in where], dtype=bool)
+        train, val = ~held, held
+        if y[train].sum() < 5 or (1 - y[train]).sum() < 5 or y[val].sum() < 2 or (1 - y[val]).sum() < 2:
+            raise ValueError(f"too few labelled object words to fit a detector: {counts['hallucinated']} "
+                             f"hallucinated and {counts['real']} real mentions in {len(caps)} captions (need >= 5 "
+                             "of each on the fit split and >= 2 held out); pass more images (n_images= or data)")
+        col = {x: j for j, x in enumerate(read)}
+        feats = {x: torch.stack([caps[i].states[t, col[x]] for i, t in where]).numpy() for x in read}
+        pick, scores_l, (mean, scale, weight, bias) = select_detector(feats, y, train, val, cand, probe_cs)
+        det_layers, probe_c = pick["layers"], pick["C"]
+        chosen = det_layers[-1]
+        x = torch.from_numpy(feats[chosen])
+        real_fit = torch.from_numpy(train & (y == 0))
+        hall_fit = torch.from_numpy(train & (y == 1))
+        candidates = {"truthful_minus_hallucinated": x[real_fit].mean(0) - x[hall_fit].mean(0)}
+        w_res = torch.as_tensor((weight / scale)[-model.hidden_size:], dtype=torch.float32)
+        candidates["probe"] = -w_res / w_res.norm() * candidates["truthful_minus_hallucinated"].norm()
+        d = candidates[direction]
+        cosines = {"truthful_minus_hallucinated~probe": cosine(candidates["truthful_minus_hallucinated"],
+                                                               candidates["probe"])}
+        try:
+            from haltrace.steering.fitdata import answer_direction
+
+            cosines["direction~say_yes"] = cosine(d, answer_direction(model))
+        except ValueError:  # a tokenizer without yes/no tokens
+            pass
+
+        # threshold and alpha: fixed (preset or given), else chosen on the held-out fit images' captions
+        val_items = [it for it, h in zip(items, held_img, strict=True) if h]
+        # the held-out baseline is generated like the steered captions below (same batches), not reused
+        base = _chair([c.text for c in generate_captions(model, val_items, max_new_tokens=max_new_tokens,
+                                                         template=template, batch_size=batch_size)],
+                      val_items, matcher)
+        grid: list[dict[str, Any]] = []
+        found = True
+        if threshold is None or alpha is None:
+            ts = [threshold] if threshold is not None else list(thresholds or (0.5, 0.6, 0.7, 0.8, 0.9))
+            als = [alpha] if alpha is not None else list(alphas or (0.5, 1.0, 1.5, 2.0))
+            for t in ts:
+                for a in als:
+                    gate = truthful_gate(det_layers, mean, scale, weight, bias, d, alpha=a, threshold=t)
+                    steered = generate_captions(model, val_items, max_new_tokens=max_new_tokens,
+                                                interventions=[gate], template=template, batch_size=batch_size)
+                    grid.append({"threshold": t, "alpha": a,
+                                 **_chair([c.text for c in steered], val_items, matcher)})
+            ok = [g for g in grid if base["recall"] - g["recall"] <= max_recall_drop]
+            found = bool(ok)
+            best = (min(ok, key=lambda g: (g["chair_i"], g["alpha"], -g["threshold"])) if ok else
+                    max(grid, key=lambda g: (g["recall"], -g["chair_i"], -g["alpha"])))
+            threshold, alpha = best["threshold"], best["alpha"]
+        gate = truthful_gate(det_layers, mean, scale, weight, bias, d, alpha=alpha, threshold=threshold)
+        spec = {"variant": "caption", "preset": preset, "n_images": len(items), "seed": seed, "layers": det_layers,
+                "direction": direction, "probe_c": probe_c, "threshold": threshold, "alpha": alpha,
+                "max_new_tokens": max_new_tokens, "matcher": matcher.spec()}
+        provenance = {
+            "method": self.name, "paper": PAPER, "variant": "caption", "preset": preset,
+            "deviations": deviations,
+            "faithfulness": ("no official code and the paper's numbers were not retrieved: the steps follow the "
+                             "paper's description (caption-token detector on the producing state, truthful "
+                             "direction, gated pre-intervention, backtracking decoder); ComnHallu not implemented"),
+            "layer": layer_record(f"resid_post.{chosen}", "not retrieved (an unofficial 13B reproduction used "
+                                                          "layer 20 of 40)"),
+            "detector": {"type": "logistic regression on standardised resid_post (concatenated blocks)",
+                         "layers": [f"resid_post.{i}" for i in det_layers], "C": probe_c,
+                         "labels": "object words of the model's own fit captions; 1 = not in the image (CHAIR)",
+                         "features": "the producing state of each object word's first token",
+                         "val_auroc": pick["val_auroc"], "held_out": "30% of the fit images (by image)",
+                         "candidates": scores_l,
+                         "selection": ("preset (relative depth)" if paper and len(cand) == 1 else
+                                       "layers given" if len(cand) == 1 else "best held-out AUROC")},
+            "direction": {"kind": direction, "norm": float(d.norm()), "cosines": cosines,
+                          "definition": {"truthful_minus_hallucinated": "mean(real object producing states) - "
+                                                                        "mean(hallucinated ones), fit split",
+                                         "probe": "-detector weight (residual coords), scaled to the class-mean "
+                                                  "difference's norm"}[direction]},
+            "threshold": threshold, "alpha": alpha,
+            "alpha_units": "multiples of the direction (alpha=1 = one class-mean difference)",
+            "positions": "token-producing position only: last real prompt token at prefill, newest token per step",
+            "phase": "both",
+            "selection": ({"rule": "fixed (preset or given)", "baseline": base} if not grid else
+                          {"rule": f"lowest held-out fit CHAIR_i with recall drop <= {max_recall_drop}",
+                           "found": found, "baseline": base, "grid": grid}),
+            "labels": {**counts, "chair_rules": chair_rules, "vocabulary_size": len(matcher.vocabulary)},
+            "backtracking": {**matcher.spec(), "max_backtracks": max_backtracks, "sentence_end": list(SENTENCE_END),
+                             "confidence": "top-1 probability of each generated token",
+                             "cut_to": "least confident token of the current sentence before the object word",
+                             "redecode": "the gate's Add at every producing position until the sentence ends",
+                             "function": "haltrace.steering.truthprint.generate_with_backtracking"},
+            "decoding": "gated shift during plain greedy decoding (what steer/evaluate measure)",
+            "not_implemented": ["ComnHallu cross-LVLM / cross-data subspace alignment"],
+            "data": {"description": "the model's own greedy captions of the fit images, object words labelled "
+                                    "by CHAIR; 70/30 split by image (detector + direction / selection)",
+                     "n_images": len(items), "max_new_tokens": max_new_tokens, "seed": seed,
+                     "source": "given" if source is not None else "default (model's data source)",
+                     "fingerprint": items_fingerprint(items)},
+            "fingerprint": fingerprint(d, weight, mean, scale, spec=spec),
+        }
+        return FittedIntervention(self.name, [gate], provenance)
+
+    # ------------------------------------------------------------------------- the yes/no variant
+    def _fit_yesno(self, model: Any, data: Sequence[Any] | None, *, n_images: int, seed: int,
+                   layers: Sequence[int] | None, direction: str, probe_cs: Sequence[float],
+                   thresholds: Sequence[float], alphas: Sequence[float], threshold: float | None,
+                   alpha: float | None, max_recall_drop: float) -> FittedIntervention:
+        """The yes/no stand-in (module docstring): detector on the answer-producing state of "yes" answers."""
+        source = data
+        if data is None:
+            data = default_fit_data(model, YESNO_DATA, n_images=n_images, seed=seed)
         questions = of_kind(data, YesNoQuestion, method=self.name)
         hooks = [f"resid_post.{i}" for i in range(model.n_layers)]
         logits, acts = question_states(model, questions, hooks)
@@ -196,14 +926,9 @@ class TruthPrInt(Method):
         if y[train].sum() < 5 or (1 - y[train]).sum() < 5 or y[val].sum() < 2:
             raise ValueError(f"too few hallucinated 'yes' answers to fit a detector ({int(y[yes_rows].sum())} "
                              f"of {int(yes_rows.sum())} 'yes' answers); pass more data or n_images")
-        # detector candidates: each single block, and each run of blocks ending at the last one (the gate reads
-        # their states at the producing position and shifts at the deepest); C from probe_cs; best held-out AUROC
         n = model.n_layers
         feats = {i: acts[f"resid_post.{i}"].numpy() for i in range(n)}
-        if layers is not None:
-            candidates_l = [sorted({int(x) for x in layers})]
-        else:
-            candidates_l = [[i] for i in range(n)] + [list(range(i, n)) for i in range(n - 1)]
+        candidates_l = layer_candidates(n, layers)
         pick, scores_l, (mean, scale, weight, bias) = select_detector(feats, y, train, val, candidates_l, probe_cs)
         det_layers, probe_c = pick["layers"], pick["C"]
         chosen = det_layers[-1]
@@ -219,7 +944,6 @@ class TruthPrInt(Method):
             "truthful_answer": x[truthful_no].mean(0) - x[halluc].mean(0),
             "real_minus_hallucinated": x[real].mean(0) - x[halluc].mean(0),
         }
-        # detector weight on the shifted block, in residual coordinates
         w_res = torch.as_tensor((weight / scale)[-model.hidden_size:], dtype=torch.float32)
         candidates["probe"] = -w_res / w_res.norm() * candidates["truthful_answer"].norm()
         d = candidates[direction]
@@ -239,14 +963,16 @@ class TruthPrInt(Method):
         # one forward per alpha with the gate always open gives every threshold's answers (fired -> shifted).
         p_val = LinearDetector(det_layers, mean, scale, weight, bias, threshold=0.0).probability(
             torch.from_numpy(detector_rows(feats, det_layers, held))).numpy()
+        ts = [threshold] if threshold is not None else list(thresholds)
+        als = [alpha] if alpha is not None else list(alphas)
         shifted = {}
-        for a in alphas:
+        for a in als:
             with steer(model, truthful_gate(det_layers, mean, scale, weight, bias, d, alpha=a, threshold=0.0)):
                 lg, _ = question_states(model, val_q, [])
             shifted[a] = says_yes(model, lg)
         grid = []
-        for t in thresholds:
-            for a in alphas:
+        for t in ts:
+            for a in als:
                 yes = np.where(p_val > t, shifted[a], base_yes)
                 grid.append({"threshold": t, "alpha": a, "false_yes_partner": float(yes[val_partner].mean()),
                              "false_yes_absent": float(yes[~val_present].mean()),
@@ -263,6 +989,14 @@ class TruthPrInt(Method):
         provenance = {
             "method": self.name,
             "paper": PAPER,
+            "variant": "yesno", "preset": None,
+            "in_distribution": ("the fit questions come from the same question generator and templates as the "
+                                "organism's POPE sets, and (threshold, alpha) minimise the evaluated false-yes "
+                                "rate on held-out fit questions: POPE gains are in-distribution"),
+            "deviations": ["yes/no answer states instead of generated caption object tokens (the paper's data)",
+                           f"direction {direction!r}" + (" is a 'say no' direction, not the paper's truthful "
+                                                         "direction" if direction == "truthful_answer" else ""),
+                           "no backtracking", "ComnHallu not implemented"],
             "faithfulness": ("no official code: detector, direction, gate and selection are haltrace choices; "
                              "no backtracking, no ComnHallu alignment"),
             "layer": {"haltrace": f"resid_post.{chosen}", "hf_hidden_states_index": chosen + 1,

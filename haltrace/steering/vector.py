@@ -78,7 +78,7 @@ def describe_model(model: Any) -> dict[str, Any]:
     checkpoints), else ``None`` (a local folder has no revision).
 
     >>> describe_model(model)
-    {'model': 'tiny-llava', 'n_layers': 2, 'hidden_size': 32}
+    {'model': 'tiny-llava', 'model_revision': None, 'hidden_size': 32, 'n_layers': 2}
     """
     config = getattr(getattr(model, "hf", None), "config", None)
     name = getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None) or ""

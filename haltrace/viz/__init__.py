@@ -1,7 +1,8 @@
 """Figures: logit-lens rank heatmaps, attention-to-image heatmaps, prior-vs-pixel curves (self-contained HTML).
 
 >>> from haltrace.viz import rank_heatmap, write_html
->>> write_html(rank_heatmap([[0, 4]], ["resid_post.0"], ["red", "blue"]), "lens.html")  # doctest: +SKIP
+>>> write_html(rank_heatmap([[0, 4]], ["resid_post.0"], ["red", "blue"]), "lens.html")
+PosixPath('lens.html')
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """TruthPrInt, VHR, ITI, CAA and DoLa on the shipped organism: measured before/after numbers.
 
-Only TruthPrInt carries an acceptance margin (POPE adversarial false-yes rate down >= 20% relative, recall on
-present objects down <= 5 points). The other methods are recorded (printed with ``-s`` and attached as junit
+Only TruthPrInt's yes/no variant carries an acceptance margin (POPE adversarial false-yes rate down >= 20%
+relative, recall on present objects down <= 5 points); that figure is in-distribution (its fit questions come from
+POPE's question generator and its selection optimises the evaluated rate). TruthPrInt's caption variant (the
+paper's method, the default) and the other methods are recorded (printed with ``-s`` and attached as junit
 properties) and checked only for having run and produced numbers. Each fit + evaluation runs once per module.
 """
 
@@ -39,13 +41,14 @@ def results(model):
     """name -> (fitted, evaluation under it); filled lazily so each method is fitted and evaluated once."""
     from haltrace.evals.suite import evaluate
 
-    cache: dict[str, tuple] = {}
+    cache: dict[tuple, tuple] = {}
 
     def get(name: str, **kw):
-        if name not in cache:
+        key = (name, tuple(sorted(kw.items())))
+        if key not in cache:
             fitted = get_method(name).fit(model, **kw)
-            cache[name] = (fitted, evaluate(model, EVALS, fitted=fitted))
-        return cache[name]
+            cache[key] = (fitted, evaluate(model, EVALS, fitted=fitted))
+        return cache[key]
 
     return get
 
@@ -74,20 +77,43 @@ def check_provenance(fitted, name: str) -> None:
     assert {"positions", "phase", "data"} <= set(prov), sorted(prov)
 
 
-def test_truthprint_cuts_adversarial_false_yes(model, baseline, results, record_property):
-    fitted, after = results("truthprint")
+def test_truthprint_yesno_cuts_adversarial_false_yes(model, baseline, results, record_property):
+    """In-distribution: the yes/no variant's fit questions come from POPE's own question generator."""
+    from haltrace.steering.truthprint import gate_of
+
+    fitted, after = results("truthprint", variant="yesno")
     check_provenance(fitted, "truthprint")
     prov = fitted.provenance
+    assert prov["variant"] == "yesno" and "in-distribution" in prov["in_distribution"]
     assert prov["layer"]["haltrace"].startswith("resid_post.") and 0.0 <= prov["threshold"] <= 1.0
-    line = record(record_property, "truthprint", baseline, after, fitted)
+    line = record(record_property, "truthprint-yesno", baseline, after, fitted)
     b, a = line["before"], line["after"]
-    print(f"[truthprint] gate {fitted.hooks.stats}, layer {prov['layer']['haltrace']}, "
+    stats = gate_of(fitted).detector.stats
+    print(f"[truthprint-yesno] gate {stats}, layer {prov['layer']['haltrace']}, "
           f"threshold {prov['threshold']}, alpha {prov['alpha']}")
     assert b["adv_false_yes"] > 0, "the organism shows no adversarial false yes: nothing to reduce"
     assert a["adv_false_yes"] <= 0.8 * b["adv_false_yes"], (b, a)  # >= 20% relative reduction
     assert b["adv_recall"] - a["adv_recall"] <= 0.05, (b, a)  # recall down by at most 5 points
     # the gate ran and is gone afterwards
-    assert fitted.hooks.stats["fired"] > 0
+    assert stats["fired"] > 0
+    assert all(not layer._forward_hooks for layer in model.adapter.layers)
+
+
+@pytest.mark.parametrize("preset", [None, "paper"])
+def test_truthprint_caption_recorded(model, baseline, results, record_property, preset):
+    """The paper's caption-token method: recorded, not held to a margin (CHAIR is the held-out caption set)."""
+    from haltrace.steering.truthprint import gate_of
+
+    fitted, after = results("truthprint", **({"preset": preset} if preset else {}))
+    check_provenance(fitted, "truthprint")
+    prov = fitted.provenance
+    assert prov["variant"] == "caption" and prov["preset"] == preset and prov["deviations"]
+    assert 0.0 <= prov["detector"]["val_auroc"] <= 1.0
+    line = record(record_property, f"truthprint-{preset or 'default'}", baseline, after, fitted)
+    stats = gate_of(fitted).detector.stats
+    print(f"[truthprint-{preset or 'default'}] gate {stats}, layer {prov['layer']['haltrace']}, threshold "
+          f"{prov['threshold']}, alpha {prov['alpha']}, detector AUROC {prov['detector']['val_auroc']:.3f}")
+    assert stats["steps"] > 0 and line["after"]
     assert all(not layer._forward_hooks for layer in model.adapter.layers)
 
 

@@ -102,8 +102,9 @@ def test_fit_from_jsonl_equals_the_builtin_fit(organism, user_model, sets, tmp_p
     from haltrace.data import load_items
     from haltrace.steering.registry import get_method
 
-    with pytest.raises(ValueError, match="needs fit data"):  # a plain checkpoint has no default data
-        get_method(method).fit(user_model)
+    # a plain checkpoint has no default data (VHR's per-sample heads, the paper's method, need none: its fixed mode)
+    with pytest.raises(ValueError, match="needs fit data"):
+        get_method(method).fit(user_model, **({"heads": "fixed"} if method == "vhr" else {}))
     builtin = get_method(method).fit(organism)
     items = load_items(sets / "fit" / f"{method}.jsonl", images=sets / "images")
     mine = get_method(method).fit(user_model, items)

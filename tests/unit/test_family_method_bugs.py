@@ -155,9 +155,9 @@ def test_image_forward_inputs_keeps_every_image_key():
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava_next", "gemma3"])
 def test_erasure_fit_and_apply(tiny_model, family):
     model, prompt, images, inputs = _setup(tiny_model, family)
-    # threshold 2 > any probability: every object is erased
+    # threshold 2 > any probability, every candidate (no first pass): every object is erased
     fitted = _erasure_fit(model, prompt, images, [{"circle"}, {"star"}, {"square"}], edit_layer=0,
-                          text_rep="unembed", weight=3.0, threshold=2.0)
+                          text_rep="unembed", weight=3.0, threshold=2.0, candidates="all", caption_tokens=3)
     before, n_hooks = _logits(model, inputs), _hook_count(model)
     log = fitted.provenance["erased_log"]
     log.clear()

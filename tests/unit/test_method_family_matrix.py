@@ -34,8 +34,10 @@ from haltrace.data import (
 )
 from haltrace.models.prompting import build_prompt
 from haltrace.models.tiny import TINY_FAMILIES, tiny_image
+from haltrace.steering.engine import Gated, LinearDetector
 from haltrace.steering.fitdata import TRUTHPRINT_FIT_SEED, image_split, question_states, says_yes
-from haltrace.steering.registry import get_method, list_methods
+from haltrace.steering.registry import FittedIntervention, get_method, list_methods
+from haltrace.steering.truthprint import gate_of
 
 VLM_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "gemma3")
 TEXT_FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
@@ -191,10 +193,13 @@ Plan = tuple[Callable[[Any], list[Any]] | None, dict[str, Any]]
 PLANS: dict[str, Plan] = {
     "caa": (_yesno, {"layer": 1, "multiplier": 4.0}),
     "dola": (None, {"layers": "high"}),  # a decoding strategy: it learns nothing and refuses data
-    "erasure": (_captions, {"edit_layer": 0, "text_rep": "unembed", "weight": 2.0, "threshold": 2.0}),
+    "erasure": (_captions, {"edit_layer": 0, "text_rep": "unembed", "weight": 2.0, "threshold": 2.0,
+                            "candidates": "all", "caption_tokens": N_NEW}),
     "iti": (_yesno, {"k": 2, "alpha": 15.0}),
     "pvp": (_pvp, {"layer": 1, "alpha": 4.0}),
-    "truthprint": (_truthprint_questions, {"thresholds": (0.3, 0.6), "alphas": (0.5, 1.0)}),
+    # the yes/no variant: random tiny models' captions hold no object words to label (the caption variant, the
+    # default, is tested on the organism in test_truthprint.py)
+    "truthprint": (_truthprint_questions, {"variant": "yesno", "thresholds": (0.3, 0.6), "alphas": (0.5, 1.0)}),
     "vhr": (_vhr_items, {"layers": [0, 1]}),
     "vista": (None, {"task": "caption", "sla_layers": [0]}),
     "vti": (_caption_pairs, {"alpha_text": 4.0, "alpha_image": 4.0, "num_trials": 2}),
@@ -254,10 +259,10 @@ def test_fit_from_jsonl_and_generate(method, family, tiny_model, tmp_path):
         assert applied is fitted
         assert _hook_state(model) != before, "apply installed nothing"
         if method == "truthprint":
-            fitted.hooks.reset()
+            gate_of(fitted).detector.reset()
         steered_logits = _logits(model, inputs)
         if method == "truthprint":  # a gate: it scores each row's producing position, shifts where it fires
-            stats = dict(fitted.hooks.stats)
+            stats = dict(gate_of(fitted).detector.stats)
             assert stats["steps"] == n_rows
             assert (stats["fired"] > 0) == (not torch.allclose(steered_logits, plain_logits)), stats
         else:
@@ -281,11 +286,13 @@ def test_fit_from_jsonl_and_generate(method, family, tiny_model, tmp_path):
             pass
     assert _hook_state(model) == before
     if method == "truthprint":  # the gate's edit path on this family: a gate that always fires
-        gate = get_method(method).restore({**fitted.state, "threshold": 0.0})
+        g, det = gate_of(fitted), gate_of(fitted).detector
+        always = Gated(g.inner, LinearDetector(det.layers, det.mean, det.scale, det.weight, det.bias, threshold=0.0))
+        gate = FittedIntervention(method, [always])
         with gate.apply(model):
             assert not torch.allclose(_logits(model, inputs), plain_logits)
             assert _generate(model, inputs, gate).shape == out.shape
-        assert gate.hooks.stats["fired"] == gate.hooks.stats["steps"] == n_rows * (1 + N_NEW)
+        assert always.detector.stats["fired"] == always.detector.stats["steps"] == n_rows * (1 + N_NEW)
         assert _hook_state(model) == before
     assert torch.equal(_generate(model, inputs, fitted), plain), "the unsteered model changed"
 

@@ -14,7 +14,7 @@ from haltrace.steering.dola import DoLaContrast, candidate_layers, dola_scores
 from haltrace.steering.engine import steer
 from haltrace.steering.iti import ITI, head_interventions, head_shift_vector
 from haltrace.steering.registry import get_method, list_methods
-from haltrace.steering.truthprint import TruthfulGate
+from haltrace.steering.truthprint import truthful_gate
 from haltrace.steering.vhr import default_layers, select_heads
 
 
@@ -23,11 +23,11 @@ def _n_hooks(model) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in mods)
 
 
-def _gate(model, *, threshold: float, alpha: float = 5.0, layer: int = 0) -> TruthfulGate:
+def _gate(model, *, threshold: float, alpha: float = 5.0, layer: int = 0):
     d = model.hidden_size
     g = torch.Generator().manual_seed(0)
-    return TruthfulGate(layer, torch.zeros(d), torch.ones(d), torch.randn(d, generator=g), 0.0,
-                        torch.randn(d, generator=g), alpha=alpha, threshold=threshold)
+    return truthful_gate(layer, torch.zeros(d), torch.ones(d), torch.randn(d, generator=g), 0.0,
+                         torch.randn(d, generator=g), alpha=alpha, threshold=threshold)
 
 
 @pytest.fixture(scope="module")
@@ -50,21 +50,23 @@ def test_registered():
     assert {"truthprint", "vhr", "iti", "caa", "dola"} <= set(list_methods())
 
 
-# ------------------------------------------------------------------ TruthPrInt gate
+# ------------------------------------------------------------------ TruthPrInt gate (an engine Gated edit)
 def test_gate_validation(tiny_llama):
     d = tiny_llama.hidden_size
+    with pytest.raises(ValueError, match="len\\(layers\\) \\* hidden size"):
+        truthful_gate(0, torch.zeros(d), torch.ones(d), torch.zeros(d + 1), 0.0, torch.zeros(d), alpha=1, threshold=.5)
     with pytest.raises(ValueError, match="len\\(layers\\) \\* direction width"):
-        TruthfulGate(0, torch.zeros(d), torch.ones(d), torch.zeros(d + 1), 0.0, torch.zeros(d), alpha=1, threshold=.5)
+        truthful_gate(0, torch.zeros(d), torch.ones(d), torch.zeros(d), 0.0, torch.zeros(d + 1), alpha=1, threshold=.5)
     with pytest.raises(ValueError, match="increasing"):
-        TruthfulGate([1, 0], torch.zeros(2 * d), torch.ones(2 * d), torch.zeros(2 * d), 0.0, torch.zeros(d),
-                     alpha=1, threshold=.5)
+        truthful_gate([1, 0], torch.zeros(2 * d), torch.ones(2 * d), torch.zeros(2 * d), 0.0, torch.zeros(d),
+                      alpha=1, threshold=.5)
     with pytest.raises(ValueError, match="probability"):
-        TruthfulGate(0, torch.zeros(d), torch.ones(d), torch.zeros(d), 0.0, torch.zeros(d), alpha=1, threshold=2)
+        truthful_gate(0, torch.zeros(d), torch.ones(d), torch.zeros(d), 0.0, torch.zeros(d), alpha=1, threshold=2)
     with pytest.raises(ValueError, match="NaN"):
-        TruthfulGate(0, torch.full((d,), math.nan), torch.ones(d), torch.zeros(d), 0.0, torch.zeros(d),
-                     alpha=1, threshold=.5)
-    with pytest.raises(ValueError, match="out of range"), TruthfulGate(
-            9, torch.zeros(d), torch.ones(d), torch.zeros(d), 0.0, torch.zeros(d), alpha=1, threshold=.5)(tiny_llama):
+        truthful_gate(0, torch.full((d,), math.nan), torch.ones(d), torch.zeros(d), 0.0, torch.zeros(d),
+                      alpha=1, threshold=.5)
+    with pytest.raises(ValueError, match="out of range"), steer(tiny_llama, truthful_gate(
+            9, torch.zeros(d), torch.ones(d), torch.zeros(d), 0.0, torch.zeros(d), alpha=1, threshold=.5)):
         pass
 
 
@@ -73,13 +75,13 @@ def test_gate_edits_only_the_producing_position(tiny_llama, tiny_inputs):
     with torch.no_grad():
         base = tiny_llama.hf(**inputs).logits
         gate = _gate(tiny_llama, threshold=0.0)  # p > 0 always: fires everywhere it looks
-        with gate(tiny_llama):
+        with steer(tiny_llama, gate):
             steered = tiny_llama.hf(**inputs).logits
-    assert gate.stats == {"steps": 2, "fired": 2}
+    assert gate.detector.stats == {"steps": 2, "fired": 2}
     real = inputs["attention_mask"][:, :-1].bool()  # pad rows attend everywhere (fully masked): skip them
     assert torch.allclose(base[:, :-1][real], steered[:, :-1][real], atol=1e-5)  # left padding: last is produced
     assert not torch.allclose(base[:, -1], steered[:, -1])
-    with torch.no_grad(), _gate(tiny_llama, threshold=1.0)(tiny_llama):  # never fires: identity
+    with torch.no_grad(), steer(tiny_llama, _gate(tiny_llama, threshold=1.0)):  # never fires: identity
         assert torch.allclose(base, tiny_llama.hf(**inputs).logits)
 
 
@@ -88,25 +90,25 @@ def test_multi_layer_gate_reads_every_block(tiny_llama, tiny_inputs):
     d = tiny_llama.hidden_size
     weight = torch.zeros(2 * d)
     weight[0] = 1.0  # only block 0's first feature decides
-    gate = TruthfulGate([0, 1], torch.zeros(2 * d), torch.ones(2 * d), weight, 0.0, torch.ones(d), alpha=3.0,
-                        threshold=0.5)
+    gate = truthful_gate([0, 1], torch.zeros(2 * d), torch.ones(2 * d), weight, 0.0, torch.ones(d), alpha=3.0,
+                         threshold=0.5)
     with torch.no_grad():
         h0 = tiny_llama.capture(inputs, ["resid_post.0"], positions="last")["resid_post.0"][:, 0, 0]
-        with gate(tiny_llama):
+        with steer(tiny_llama, gate):
             tiny_llama.hf(**inputs)
-    assert gate.layer == 1 and gate.stats["fired"] == int((h0 > 0).sum())
+    assert gate.inner.hook == "resid_post.1" and gate.detector.stats["fired"] == int((h0 > 0).sum())
 
 
 def test_gate_under_generation_and_removal(tiny_llava, tiny_inputs):
     inputs = tiny_inputs("llava")
     before = _n_hooks(tiny_llava)
     gate = _gate(tiny_llava, threshold=0.0, layer=1)
-    with torch.no_grad(), gate(tiny_llava):
+    with torch.no_grad(), steer(tiny_llava, gate):
         out = tiny_llava.hf.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3
-    assert gate.stats["steps"] == 2 * 3 and gate.stats["fired"] == 6  # prefill + 2 cached steps, 2 rows
+    assert gate.detector.stats["steps"] == 2 * 3 and gate.detector.stats["fired"] == 6  # prefill + 2 steps, 2 rows
     assert _n_hooks(tiny_llava) == before
-    with pytest.raises(RuntimeError, match="boom"), gate(tiny_llava):
+    with pytest.raises(RuntimeError, match="boom"), steer(tiny_llava, gate):
         raise RuntimeError("boom")
     assert _n_hooks(tiny_llava) == before
 
@@ -142,10 +144,13 @@ def test_vhr_selection_rules():
 
 def test_vhr_fit_on_random_organism(organism):
     model, world = organism
-    fitted = get_method("vhr").fit(model, fit_items(world, "vhr", n_images=4))
+    fitted = get_method("vhr").fit(model, fit_items(world, "vhr", n_images=4), heads="fixed")
     assert fitted.method == "vhr" and fitted.interventions
     for item in fitted.interventions:
         assert item.hook.startswith("head_out.") and item.factor == 2.0 and len(item.heads) >= 1
+    sample = get_method("vhr").fit(model, fit_items(world, "vhr", n_images=4))  # the paper's per-sample heads
+    assert [i.hook for i in sample.interventions] == [f"head_out.{x}" for x in default_layers(model.n_layers)]
+    assert all(i.alpha == 2.0 and i.layers == default_layers(model.n_layers) for i in sample.interventions)
     prov = fitted.provenance
     assert {"paper", "layers", "alpha", "positions", "phase", "data", "fingerprint"} <= set(prov)
     with pytest.raises(ValueError, match="out of range"):

@@ -8,7 +8,7 @@ import torch
 
 from haltrace.data import CaptionItem, CaptionPair, PvPItem
 from haltrace.steering.engine import from_state, steer, to_state
-from haltrace.steering.erasure import ProjectAway, erase, erasure_hooks, text_representations
+from haltrace.steering.erasure import ProjectAway, ProjectAwayEdit, erase, text_representations
 from haltrace.steering.fitdata import last_token_states
 from haltrace.steering.pvp import PvP
 from haltrace.steering.registry import list_methods
@@ -117,7 +117,7 @@ def test_vti_directions_and_hooks(llava):
         VTI().fit(model, pairs, num_trials=2)
 
 
-def test_erasure_hooks_edit_prefill_only_and_are_removed(llava):
+def test_erasure_edits_prefill_only_and_is_removed(llava):
     model, images, inputs = llava
     words = ["circle", "star", "square"]
     dirs = text_representations(model, words, "unembed")
@@ -126,10 +126,11 @@ def test_erasure_hooks_edit_prefill_only_and_are_removed(llava):
     with pytest.raises(ValueError, match="text_rep"):
         text_representations(model, words, "nowhere")
     before, n_hooks = _logits(model, inputs), _hook_count(model)
-    log: list = []
-    with erasure_hooks(dirs, words, threshold=2.0, edit_layer=0, weight=3.0, log=log)(model):
+    edit = ProjectAwayEdit("resid_post.0", dirs, objects=words, threshold=2.0, weight=3.0, candidates="all")
+    with steer(model, edit):
         steered = _logits(model, inputs)
         out = model.hf.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    log = edit.log
     assert log and all(row == words for row in log)  # threshold 2 > any probability: everything erased
     assert not torch.allclose(steered, before)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3
@@ -141,10 +142,11 @@ def test_erasure_fit_with_explicit_choices(llava):
     data = [CaptionItem(im, objs) for im, objs in zip(images, [["circle"], ["star"], ["circle"], ["square"]],
                                                       strict=True)]
     fitted = ProjectAway().fit(model, data, objects=["circle", "star", "square"], edit_layer=1,
-                               text_rep="unembed", weight=1.0, prompt="caption :")
+                               text_rep="unembed", weight=1.0, prompt="caption :", candidates="all",
+                               caption_tokens=3)
     prov = fitted.provenance
     assert prov["layers"]["edit"]["haltrace"] == "resid_post.1" and prov["phase"].startswith("prompt")
-    assert 0.0 <= prov["detection"][str(prov["lens_norm"])]["auroc"] <= 1.0
+    assert 0.0 <= prov["detection"]["auroc"] <= 1.0 and prov["threshold"] == prov["detection"]["threshold"]
     with pytest.raises(ValueError, match="objects"):
         ProjectAway().fit(model, [CaptionItem(im, []) for im in images], prompt="caption :")
 
@@ -185,15 +187,15 @@ def test_restored_hooks_check_what_the_file_holds(llava):
     """A saved state is untrusted input: another model's width, NaN, or a layer the model lacks fail clearly."""
     model, _, inputs = llava
     before, n_hooks, d = _logits(model, inputs), _hook_count(model), model.hidden_size
-    state = {"directions": torch.randn(2, d + 3), "objects": ["circle", "star"], "threshold": 0.5,
-             "edit_layer": 0, "weight": 1.0, "lens_norm": True}
+    state = to_state(ProjectAwayEdit("resid_post.0", torch.randn(2, d + 3), objects=["circle", "star"],
+                                     threshold=0.5))
     with pytest.raises(ValueError, match=rf"\(2, {d + 3}\).*\(2, {d}\)"):
-        with ProjectAway().restore(state).apply(model):
+        with steer(model, from_state(state)):
             pass
     with pytest.raises(ValueError, match="NaN or inf"):
-        ProjectAway().restore({**state, "directions": torch.full((2, d), float("nan"))})
+        from_state({**state, "directions": torch.full((2, d), float("nan"))})
     with pytest.raises(ValueError, match="out of range"):
-        with ProjectAway().restore({**state, "directions": torch.randn(2, d), "edit_layer": 99}).apply(model):
+        with steer(model, from_state({**state, "directions": torch.randn(2, d), "hook": "resid_post.99"})):
             pass
     n_vision = len(model.adapter.vision_blocks)
     width = model.adapter.vision_hidden_size
@@ -217,20 +219,24 @@ def test_fitted_attach_is_a_removable_handle(llava):
 
     model, _, inputs = llava
     words = ["circle", "star"]
-    with erasure_hooks(text_representations(model, words), words, 2.0, 0, 3.0)(model):
+
+    def edit(directions):
+        return ProjectAwayEdit("resid_post.0", directions, objects=words, threshold=2.0, weight=3.0,
+                               candidates="all")
+
+    with steer(model, edit(text_representations(model, words))):
         _logits(model, inputs)  # transformers adds its own output-capturing hooks on a first such forward
     before, n_hooks = _logits(model, inputs), _hook_count(model)
-    fitted = FittedIntervention("test", [Add("resid_post.0", torch.ones(model.hidden_size), alpha=2.0)], {},
-                                hooks=erasure_hooks(text_representations(model, words), words, 2.0, 0, 3.0))
+    fitted = FittedIntervention("test", [Add("resid_post.0", torch.ones(model.hidden_size), alpha=2.0),
+                                         edit(text_representations(model, words))], {})
     handle = fitted.attach(model)
     assert handle.active and _hook_count(model) > n_hooks
     assert not torch.allclose(_logits(model, inputs), before)
     handle.remove()
     handle.remove()  # idempotent
     assert not handle.active and _hook_count(model) == n_hooks and torch.equal(_logits(model, inputs), before)
-    # the custom hooks refuse this model after the engine part went in: nothing of either stays
-    bad = FittedIntervention("test", fitted.interventions, {},
-                             hooks=erasure_hooks(torch.randn(2, model.hidden_size + 1), words, 2.0, 0, 3.0))
+    # the erasure refuses this model after the add was validated: nothing of either stays
+    bad = FittedIntervention("test", [fitted.interventions[0], edit(torch.randn(2, model.hidden_size + 1))], {})
     with pytest.raises(ValueError, match="hidden size"):
         bad.attach(model)
     assert _hook_count(model) == n_hooks and torch.equal(_logits(model, inputs), before)

@@ -64,8 +64,8 @@ def test_pvp_paper_preset_chooses_a_layer_on_the_most_prompt(llava):
 
 def test_evaluate_pvp_on_the_most_prompt(llava):
     from haltrace.errors import InputError
-    from haltrace.evals.counterfactual import eligible_flips
-    from haltrace.steering.pvp import evaluate_pvp, generated_answers
+    from haltrace.evals.counterfactual import eligible_flips, evaluate_pvp
+    from haltrace.steering.pvp import generated_answers
 
     model, images, _ = llava
     items = _pvp_items(images)

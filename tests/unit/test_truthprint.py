@@ -30,13 +30,13 @@ from haltrace.steering.truthprint import (
 @pytest.fixture(scope="module")
 def organism(organism_folder):
     import haltrace
-    from haltrace.organism.fit_data import world_of
+    from haltrace.organism.paths import organism_world
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         model = haltrace.load(organism_folder)
-        yield model, world_of(model)
+        yield model, organism_world(model)
     finally:
         torch.set_num_threads(threads)
 
@@ -123,17 +123,27 @@ def test_paper_layer_scales_by_relative_depth():
 
 
 # ----------------------------------------------------------------------------- caption-token labels
+class _PieceTokenizer:
+    """Sub-word pieces joined as they are (a BPE-like tokenizer): words split over several tokens."""
+
+    PIECES = ["A", " red", " cir", "cle", ",", " two", " squ", "ares", " and", " a", " circle", "."]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.PIECES[i] for i in ids)
+
+
 def test_caption_mentions_place_each_chair_object_on_its_first_token(tiny_llava):
-    tok = tiny_llava.tokenizer
-    text = "A red circle, two squares and a circle."
-    ids = tok(text, add_special_tokens=False)["input_ids"]
     matcher = ChairMatcher.build(["circle", "square", "squares"])
+    tok = _PieceTokenizer()
+    ids = list(range(len(tok.PIECES)))
     mentions, unplaced = caption_mentions(tok, ids, matcher)
-    assert unplaced == 0
-    assert [w for _, w in mentions] == matcher.parse(tok.decode(ids)) == ["circle", "squares", "circle"]
-    for k, word in mentions:  # the mention's first token starts the word
-        before, upto = tok.decode(ids[:k]), tok.decode(ids[:k + 1])
-        assert word.startswith(upto[len(before):].strip().lower()[:1]) and word in tok.decode(ids[k:]).lower()
+    assert unplaced == 0 and matcher.parse(tok.decode(ids)) == ["circle", "squares", "circle"]
+    assert mentions == [(2, "circle"), (6, "squares"), (10, "circle")]  # " cir", " squ", " circle"
+    word_level = tiny_llava.tokenizer  # one token per word
+    ids = word_level("a red circle , a square and a circle .", add_special_tokens=False)["input_ids"]
+    mentions, _ = caption_mentions(word_level, ids, matcher)
+    assert [w for _, w in mentions] == ["circle", "square", "circle"]
+    assert [word_level.decode([ids[k]]).strip() for k, _ in mentions] == ["circle", "square", "circle"]
 
 
 def test_official_rules_are_the_project_chair_parse(tiny_llava):
