@@ -180,14 +180,58 @@ def results_json(run: Mapping[str, Any]) -> dict[str, Any]:
             "methods": rows, "torch": run["torch"], "threads": run["threads"]}
 
 
-def write_results(path: str | Path, run: Mapping[str, Any], *, command: str = "") -> dict[str, Path]:
-    """Write the Markdown table to ``path`` and its JSON twin next to it (``.json``), both atomically."""
+_SECTION = "<!-- haltrace-results section={} -->"
+_SECTION_END = "<!-- /haltrace-results -->"
+
+
+def write_results(path: str | Path, run: Mapping[str, Any], *, command: str = "",
+                  section: str | None = None) -> dict[str, Path]:
+    """Write the Markdown table to ``path`` and its JSON twin next to it (``.json``), both atomically.
+
+    With ``section`` (e.g. ``"shapes-llava, preset paper"``) the file holds one section per name: this run's
+    section is replaced (or added), the others are kept, so one file can hold the tuned and the paper-preset
+    tables of several organisms side by side; the JSON twin keys each run by its section.
+
+    >>> import tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "r.md"
+    >>> _merge_sections(p, "a", "# A\\nx"); _merge_sections(p, "b", "# B\\ny"); _merge_sections(p, "a", "# A\\nz")
+    >>> [line for line in p.read_text().splitlines() if line.startswith("#")]
+    ['# Steering results', '## A', '## B']
+    """
     from haltrace.trace.store import atomic_write_text
 
     path = Path(path)
     md, js = path, path.with_suffix(".json")
-    atomic_write_text(md, results_markdown(run, command=command))
-    atomic_write_text(js, json.dumps(results_json(run) | {"command": command}, indent=1, allow_nan=False) + "\n")
+    body = results_markdown(run, command=command)
+    payload = results_json(run) | {"command": command}
+    if section is None:
+        atomic_write_text(md, body)
+        atomic_write_text(js, json.dumps(payload, indent=1, allow_nan=False) + "\n")
+    else:
+        _merge_sections(md, section, body)
+        old = json.loads(js.read_text()) if js.is_file() else {}
+        sections = old.get("sections", {}) if isinstance(old, dict) else {}
+        sections[section] = payload
+        atomic_write_text(js, json.dumps({"sections": sections}, indent=1, allow_nan=False) + "\n")
     for p in (md, js):
         p.chmod(0o644)
     return {"markdown": md, "json": js}
+
+
+def _merge_sections(path: Path, section: str, body: str) -> None:
+    """Replace (or append) ``section`` in a sectioned results file; its title becomes a second-level heading."""
+    import re
+
+    from haltrace.trace.store import atomic_write_text
+
+    text = path.read_text() if path.is_file() else ""
+    blocks = dict(re.findall(re.escape(_SECTION).replace(r"\{\}", "(.+?)") + r"\n(.*?)\n" + re.escape(_SECTION_END),
+                             text, flags=re.S))
+    lines = body.strip("\n").splitlines()
+    if lines and lines[0].startswith("# "):
+        lines[0] = "#" + lines[0]
+    blocks[section] = "\n".join(lines)
+    out = ["# Steering results", ""]
+    for name, block in blocks.items():
+        out += [_SECTION.format(name), block, _SECTION_END, ""]
+    atomic_write_text(path, "\n".join(out))

@@ -273,6 +273,9 @@ def steer_cmd(
     batch_size: int = typer.Option(8, "--batch-size", help="Prompts per generate() call on benchmark files."),
     n: int | None = typer.Option(None, "--n", help="With chair=IMAGE_DIR: caption N images drawn with seed 0."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Regenerate answer files instead of resuming."),
+    preset: str | None = typer.Option(None, "--preset", help="Fit preset for the method (with --method all: for "
+                                      "every method): 'paper' = the published settings, the deviations recorded "
+                                      "in the fit's provenance. Default: haltrace's settings (tuned on fit data)."),
 ) -> None:
     """Fit a steering method (or load one with --from), evaluate before and after, print the change, save it."""
     from haltrace.steering.registry import get_method, list_methods
@@ -282,6 +285,8 @@ def steer_cmd(
     if chair_dir is not None and coco_annotations is None:
         raise typer.BadParameter("--eval chair=IMAGE_DIR needs --coco-annotations DIR", param_hint="--eval")
     kwargs = _parse_opts(opt, alpha, layer)
+    if preset is not None and method != "all":
+        kwargs["preset"] = preset
     for name, value in (("--alpha", alpha), ("--layer", layer)):
         if value is not None and not math.isfinite(value):
             raise typer.BadParameter(f"{value} is not a finite number", param_hint=name)
@@ -300,7 +305,11 @@ def steer_cmd(
             raise typer.BadParameter("--method all runs the organism's results table; fit and evaluate one "
                                      "method at a time on your files (--method X --fit-data ... --eval pope=...)",
                                      param_hint="--method")
-        _steer_all(model, eval_names, _scoped(kwargs), out, results or Path(DEFAULT_RESULTS), as_json, console)
+        scoped = _scoped(kwargs)
+        if preset is not None:  # every registered method takes preset= (unknown names are refused by each fit)
+            scoped = {name: {"preset": preset, **scoped.get(name, {})} for name in list_methods()}
+        _steer_all(model, eval_names, scoped, out, results or Path(DEFAULT_RESULTS), as_json, console,
+                   section=f"{Path(model).name}, " + (f"preset {preset}" if preset else "haltrace settings"))
         return
     if fit_items is not None and from_dir is not None:
         raise typer.BadParameter("--from evaluates a saved fit; --fit-data would be ignored", param_hint="--fit-data")
@@ -455,7 +464,7 @@ def _scoped(kwargs: dict) -> dict[str, dict]:
 
 
 def _steer_all(model: str, evals: list[str], kwargs: dict, out: Path | None, results: Path, as_json: bool,
-               console) -> None:
+               console, section: str | None = None) -> None:
     """``--method all``: the baseline and every registered method on the organism's built-in sets
     (:func:`haltrace.evals.results_table.run_methods`), written as the Markdown results table ``results`` with
     its ``.json`` twin, then printed (or echoed as JSON). ``kwargs`` is :func:`_scoped`'s per-method options;
@@ -482,7 +491,7 @@ def _steer_all(model: str, evals: list[str], kwargs: dict, out: Path | None, res
             raise typer.BadParameter(str(exc), param_hint="--model") from None
     # the table records the command that made it, so it can be regenerated (fallback: called without argv)
     command = "haltrace " + " ".join(sys.argv[1:]) if sys.argv[1:] else "haltrace steer --method all"
-    paths = write_results(results, run, command=command)
+    paths = write_results(results, run, command=command, section=section)
     if out is not None:
         for row in run["rows"]:
             if "fitted" in row:

@@ -18,7 +18,21 @@ Layer convention: ``v_l`` is read at ``resid_post.l`` (HF ``hidden_states[l+1]``
 default here keeps that shape: ``resid_post.{n-1-w}..{n-2}`` with ``w = max(2, round(6 n / 32))``.
 
 Defaults: ``lam = 0.01`` for yes/no questions (the code's POPE setting) and ``0.17`` for captions
-(``task="caption"``), ``gamma = 0.3``.
+(``task="caption"``), ``gamma = 0.3``; ``preset="paper"`` is the same configuration (the deviations it records
+are the VSV's PC1 and, on a model that is not 32 layers deep, the scaled SLA window). ``haltrace steer`` evaluates
+CHAIR under the caption fit (:attr:`VISTA.eval_fit_options`).
+
+Fidelity (official code step -> haltrace -> same or different):
+
+=============================================  ==========================  =====================================
+VSV: last-token states with / without image    ``steering_vectors``        same (read at ``resid_post.l``)
+VSV direction: PC1 of one-sample "PCA"         ``steering_vectors``        different: the difference itself
+apply at every layer's MLP output, all tokens  ``VisualSteering``          same (engine edit at ``mlp_out.l``)
+adaptive lambda_sim = 1 + max(0, cos(x, -v))   ``rotate_towards``          same
+lambda 0.01 (POPE) / 0.17 (captions)           ``LAMBDA_DEFAULTS``         same; per evaluation in ``steer``
+SLA: mix late-layer early-exit logits, 0.3     ``LogitsMix``               same (no final norm, as the code)
+SLA window 25..30 of 32                        ``default_sla_layers``      scaled by depth on other models
+=============================================  ==========================  =====================================
 
 >>> from haltrace.steering.registry import get_method
 >>> fitted = get_method("vista").fit(model, task="pope")          # doctest: +SKIP
@@ -34,6 +48,7 @@ from typing import Any
 
 import torch
 
+from haltrace.errors import InputError
 from haltrace.steering.fitdata import layer_record, require_vlm
 from haltrace.steering.interventions import Intervention, register_state_type
 from haltrace.steering.registry import FittedIntervention, Method, register_method
@@ -154,9 +169,16 @@ class VISTA(Method):
 
     def fit(self, model: Any, data: Any = None, *, task: str = "pope", lam: float | None = None,
             gamma: float = 0.3, sla_layers: Sequence[int] | None = None, adaptive: bool = True,
-            sla_norm: bool = False) -> FittedIntervention:
-        """Nothing is learnt (the vector is computed per input at inference); ``data`` is unused."""
+            sla_norm: bool = False, preset: str | None = None) -> FittedIntervention:
+        """Nothing is learnt (the vector is computed per input at inference); ``data`` is unused.
+
+        ``preset="paper"``: the official code's settings, which are also haltrace's defaults (lambda by task,
+        gamma 0.3, the late-layer SLA window scaled to the model's depth, adaptive lambda, no final norm in SLA);
+        options given explicitly still win and are recorded as deviations.
+        """
         require_vlm(model, "VISTA (vista)", "it contrasts prompts with and without the image")
+        if preset not in (None, "paper"):
+            raise InputError(f"unknown VISTA preset {preset!r}; the only preset is 'paper' (the official settings)")
         if task not in LAMBDA_DEFAULTS:
             raise ValueError(f"task must be one of {sorted(LAMBDA_DEFAULTS)}, got {task!r}")
         if not 0.0 <= gamma <= 1.0:
@@ -177,5 +199,28 @@ class VISTA(Method):
             "positions": "all (every token of every forward)", "phase": "both",
             "data": {"description": "none: the steering vector is computed per input (with vs without its image)",
                      "n": 0, "fingerprint": None},
+            "preset": preset,
+            "deviations": _deviations(model, task, lam, gamma, sla, sla_layers is not None, adaptive, sla_norm),
         }
         return FittedIntervention(self.name, items, provenance)
+
+
+def _deviations(model: Any, task: str, lam: float, gamma: float, sla: list[int], sla_given: bool, adaptive: bool,
+                sla_norm: bool) -> list[str]:
+    """Every place this fit differs from the official code's run (LzVv123456/VISTA) and why."""
+    out = ["VSV is the with-minus-without difference itself; the official code takes the PC1 of a one-sample "
+           "'PCA', an implementation-defined unit vector (methods-vlm.md section 5, pitfall 2)"]
+    if lam != LAMBDA_DEFAULTS[task]:
+        out.append(f"lambda {lam} (official for {task}: {LAMBDA_DEFAULTS[task]})")
+    if gamma != 0.3:
+        out.append(f"gamma {gamma} (official: 0.3)")
+    if sla_given:
+        out.append(f"SLA layers {sla} given explicitly (official: a 6-of-32 late window)")
+    elif model.n_layers != 32:
+        out.append(f"SLA window {sla} scaled from the official 6-of-32 layers (resid_post.25..30) to "
+                   f"{model.n_layers} layers")
+    if not adaptive:
+        out.append("adaptive lambda_sim off (official: on)")
+    if sla_norm:
+        out.append("final norm applied to SLA's early-exit logits (official: none)")
+    return out
