@@ -354,8 +354,10 @@ def steer_cmd(
             except TypeError as exc:  # usually an option the method does not take
                 raise typer.BadParameter(f"{method}.fit rejected the options {sorted(kwargs)}: {exc}",
                                          param_hint="--opt") from None
-            except ValueError as exc:  # bad or missing fit data, a family the method refuses
-                raise typer.BadParameter(str(exc), param_hint="--fit-data") from None
+            except ValueError as exc:  # bad or missing fit data, a family the method refuses, a bad option
+                # an option's own error names the option; anything else is about the data
+                hint = "--opt/--preset" if any(f"{k}" in str(exc).lower() for k in kwargs) else "--fit-data"
+                raise typer.BadParameter(str(exc), param_hint=hint) from None
     fit_seconds = time.perf_counter() - started  # ~0 for a --from fit (nothing fitted)
     warn_strength(fitted, hf_model)  # only now: the vector's norm is known after the fit
     # evaluations the paper runs under other fit options (VISTA: lambda 0.17 on captions, 0.01 on POPE) get a

@@ -492,6 +492,20 @@ def paper_cell(n_layers: int) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------- the method
 
+def default_grid_layers(n: int, most: int = 8) -> list[int]:
+    """``0 .. n-1`` when ``n <= most`` (the organism: every layer); else ``most`` evenly spaced layers, first and
+    last included, so the default search stays a few dozen caption passes on a 32-layer model instead of ~1,000
+    (the official sweep is also coarse; pass ``edit_layers=`` / ``text_reps=`` for a finer one).
+
+    >>> default_grid_layers(3), default_grid_layers(32)
+    ([0, 1, 2], [0, 4, 9, 13, 18, 22, 27, 31])
+    """
+    n = max(n, 1)
+    if n <= most:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (most - 1)) for i in range(most)})
+
+
 @register_method
 class ProjectAway(Method):
     """Caption, flag the mentioned objects with low internal confidence, erase their text directions from the
@@ -517,8 +531,9 @@ class ProjectAway(Method):
         data, in sorted order. Default data: the model's data source (an organism's ``n_images`` images).
 
         Unset ``threshold``, ``(edit_layer, text_rep)`` and ``weight`` are chosen on ``data`` (module docstring;
-        the grid is ``edit_layers`` (default every block but the last) x ``text_reps`` (default ``embed``,
-        ``resid_pre.0`` and every ``resid_post``) at weight 1, then ``weights``). ``preset="paper"``: the
+        the grid is ``edit_layers`` (default every block but the last, at most 8 evenly spaced:
+        :func:`default_grid_layers`) x ``text_reps`` (default ``embed``, ``resid_pre.0`` and the ``resid_post``
+        of up to 8 evenly spaced blocks) at weight 1, then ``weights``). ``preset="paper"``: the
         published LLaVA-1.5 cell at the model's relative depth (:func:`paper_cell`) for whichever of the three
         is unset, the paper's lens (no norm, top 50) and two passes; ``caption_tokens`` is pass 1's length
         (the paper's 512 by default)."""
@@ -622,9 +637,9 @@ class ProjectAway(Method):
 
         if edit_layer is None or text_rep is None:
             layers = ([edit_layer] if edit_layer is not None else
-                      list(edit_layers) if edit_layers is not None else list(range(max(model.n_layers - 1, 1))))
+                      list(edit_layers) if edit_layers is not None else default_grid_layers(model.n_layers - 1))
             rep_grid = ([text_rep] if text_rep is not None else list(text_reps) if text_reps is not None else
-                        ["embed", "resid_pre.0"] + [f"resid_post.{k}" for k in range(model.n_layers)])
+                        ["embed", "resid_pre.0"] + [f"resid_post.{k}" for k in default_grid_layers(model.n_layers)])
             for rep in rep_grid:
                 check_text_rep(rep, model.n_layers)
             bad = [layer for layer in layers if not 0 <= int(layer) < model.n_layers]

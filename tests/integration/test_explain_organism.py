@@ -107,7 +107,7 @@ def test_absent_partner_is_marked_and_numbers_equal_the_library(eager_organism, 
         assert tok["confidence"] == pytest.approx(float(conf.confidence[0, 0]), rel=1e-4)
         cap = m.capture(inputs, ["resid_post.2", "resid_post.3"], positions="last")
         feats = torch.cat([cap["resid_post.2"][0, 0], cap["resid_post.3"][0, 0]])
-        assert tok["detector"] == pytest.approx(float(gate.probability(feats)), rel=1e-4, abs=1e-6)
+        assert tok["detector"] == pytest.approx(float(gate.detector.probability(feats)), rel=1e-4, abs=1e-6)
         direction = probe.for_layer(2)
         assert data["answers"][0]["probe_layer"] == 2  # the best-AUROC layer
         assert tok["probe"] == pytest.approx(float(cap["resid_post.2"][0, 0] @ direction / direction.norm()),

@@ -117,11 +117,15 @@ def test_truthprint_caption_recorded(model, baseline, results, record_property, 
     assert all(not layer._forward_hooks for layer in model.adapter.layers)
 
 
-def test_vhr_recorded(model, baseline, results, record_property):
-    fitted, after = results("vhr")
+@pytest.mark.parametrize("heads", ["sample", "fixed"])
+def test_vhr_recorded(model, baseline, results, record_property, heads):
+    """The paper's per-sample heads (default) and the fixed-head ablation."""
+    fitted, after = results("vhr", heads=heads)
     check_provenance(fitted, "vhr")
-    assert fitted.interventions and all(i.factor == 2.0 for i in fitted.interventions)
-    record(record_property, "vhr", baseline, after, fitted)
+    assert fitted.provenance["heads_mode"] == heads and fitted.provenance["deviations"]
+    assert fitted.interventions and all(getattr(i, "alpha", getattr(i, "factor", None)) == 2.0
+                                        for i in fitted.interventions)
+    record(record_property, f"vhr-{heads}", baseline, after, fitted)
 
 
 def test_iti_recorded(model, baseline, results, record_property):

@@ -315,3 +315,28 @@ def test_explain_takes_a_fitted_truthprint_detector(caption_fit):
     _, fitted = caption_fit
     det = _resolve_detector(fitted)
     assert det is gate_of(fitted).detector and hasattr(det, "probability")
+
+
+def test_a_cut_inside_a_word_rescores_that_word_and_a_cut_at_a_word_keeps_the_scores():
+    from haltrace.steering.truthprint import _RowState
+
+    tok = _PieceTokenizer()
+    det = LinearDetector([0], torch.zeros(2), torch.ones(2), torch.zeros(2), -5.0, threshold=0.5)  # never fires
+    matcher = ChairMatcher.build(["circle", "squares"])
+    ids = list(range(len(tok.PIECES)))
+
+    def decoded(r):
+        row = _RowState(tok, matcher, det, stops=[99], max_backtracks=1)
+        for k in range(len(ids)):
+            row.ids.append(ids[k])
+            row.conf.append(1.0)
+            row.feats.append(torch.zeros(2))
+            row.step(row.ids, row.feats.__getitem__, redecode=False)
+        assert [e["token"] for e in row.events] == [2, 6, 10] and row.checked == {2, 6, 10}
+        row.truncate(r)
+        return row
+
+    inside = decoded(3)  # " cir|cle": the cut word is re-decoded, so it is scored again
+    assert inside.word_start == 2 and inside.checked == set() and inside.seen == []
+    at_word = decoded(5)  # " two" starts a word: "circle" stays complete and scored
+    assert at_word.word_start == 5 and at_word.checked == {2} and at_word.seen == ["circle"]
