@@ -97,7 +97,7 @@ from haltrace.steering.fitdata import (
 )
 from haltrace.steering.interventions import Intervention, Phase, PositionRule, register_state_type
 from haltrace.steering.registry import FittedIntervention, Method, register_method
-from haltrace.trace.capture import capture, resolve_positions
+from haltrace.trace.capture import resolve_positions
 from haltrace.trace.lens import project, target_token_ids
 
 # the prompt's inputs for an extra forward live in the engine's context; kept importable from here
@@ -234,7 +234,7 @@ def internal_confidence(model: Any, inputs: dict[str, Any], words: Sequence[str]
     n = model.n_layers
     hooks = ["resid_pre.0"] + [f"resid_post.{i}" for i in range(n)]
     pos = resolve_positions("image", inputs, model.image_token_mask)
-    cap = capture(model, inputs, hooks, pos)
+    cap = model.capture(inputs, hooks, pos)  # remote models go through nnsight
     resid = torch.stack([cap[h] for h in hooks])  # [n+1, B, P, d]
     cap.clear()
     _, pieces = target_token_ids(model.tokenizer, list(words))

@@ -316,10 +316,9 @@ def capture(
     """
     from haltrace.models.weights import has_meta_weights
 
-    if has_meta_weights(model):  # load(..., remote=True): no weights here, the forward runs on NDIF
-        from haltrace.trace.backends.nnsight_backend import capture_nnsight
-
-        return capture_nnsight(model, inputs, hooks_, positions, **forward_kwargs)
+    if has_meta_weights(model):  # load(..., remote=True): no weights here; Model.capture dispatches to nnsight
+        raise ValueError("this model was loaded with remote=True (no local weights): call model.capture(...), "
+                         "which runs the forward remotely through the nnsight backend")
     pos = resolve_positions(positions, inputs, model.image_token_mask)
     points = parse_hooks(model, hooks_)
     cap = Capture(positions=pos, n_layers=model.n_layers)

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from haltrace.trace.capture import PositionSpec, capture, resolve_positions
+from haltrace.trace.capture import PositionSpec, resolve_positions
 
 if TYPE_CHECKING:
     from haltrace.models.base import Model
@@ -297,7 +297,7 @@ def logit_lens(
         logits = lens_logits_nnsight(model, inputs, hooks, pos, apply_norm=apply_norm, softcap=_softcap(model))
         return project_logits(model, logits, targets, top_k=top_k, vocab_chunk=vocab_chunk,
                               return_logits=return_logits, layers=hooks, positions=pos)
-    cap = capture(model, inputs, hooks, pos)
+    cap = model.capture(inputs, hooks, pos)  # remote models go through nnsight
     resid = torch.stack([cap[h] for h in hooks])
     cap.clear()
     return project(model, resid, targets, apply_norm=apply_norm, top_k=top_k, vocab_chunk=vocab_chunk,

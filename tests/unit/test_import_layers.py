@@ -15,15 +15,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-#: cycles in code owned by other work in progress, tolerated while every module of a cycle is in one of these
-#: sets; delete an entry once its cycle is gone. trace.capture's remote branch calls the nnsight backend, which
-#: builds on trace.capture (fix: dispatch remote models in the backends / Model.capture only).
-KNOWN_CYCLES: dict[str, frozenset[str]] = {
-    "trace.capture <-> trace.backends (trace-backends work)": frozenset({
-        "haltrace.trace.capture", "haltrace.trace.backends", "haltrace.trace.backends.common",
-        "haltrace.trace.backends.nnsight_backend", "haltrace.trace.backends.tl_backend",
-    }),
-}
+#: cycles tolerated while every module of a cycle is in one of these sets; none left.
+KNOWN_CYCLES: dict[str, frozenset[str]] = {}
 
 
 def _graph():
