@@ -99,3 +99,23 @@ def eligible_flips(before: Sequence[str], after: Sequence[str], targets: Sequenc
     return {"eligible_flip_rate": flipped / eligible if eligible else None, "n_eligible": eligible,
             "flip_rate": changed / len(targets), "n": len(targets)}
 
+
+# ------------------------------------------------------------------------------------------- yes/no (POPE)
+#: POPE's official negative words (RUCAIBox/POPE ``evaluate.py``)
+NEGATIVE_WORDS = ("No", "not", "no")
+
+
+def parse_pope_answer(text: str) -> str:
+    """The official POPE parse: keep the text before the first ".", drop commas, split on single spaces; "no"
+    if any word equals "No", "not" or "no", else "yes" (an empty or odd answer counts as yes).
+
+    >>> parse_pope_answer("No, there is not."), parse_pope_answer("There is a cat.")
+    ('no', 'yes')
+    """
+    head = text.split(".")[0].replace(",", "")
+    return "no" if any(word in NEGATIVE_WORDS for word in head.split(" ")) else "yes"
+
+
+def parse_starts_with_yes(text: str) -> str:
+    """LVLM-LP's parse (``eval_pope``): 'yes' iff the stripped, lower-cased answer starts with "yes"."""
+    return "yes" if text.strip().lower().startswith("yes") else "no"

@@ -17,19 +17,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
-NEGATIVE_WORDS = ("No", "not", "no")
+# the answer rules live with the items (the data layer), so methods can score fit sets with them too
+from haltrace.data.answers import NEGATIVE_WORDS, parse_pope_answer, parse_starts_with_yes  # noqa: F401
+
 SPLITS = ("random", "popular", "adversarial")
-
-
-def parse_pope_answer(text: str) -> str:
-    """The official POPE parse: 'yes' or 'no'."""
-    head = text.split(".")[0].replace(",", "")
-    return "no" if any(word in NEGATIVE_WORDS for word in head.split(" ")) else "yes"
-
-
-def parse_starts_with_yes(text: str) -> str:
-    """LVLM-LP's parse (``eval_pope``): 'yes' iff the stripped, lower-cased answer starts with "yes"."""
-    return "yes" if text.strip().lower().startswith("yes") else "no"
 
 
 #: parser name -> function; the name is recorded in every metrics dict under ``"parser"``.

@@ -371,7 +371,7 @@ class VisionRotateTowards(Intervention):
 
 def pope_rates(answers: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
     """False-yes rate on absent objects and recall on present ones (POPE's parsing: 'no' words are no)."""
-    from haltrace.evals.pope import parse_pope_answer
+    from haltrace.data.answers import parse_pope_answer
 
     pred = [parse_pope_answer(a) for a in answers]
     neg = [p for p, lab in zip(pred, labels, strict=True) if lab == "no"]
