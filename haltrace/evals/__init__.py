@@ -6,7 +6,7 @@
 0.5
 """
 
-from haltrace.evals.chair import caption_objects, chair_metrics
+from haltrace.data.chair import caption_objects, chair_metrics
 from haltrace.evals.counterfactual import counterfactual_rates, flip_rates, label_answers
 from haltrace.evals.pope import PARSERS, parse_pope_answer, parse_starts_with_yes, pope_metrics, pope_summary
 from haltrace.evals.refusal import is_refusal, refusal_rate, refusal_report

@@ -4,7 +4,7 @@ Per image, the ground-truth objects are the union of
 
 * the instance annotations' category names (``instances_<split>.json``), mapped through the synonym table, and
 * the objects mentioned in the image's ground-truth captions (``captions_<split>.json``), parsed with the
-  same caption parser that reads the generated captions (:mod:`haltrace.evals.chair_rules`).
+  same caption parser that reads the generated captions (:mod:`haltrace.data.chair_rules`).
 
 The synonym table is, in order: the ``synonyms`` file when given; the packaged official COCO table when every
 category name is one of its 80 classes; otherwise each category name (lower-cased) is its own canonical word,
@@ -24,7 +24,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from haltrace.evals.chair_rules import (
+from haltrace.data.chair_rules import (
     SynonymTable,
     chair_scores,
     check_rules,

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from haltrace.errors import HaltraceError
-from haltrace.evals.chair import chair_metrics, default_phrases
-from haltrace.evals.chair_rules import chair_scores, check_rules, identity_table, read_synonym_table
+from haltrace.data.chair import chair_metrics, default_phrases
+from haltrace.data.chair_rules import chair_scores, check_rules, identity_table, read_synonym_table
 from haltrace.evals.counterfactual import counterfactual_rates, label_answers
 from haltrace.evals.pope import pope_metrics, pope_summary
 from haltrace.evals.refusal import refusal_report
@@ -273,7 +273,7 @@ def score_chair_files(captions: str | Path, objects: str | Path, synonyms: str |
                       rules: str = "simple") -> dict:
     """CHAIR from files. Without ``synonyms`` the vocabulary is every object in the ground truth.
 
-    ``rules`` picks the caption parser (:mod:`haltrace.evals.chair_rules`): ``"simple"`` (default, the
+    ``rules`` picks the caption parser (:mod:`haltrace.data.chair_rules`): ``"simple"`` (default, the
     organism's; synonyms read by :func:`read_synonyms`) or ``"official"`` (``chair.py``'s tokeniser,
     singularisation and double words; synonyms split exactly as ``chair.py`` does). For COCO annotation
     files use :func:`haltrace.evals.coco.score_chair`.

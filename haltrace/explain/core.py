@@ -159,7 +159,7 @@ def chair_table_for(model: Model, table: Any = None, rules: str | None = None,
                     truth: Sequence[str] = ()) -> tuple[Any, str, str]:
     """``(SynonymTable, rules, source)``: the given table; an organism's kinds (simple rules); else COCO's official
     table. Truth words the table lacks are added as their own class (an object named in the truth is an object)."""
-    from haltrace.evals.chair_rules import RULES, SynonymTable, identity_table, read_synonym_table
+    from haltrace.data.chair_rules import RULES, SynonymTable, identity_table, read_synonym_table
 
     if isinstance(table, (str, Path)):
         rules = rules or "official"
@@ -187,7 +187,7 @@ def chair_table_for(model: Model, table: Any = None, rules: str | None = None,
 def _object_mentions(text: str, table: Any, rules: str) -> list[dict[str, Any]]:
     """Object mentions in ``text``: ``{"word", "canonical", "start", "end"}``, one per CHAIR mention, found word
     by word (two-word names merged when CHAIR's rules merge them)."""
-    from haltrace.evals.chair_rules import parse_caption
+    from haltrace.data.chair_rules import parse_caption
 
     words = _words(text)
     out, i = [], 0
@@ -422,7 +422,7 @@ def explain_answer(model: Model, inputs: Mapping[str, Any], *, max_new_tokens: i
             m["confidence_layer"], m["confidence_patch"] = where // flat.shape[1], where % flat.shape[1]
     chair_out = None
     if chair is not None:
-        from haltrace.evals.chair_rules import parse_caption
+        from haltrace.data.chair_rules import parse_caption
 
         table, rules, source = chair
         whole = parse_caption(text, table, rules)

@@ -70,10 +70,6 @@ def intervention_refusals(item: Any) -> list[str]:
 def fitted_refusals(fitted: Any) -> list[str]:
     """Why a :class:`~haltrace.steering.registry.FittedIntervention` is not a plain additive vector."""
     reasons = []
-    if getattr(fitted, "hooks", None) is not None:
-        reasons.append(f"{fitted.method} installs custom hooks (gated or stateful edits, e.g. a detector that "
-                       "decides per step) that run Python code during decoding; a file of fixed vectors cannot hold "
-                       "code")
     if getattr(fitted, "generate_kwargs", None):
         reasons.append(f"{fitted.method} is a decoding strategy (generate() arguments "
                        f"{sorted(fitted.generate_kwargs)}), not an activation edit; there is no vector to export")

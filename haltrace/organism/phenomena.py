@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from haltrace.evals.chair import chair_metrics
+from haltrace.data.chair import chair_metrics
 from haltrace.evals.pope import pope_metrics
 from haltrace.organism import tasks
 from haltrace.organism.processing import EOS, build_vocab, n_image_tokens
@@ -268,7 +268,7 @@ def eval_colour_control(runner: OrganismRunner) -> dict:
 def eval_chair(runner: OrganismRunner) -> dict:
     """CHAIR on the anchor-without-partner caption set, with the share of hallucinations that are partners.
 
-    Returns :func:`haltrace.evals.chair.chair_metrics` over the object kinds (``chair_s`` = fraction of
+    Returns :func:`haltrace.data.chair.chair_metrics` over the object kinds (``chair_s`` = fraction of
     captions with a hallucinated object, ``chair_i`` = fraction of object mentions that are hallucinated,
     ``recall``, counts) plus: ``partner_fraction_of_hallucinations`` (captions naming the absent partner per
     hallucinated mention), ``absent_partner_named_rate`` (fraction of captions naming it),

@@ -68,16 +68,14 @@ class SteeringHandle:
 
 
 def _refuse_partial(fitted: Any, how: str) -> None:
-    """A fit with custom hooks or generate() arguments cannot go in whole as plain engine edits: refuse instead
-    of silently dropping them (VTI's vision half, TruthPrInt's gate, DoLa's decoding)."""
-    parts = [p for p, present in (("custom hooks", getattr(fitted, "hooks", None) is not None),
-                                  ("generate() arguments " + str(sorted(getattr(fitted, "generate_kwargs", {}) or {})),
-                                   bool(getattr(fitted, "generate_kwargs", None)))) if present]
-    if parts:
+    """A fit that needs ``generate()`` arguments (a third-party method) cannot go in whole through the engine:
+    refuse instead of silently dropping them. Every registered method's fit is engine interventions only."""
+    extra = getattr(fitted, "generate_kwargs", None)
+    if extra:
         name = getattr(fitted, "method", type(fitted).__name__)
-        raise ValueError(f"{how}(model, fitted) cannot install the {name} fit whole: it has {' and '.join(parts)}. "
-                         "Use `with fitted.apply(model):` (installs everything) and pass "
-                         "`**fitted.generate_kwargs` to generate(), or `fitted.attach(model)`")
+        raise ValueError(f"{how}(model, fitted) cannot install the {name} fit whole: it needs generate() arguments "
+                         f"{sorted(extra)}. Use `with fitted.apply(model):` and pass `**fitted.generate_kwargs` to "
+                         "generate()")
 
 
 def _flatten(interventions: Sequence[Any]) -> list[Intervention]:
@@ -210,21 +208,9 @@ def steer(model: Any, *interventions: Any) -> Iterator[SteeringHandle]:
     >>> with steer(model, Add("resid_post.1", v, alpha=2.0), Project("resid_post.2", d)):  # doctest: +SKIP
     ...     out = model.hf.generate(**inputs, max_new_tokens=8)
     """
-    fits = [i for i in interventions if hasattr(i, "interventions") and hasattr(i, "apply")]
-    for fitted in fits:
-        if getattr(fitted, "generate_kwargs", None):  # steer() cannot reach generate(): refuse, never drop
-            _refuse_partial(fitted, "steer")
-    if any(getattr(f, "hooks", None) is not None for f in fits):
-        from contextlib import ExitStack
-
-        plain = [i for i in interventions if i not in fits]
-        with ExitStack() as stack:
-            for fitted in fits:
-                stack.enter_context(fitted.apply(model))  # its engine edits and its custom hooks
-            handle = attach(model, *plain) if plain else SteeringHandle([])
-            stack.callback(handle.remove)
-            yield handle
-        return
+    for item in interventions:
+        if hasattr(item, "interventions"):  # steer() cannot reach generate(): refuse, never drop
+            _refuse_partial(item, "steer")
     handle = attach(model, *interventions)
     try:
         yield handle

@@ -203,7 +203,7 @@ def mentions(text: str, objects: Sequence[str]) -> list[str]:
 
 def chair_tally(captions: Sequence[str], truths: Sequence[set[str]], objects: Sequence[str]) -> dict[str, float]:
     """CHAIR_i / CHAIR_s / recall / mean length of ``captions`` against ground-truth sets, mentions by
-    :func:`mentions` (the same tally as :func:`haltrace.evals.chair.chair_metrics` with no synonym table)."""
+    :func:`mentions` (the same tally as :func:`haltrace.data.chair.chair_metrics` with no synonym table)."""
     mentioned = hallucinated = with_hallucination = covered = truth_total = words = 0
     for caption, truth in zip(captions, truths, strict=True):
         found = mentions(caption, objects)

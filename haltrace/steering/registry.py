@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,21 +38,19 @@ _REGISTRY: dict[str, type[Method]] = {}
 
 @dataclass
 class FittedIntervention:
-    """What a method's ``fit`` returns: engine interventions to install, or a decoding strategy, plus provenance.
+    """What a method's ``fit`` returns: engine interventions to install, plus provenance.
 
-    ``interventions`` go through :func:`haltrace.steering.steer`. ``hooks`` is for methods that need custom
-    stateful hooks (e.g. a detector gating an edit during decoding): a callable ``hooks(model)`` returning a
-    context manager. ``generate_kwargs`` are extra arguments for ``generate()`` (e.g. a DoLa logits processor).
-    ``state`` holds what the method's :meth:`Method.restore` needs to rebuild ``hooks`` from a saved file: JSON
-    scalars and tensors only (no callables), so :func:`haltrace.steering.results.save_fitted` can store it.
+    Every registered method's fit is engine interventions only (gated edits, per-prompt detection, decoding-side
+    logits edits included), so :func:`haltrace.steering.steer`, :meth:`apply`, ``save_fitted`` and
+    ``load_fitted`` handle every fit whole. ``generate_kwargs`` is for a third-party method that needs
+    ``generate()`` arguments: :meth:`apply` cannot pass them (pass ``**fitted.generate_kwargs`` yourself) and
+    ``steer(model, fitted)`` refuses such a fit rather than drop them.
     """
 
     method: str
     interventions: list[Intervention] = field(default_factory=list)
     provenance: dict[str, Any] = field(default_factory=dict)
-    hooks: Callable[[Any], Any] | None = None
     generate_kwargs: dict[str, Any] = field(default_factory=dict)
-    state: dict[str, Any] = field(default_factory=dict)
 
     @contextmanager
     def apply(self, model: Any) -> Iterator[FittedIntervention]:
@@ -65,8 +63,6 @@ class FittedIntervention:
         with ExitStack() as stack:
             if self.interventions:
                 stack.enter_context(steer(model, *self.interventions))
-            if self.hooks is not None:
-                stack.enter_context(self.hooks(model))
             yield self
 
     def attach(self, model: Any) -> SteeringHandle:
@@ -96,10 +92,9 @@ class _Closer:
 
 
 class Method:
-    """Base class: subclasses set ``name``, ``summary`` and implement ``fit``.
-
-    A method whose fit returns custom ``hooks`` also fills ``FittedIntervention.state`` and implements
-    :meth:`restore`, so that a saved intervention loads back whole (engine-only methods need neither).
+    """Base class: subclasses set ``name``, ``summary`` and implement ``fit`` returning engine interventions
+    (a method with edits of its own registers their types with
+    :func:`~haltrace.steering.interventions.register_state_type`, so its fits save and load whole).
     """
 
     name: str = ""
@@ -116,11 +111,6 @@ class Method:
         non-finite number, a ``layer``/``layers`` outside the model. Raises :class:`haltrace.errors.InputError`
         naming the option (the methods' own checks stay; this only runs them earlier)."""
         check_fit_options(self, model, kwargs)
-
-    def restore(self, state: dict[str, Any]) -> FittedIntervention:
-        """Rebuild the hooks (and ``generate_kwargs``) of a fitted intervention from its saved ``state``."""
-        raise NotImplementedError(f"{self.name} does not restore saved hooks; refit it with "
-                                  f"get_method({self.name!r}).fit(model)")
 
 
 def _numbers(value: Any) -> list[Any]:

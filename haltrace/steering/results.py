@@ -109,10 +109,9 @@ def _describe(item: Any, i: int, tensors: dict[str, torch.Tensor]) -> dict[str, 
 def save_fitted(fitted: Any, out: str | Path, *, extra: Mapping[str, Any] | None = None) -> dict[str, Path]:
     """Write ``out/intervention.safetensors`` + ``out/intervention.json`` atomically; returns both paths.
 
-    Custom ``hooks`` are code, not tensors: what rebuilds them is the method's ``state`` (its tensors go into the
-    safetensors file, its scalars into the JSON), read back by the registered method's ``restore``. A fit with
-    hooks but no state is written with ``restorable: false``, and :func:`load_fitted` refuses it, so nobody
-    mistakes the file for the whole method.
+    Each intervention is written as its registered state (:func:`~haltrace.steering.interventions.to_state`:
+    tensors into the safetensors file, everything else into the JSON), so every method's fit, gated and
+    per-prompt edits included, loads back whole; ``generate_kwargs`` (third-party methods) are stored as JSON.
     """
     from safetensors.torch import save_file
 
@@ -125,10 +124,7 @@ def save_fitted(fitted: Any, out: str | Path, *, extra: Mapping[str, Any] | None
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "method": fitted.method,
         "interventions": items,
         "provenance": _jsonable(dict(fitted.provenance), tensors, "provenance"),
-        "custom_hooks": fitted.hooks is not None,
         "generate_kwargs": _jsonable(dict(fitted.generate_kwargs), tensors, "generate_kwargs"),
-        "state": _jsonable(dict(fitted.state), tensors, "state"),
-        "restorable": bool(fitted.state) or (fitted.hooks is None and not fitted.generate_kwargs),
         "layer_convention": "resid_post.i = output of block i (haltrace.conventions)",
     }
     if extra:
@@ -158,12 +154,13 @@ def _resolve(value: Any, tensors: Mapping[str, torch.Tensor], where: Path) -> An
 
 
 def load_fitted(folder: str | Path) -> Any:
-    """Rebuild a :class:`FittedIntervention` from :func:`save_fitted` files: engine interventions, provenance,
-    and, for methods with custom hooks or decoding arguments, those too (the registered method's ``restore``).
+    """Rebuild a :class:`FittedIntervention` from :func:`save_fitted` files: every engine intervention (through
+    the registry of intervention types: a file names a registered type, it never chooses what is imported),
+    provenance and ``generate_kwargs``.
 
     >>> fitted = load_fitted("runs/truthprint")      # doctest: +SKIP
     >>> with fitted.apply(model):                     # doctest: +SKIP
-    ...     model.hf.generate(**inputs, **fitted.generate_kwargs)
+    ...     model.hf.generate(**inputs)
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -184,11 +181,9 @@ def load_fitted(folder: str | Path) -> Any:
         manifest = manifest if isinstance(manifest, dict) else {}
         raise FitFileError(f"{json_path} is not a haltrace fitted intervention (format={manifest.get('format')!r})")
     method = str(manifest.get("method"))
-    needs_hooks = bool(manifest.get("custom_hooks") or manifest.get("generate_kwargs"))
-    if needs_hooks and not manifest.get("state"):
-        raise ValueError(f"{json_path} holds a {method} fit whose hooks were not saved (restorable: false; written "
-                         f"by an older haltrace or by a method without restore); refit it with "
-                         f"`haltrace steer --method {method} --out DIR`")
+    if manifest.get("custom_hooks"):  # format 1: a method that installed hooks of its own (before the engine ran all)
+        raise FitFileError(f"{json_path} holds a {method} fit written by an older haltrace, whose {method} ran hooks "
+                           f"outside the engine; refit it with `haltrace steer --method {method} --out DIR`")
     try:
         _check_container(tensor_path)  # pickles, torch.save zips and truncated files, in plain words
         tensors = load_file(str(tensor_path))
@@ -213,11 +208,10 @@ def _registered_add(name: str) -> Any:
 
 def _rebuild(manifest: dict, tensors: dict, json_path: Path) -> Any:
     from haltrace.steering.interventions import Add, NormPreservingAdd, Project, ScaleHeads, from_state
-    from haltrace.steering.registry import FittedIntervention, get_method, list_methods
+    from haltrace.steering.registry import FittedIntervention, list_methods
 
     list_methods()  # methods register their own intervention types: import them before rebuilding
     method = str(manifest.get("method"))
-    needs_hooks = bool(manifest.get("custom_hooks") or manifest.get("generate_kwargs"))
     # format 1 files (no "state" per row): a fixed table of the plain types; the file names a type, it never
     # chooses what gets imported
     kinds = {"Add": Add, "NormPreservingAdd": NormPreservingAdd, "Project": Project, "ScaleHeads": ScaleHeads}
@@ -237,9 +231,5 @@ def _rebuild(manifest: dict, tensors: dict, json_path: Path) -> Any:
         else:
             items.append(cls(row["hook"], vector=tensors[row["vector"]], alpha=row["alpha"], **common))
     provenance = _resolve(manifest.get("provenance", {}), tensors, json_path)
-    if not needs_hooks:
-        return FittedIntervention(method, items, provenance)
-    state = _resolve(manifest["state"], tensors, json_path)
-    restored = get_method(method).restore(state)  # only registered names; unknown ones list the registry
-    return FittedIntervention(method, items + restored.interventions, {**provenance, **restored.provenance},
-                              hooks=restored.hooks, generate_kwargs=restored.generate_kwargs, state=state)
+    return FittedIntervention(method, items, provenance,
+                              generate_kwargs=_resolve(manifest.get("generate_kwargs") or {}, tensors, json_path))

@@ -9,7 +9,7 @@ haltrace choice, listed in the fit's ``provenance["deviations"]``.
 **Caption variant** (``variant="caption"``, the default: the paper's method):
 
 1. *Fit data.* The model captions the fit images itself (greedy); every object word in its captions is labelled
-   with the project's CHAIR matching (:func:`haltrace.evals.chair_rules.parse_caption`): hallucinated when the
+   with the project's CHAIR matching (:func:`haltrace.data.chair_rules.parse_caption`): hallucinated when the
    object is not among the image's ground-truth objects, real otherwise.
 2. *Detector.* Logistic regression (standardised features) on the ``resid_post`` state of the token *before*
    each object word (the state that produces the object's first token). Default: the blocks read (one block, or a
@@ -254,9 +254,9 @@ class ChairMatcher:
     """The project's CHAIR matching as TruthPrInt uses it: ``parse(caption)`` lists the canonical objects a
     caption mentions (repeats kept), ``canonical(word)`` maps a ground-truth name into the same space.
 
-    ``rules="simple"`` with no ``synonyms`` is :func:`haltrace.evals.chair.caption_objects` over
+    ``rules="simple"`` with no ``synonyms`` is :func:`haltrace.data.chair.caption_objects` over
     ``vocabulary`` (the organism's CHAIR); ``rules="official"`` (default table: the packaged COCO synonyms) is
-    the official ``chair.py`` parsing (:func:`haltrace.evals.chair_rules.parse_caption`).
+    the official ``chair.py`` parsing (:func:`haltrace.data.chair_rules.parse_caption`).
     """
 
     vocabulary: tuple[str, ...]
@@ -267,7 +267,7 @@ class ChairMatcher:
 
     @classmethod
     def build(cls, vocabulary: Sequence[str] | None, rules: str = "simple", synonyms: Any = None) -> ChairMatcher:
-        from haltrace.evals.chair_rules import check_rules, identity_table, phrases_for, read_synonym_table
+        from haltrace.data.chair_rules import check_rules, identity_table, phrases_for, read_synonym_table
 
         try:
             check_rules(rules)
@@ -291,7 +291,7 @@ class ChairMatcher:
         return {"vocabulary": list(self.vocabulary), "chair_rules": self.rules, "synonyms": self.synonyms}
 
     def parse(self, caption: str) -> list[str]:
-        from haltrace.evals.chair_rules import parse_caption
+        from haltrace.data.chair_rules import parse_caption
 
         return parse_caption(caption, self._table, self.rules, self._phrases)
 
@@ -674,7 +674,7 @@ def _caption_labels(model: Any, caps: Sequence[Caption], items: Sequence[Caption
 
 
 def _chair(caps: Sequence[str], items: Sequence[CaptionItem], matcher: ChairMatcher) -> dict[str, float]:
-    from haltrace.evals.chair import score_mentions
+    from haltrace.data.chair import score_mentions
 
     m = score_mentions(list(caps), [it.objects for it in items], matcher.parse, matcher.canonical)
     return {k: float(m[k]) for k in ("chair_i", "chair_s", "recall", "mean_length")}
@@ -892,11 +892,11 @@ class TruthPrInt(Method):
                          "labels": "object words of the model's own fit captions; 1 = not in the image (CHAIR)",
                          "features": "the producing state of each object word's first token",
                          "val_auroc": pick["val_auroc"], "held_out": "30% of the fit images (by image)",
-                         "rule": f"fewest blocks, then smallest C, within {AUROC_TOLERANCE} held-out AUROC of "
-                                 "the best",
                          "candidates": scores_l,
                          "selection": ("preset (relative depth)" if paper and len(cand) == 1 else
-                                       "layers given" if len(cand) == 1 else "best held-out AUROC")},
+                                       "layers given" if len(cand) == 1 else
+                                       f"fewest blocks, then smallest C, within {AUROC_TOLERANCE} of the best "
+                                       "held-out AUROC")},
             "direction": {"kind": direction, "norm": float(d.norm()), "cosines": cosines,
                           "definition": {"truthful_minus_hallucinated": "mean(real object producing states) - "
                                                                         "mean(hallucinated ones), fit split",

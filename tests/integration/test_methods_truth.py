@@ -145,6 +145,6 @@ def test_caa_recorded(model, baseline, results, record_property):
 def test_dola_recorded(model, baseline, results, record_property):
     fitted, after = results("dola")
     check_provenance(fitted, "dola")
-    assert fitted.hooks.stats["positions"] > 0
+    assert fitted.interventions[0].stats["positions"] > 0
     record(record_property, "dola", baseline, after, fitted)
-    print(f"[dola] premature layer choices {fitted.hooks.stats['premature']}")
+    print(f"[dola] premature layer choices {fitted.interventions[0].stats['premature']}")

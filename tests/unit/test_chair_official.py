@@ -14,7 +14,7 @@ import re
 import pytest
 
 from haltrace.evals import formats
-from haltrace.evals.chair_rules import (
+from haltrace.data.chair_rules import (
     COCO_SYNONYMS,
     OFFICIAL_DOUBLE_WORDS,
     chair_scores,

@@ -54,7 +54,7 @@ def test_mentions_matches_whole_words_longest_name_first():
 
 
 def test_chair_tally_equals_the_evals_chair_metrics():
-    from haltrace.evals.chair import chair_metrics
+    from haltrace.data.chair import chair_metrics
 
     caps = ["fork knife", "cup plate cup", "", "knife red knife blue"]
     truths = [{"fork"}, {"plate"}, {"cup"}, {"knife", "fork"}]
@@ -120,7 +120,9 @@ def test_two_passes_erase_only_the_objects_the_first_pass_mentions(tiny_model, f
     answers = first_pass(model, dict(inputs), 4)
     expected = [[o for o in objects if o in mentions(a, objects)] for a in answers]
     assert any(expected), answers
-    edit = ProjectAwayEdit("resid_post.0", torch.randn(len(objects), model.hidden_size), objects=objects,
+    # fixed directions: with the global RNG the test would depend on which tests ran before it
+    directions = torch.randn(len(objects), model.hidden_size, generator=torch.Generator().manual_seed(0))
+    edit = ProjectAwayEdit("resid_post.0", directions, objects=objects,
                            threshold=2.0, weight=3.0, caption_tokens=4)  # threshold 2: every mention is flagged
     before = _logits(model, inputs)
     with steer(model, edit):
@@ -206,7 +208,7 @@ def test_preset_paper_records_itself_and_its_deviations(tiny_llava):
     assert any("relative depth" in d for d in prov["deviations"]) and all(isinstance(d, str) for d in prov["deviations"])
     assert any("caption_tokens" in d or "stops after 3 tokens" in d for d in prov["deviations"])
     (edit,) = fitted.interventions
-    assert isinstance(edit, ProjectAwayEdit) and fitted.hooks is None and not fitted.state
+    assert isinstance(edit, ProjectAwayEdit) and not fitted.generate_kwargs
     assert not fitted.generate_kwargs
     with pytest.raises(InputError, match="preset"):
         ProjectAway().fit(model, _items(model), preset="published")
@@ -256,7 +258,7 @@ def test_save_load_round_trip_and_steer_whole(tiny_llava, tmp_path):
     assert torch.equal(again.directions, edit.directions) and again.objects == edit.objects
     save_fitted(fitted, tmp_path)
     loaded = load_fitted(tmp_path)
-    assert loaded.hooks is None and type(loaded.interventions[0]) is ProjectAwayEdit
+    assert not loaded.generate_kwargs and type(loaded.interventions[0]) is ProjectAwayEdit
     with steer(model, fitted):  # the whole fit goes through the engine (no custom hooks)
         a = _logits(model, inputs)
         ga = model.hf.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)

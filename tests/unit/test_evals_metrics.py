@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from haltrace.evals.chair import caption_objects, chair_metrics
+from haltrace.data.chair import caption_objects, chair_metrics
 from haltrace.evals.pope import parse_pope_answer, pope_metrics
 
 

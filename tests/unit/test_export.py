@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from haltrace.cli import app
 from haltrace.export import ExportError, export, export_gguf, load_vector, read_gguf, vector_from_fitted
-from haltrace.steering.engine import Add, NormPreservingAdd, Project, ScaleHeads, steer
+from haltrace.steering.engine import Add, Gated, LinearDetector, NormPreservingAdd, Project, ScaleHeads, steer
 from haltrace.steering.registry import FittedIntervention
 from haltrace.steering.results import save_fitted
 from haltrace.steering.vector import SteeringVector
@@ -98,7 +98,9 @@ V = torch.ones(D)
     (FittedIntervention("h", [Add("head_out.1", torch.ones(4), head=1)]), "no per-head hook"),
     (FittedIntervention("l", [Add("resid_post.2", V, positions="last")]), "positions='last'.*no position masks"),
     (FittedIntervention("ph", [Add("resid_post.2", V, phase="prompt")]), "only in the prompt phase"),
-    (FittedIntervention("g", [], hooks=lambda model: None), "custom hooks .*cannot hold code"),
+    (FittedIntervention("g", [Gated(Add("resid_post.2", V, positions="producing"),
+                                    LinearDetector([2], V, V.abs() + 1, V, 0.0, threshold=0.5))]),
+     "Gated at resid_post.2 is not a plain Add"),
     (FittedIntervention("d", [], generate_kwargs={"dola_layers": "high"}), "decoding strategy"),
     (FittedIntervention("e", []), "nothing to export"),
 ])
@@ -134,9 +136,10 @@ def test_steer_out_folder_exports_with_model_facts(tmp_path):
     result = export(tmp_path / "run", tmp_path / "run.gguf")
     assert result.n_layers == 5 and _fields(tmp_path / "run.gguf")["controlvector.layer_count"][0] == 5
     np.testing.assert_allclose(read_gguf(tmp_path / "run.gguf").directions[2].numpy(), 4.0 * V.numpy())
-    gated = FittedIntervention("gated", [], hooks=lambda model: None)
+    gated = FittedIntervention("gated", [Gated(Add("resid_post.2", V, positions="producing"),
+                                               LinearDetector([2], V, V.abs() + 1, V, 0.0, threshold=0.5))])
     save_fitted(gated, tmp_path / "gated", extra={"model": str(model_dir)})
-    with pytest.raises(ExportError, match="custom hooks"):
+    with pytest.raises(ExportError, match="Gated at resid_post.2 is not a plain Add"):
         load_vector(tmp_path / "gated")
 
 

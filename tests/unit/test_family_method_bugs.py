@@ -72,7 +72,7 @@ def test_vti_alpha_image_zero_skips_the_visual_direction(tiny_model, monkeypatch
 
     monkeypatch.setattr(vti_mod, "visual_direction", boom)
     fitted = VTI().fit(model, _vti_data(prompt, images), alpha_text=2.0, alpha_image=0.0, num_trials=2)
-    assert fitted.hooks is None and len(fitted.interventions) == model.n_layers
+    assert not fitted.generate_kwargs and len(fitted.interventions) == model.n_layers
     assert fitted.provenance["layers"]["vision"] == []
     assert fitted.provenance["visual_direction"].startswith("skipped")
     # choosing over a grid of image strengths that are all 0 needs no visual direction either
@@ -103,7 +103,7 @@ def test_vti_visual_direction_on_non_clip_inputs(tiny_model, family):
     vision = [i for i in fitted.interventions if isinstance(i, VisionRotateTowards)]
     direction = torch.stack([i.direction for i in vision])
     assert [i.hook for i in vision] == [f"vision_mlp_out.{k}" for k in range(len(model.adapter.vision_blocks))]
-    assert direction.shape[0] == len(fitted.provenance["layers"]["vision"]) and fitted.hooks is None
+    assert direction.shape[0] == len(fitted.provenance["layers"]["vision"]) and not fitted.generate_kwargs
     assert bool(torch.isfinite(direction).all()) and float(direction.norm()) > 0
     before, n_hooks = _logits(model, inputs), _hook_count(model)
     with fitted.apply(model):  # the vision-block hooks fit this family's vision blocks and change the output

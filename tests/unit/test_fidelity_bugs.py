@@ -23,31 +23,22 @@ def _logits(model, inputs):
         return model.hf(**inputs).logits
 
 
-def test_steer_installs_a_fit_with_hooks_whole(tiny_llama):
-    from contextlib import contextmanager
+def test_steer_installs_a_fit_whole(tiny_llama):
+    """A gated edit plus a plain one (TruthPrInt's and CAA's shapes): steer(model, fitted) runs both, as apply."""
+    from haltrace.steering.engine import Gated, LinearDetector
 
     model, inputs = tiny_llama
-    calls = []
-
-    @contextmanager
-    def hooks(m):
-        handle = m.adapter.layers[0].register_forward_hook(lambda *_a: calls.append(1))
-        try:
-            yield
-        finally:
-            handle.remove()
-
-    fitted = FittedIntervention("test", [Add("resid_post.1", torch.ones(model.hidden_size), alpha=3.0)], hooks=hooks)
+    d = model.hidden_size
+    det = LinearDetector([0], torch.zeros(d), torch.ones(d), torch.zeros(d), 0.0, threshold=0.0)  # always fires
+    fitted = FittedIntervention("test", [Add("resid_post.1", torch.ones(d), alpha=3.0),
+                                         Gated(Add("resid_post.0", torch.ones(d), positions="producing"), det)])
     before = _logits(model, inputs)
     with steer(model, fitted):
         steered = _logits(model, inputs)
-    assert calls and not torch.allclose(steered, before)  # both halves ran
+    assert det.stats["fired"] == det.stats["steps"] > 0 and not torch.allclose(steered, before)  # both ran
     with fitted.apply(model):
         assert torch.equal(_logits(model, inputs), steered)
     assert torch.equal(_logits(model, inputs), before)
-    only_hooks = FittedIntervention("gate-only", [], hooks=hooks)  # TruthPrInt's shape: no engine edits
-    with steer(model, only_hooks):
-        pass
 
 
 def test_steer_refuses_a_fit_it_cannot_install_whole(tiny_llama):
@@ -58,9 +49,9 @@ def test_steer_refuses_a_fit_it_cannot_install_whole(tiny_llama):
             pass
     from haltrace.steering.engine import attach
 
-    with pytest.raises(ValueError, match="custom hooks"):
+    with pytest.raises(ValueError, match="generate"):
         attach(model, FittedIntervention("x", [Add("resid_post.0", torch.ones(model.hidden_size))],
-                                         hooks=lambda m: None))
+                                         generate_kwargs={"num_beams": 2}))
 
 
 def test_rotate_towards_at_resid_post_is_refused_by_export():

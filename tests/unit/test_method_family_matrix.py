@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from contextlib import ExitStack, contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ from haltrace.data import (
 )
 from haltrace.models.prompting import build_prompt
 from haltrace.models.tiny import TINY_FAMILIES, tiny_image
-from haltrace.steering.engine import Gated, LinearDetector
+from haltrace.steering.engine import Gated, Intervention, LinearDetector
 from haltrace.steering.fitdata import TRUTHPRINT_FIT_SEED, image_split, question_states, says_yes
 from haltrace.steering.registry import FittedIntervention, get_method, list_methods
 from haltrace.steering.truthprint import gate_of
@@ -92,18 +91,15 @@ class _Boom(LogitsProcessor):
         return scores
 
 
-def _failing_after(hooks):
-    """``hooks`` whose installation installs the original hooks (if any), then fails."""
+@dataclass
+class _FailsOnInstall(Intervention):
+    """Fails while the engine installs the fit (after the method's own edits were checked)."""
 
-    @contextmanager
-    def install(model):
-        with ExitStack() as stack:
-            if hooks is not None:
-                stack.enter_context(hooks(model))
-            raise RuntimeError("install failed")
-        yield  # pragma: no cover - never reached
+    def edit(self, x, mask):  # pragma: no cover - never installed
+        return x
 
-    return install
+    def validate(self, model):
+        raise RuntimeError("install failed")
 
 
 # --------------------------------------------------------------------------------------- data
@@ -250,7 +246,7 @@ def test_fit_from_jsonl_and_generate(method, family, tiny_model, tmp_path):
     fitted = get_method(method).fit(model, data, **options)
     assert fitted.method == method
     assert _hook_state(model) == before, "fit left hooks behind"
-    assert fitted.interventions or fitted.hooks is not None
+    assert fitted.interventions and not fitted.generate_kwargs  # every method: engine edits only
 
     inputs = _generate_inputs(model)
     n_rows, n_prompt = inputs["input_ids"].shape
@@ -282,7 +278,7 @@ def test_fit_from_jsonl_and_generate(method, family, tiny_model, tmp_path):
             raise KeyError("raised in the body")
     assert _hook_state(model) == before
     with pytest.raises(RuntimeError, match="install failed"):  # the last install step fails: none stays
-        with replace(fitted, hooks=_failing_after(fitted.hooks)).apply(model):
+        with replace(fitted, interventions=[*fitted.interventions, _FailsOnInstall("resid_post.0")]).apply(model):
             pass
     assert _hook_state(model) == before
     if method == "truthprint":  # the gate's edit path on this family: a gate that always fires

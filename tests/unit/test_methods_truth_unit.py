@@ -257,7 +257,7 @@ def test_dola_decoder_forward_generate_and_removal(tiny_llava, tiny_inputs):
     before = _n_hooks(tiny_llava)
     fitted = get_method("dola").fit(tiny_llava, layers=[0, 1])
     decoder = fitted.interventions[0]
-    assert fitted.hooks is None and fitted.generate_kwargs == {}
+    assert fitted.generate_kwargs == {}
     with torch.no_grad():
         plain = tiny_llava.hf(**inputs).logits
         with fitted.apply(tiny_llava):

@@ -98,43 +98,25 @@ def test_eval_official_files_without_model(tmp_path):
     assert data["report"]["pope"]["parser"] == "lvlm-lp" and data["metrics"]["pope.random.recall"] == 0.0
 
 
-class _HookOnly(Method):
-    """A test method with a custom hook and no ``restore``: its saved file cannot rebuild the hook."""
+def test_load_refuses_an_old_fit_with_custom_hooks(tmp_path):
+    """Format 1 saved methods that ran hooks outside the engine: loading says to refit, never half-loads."""
+    from haltrace.steering.results import FitFileError, load_fitted, save_fitted
 
-    name = "hook-only-test"
-    summary = "test only"
-
-    def fit(self, model, data=None, **kw):
-        from contextlib import nullcontext
-
-        return FittedIntervention(self.name, [], {}, hooks=lambda _model: nullcontext())
+    save_fitted(FittedIntervention("truthprint", [], {}), tmp_path)
+    manifest = json.loads((tmp_path / "intervention.json").read_text())
+    (tmp_path / "intervention.json").write_text(json.dumps(manifest | {"format_version": 1, "custom_hooks": True}))
+    with pytest.raises(FitFileError, match="older haltrace.*haltrace steer --method truthprint --out DIR"):
+        load_fitted(tmp_path)
 
 
-def test_load_refuses_hooks_that_were_not_saved(tmp_path):
+def test_load_names_an_unregistered_intervention_type(tmp_path):
     from haltrace.steering.results import load_fitted, save_fitted
 
-    register_method(_HookOnly)
-    try:
-        save_fitted(_HookOnly().fit(None), tmp_path)
-        assert json.loads((tmp_path / "intervention.json").read_text())["restorable"] is False
-        with pytest.raises(ValueError, match="hooks were not saved.*haltrace steer --method hook-only-test"):
-            load_fitted(tmp_path)
-        # a state without a restore: the method says so instead of returning a fit that does nothing
-        fitted = _HookOnly().fit(None)
-        fitted.state = {"x": 1.0}
-        save_fitted(fitted, tmp_path)
-        with pytest.raises(NotImplementedError, match="does not restore saved hooks"):
-            load_fitted(tmp_path)
-    finally:
-        _REGISTRY.pop(_HookOnly.name, None)
-
-
-def test_load_names_an_unregistered_method(tmp_path):
-    from haltrace.steering.results import load_fitted, save_fitted
-
-    fitted = FittedIntervention("no-such-method", [], {}, hooks=lambda _model: None, state={"x": 1.0})
-    save_fitted(fitted, tmp_path)
-    with pytest.raises(ValueError, match="unknown steering method 'no-such-method'; registered methods: .*pvp"):
+    save_fitted(FittedIntervention("x", [Add("resid_post.0", torch.ones(4))], {}), tmp_path)
+    manifest = json.loads((tmp_path / "intervention.json").read_text())
+    manifest["interventions"][0]["state"]["type"] = "NoSuchEdit"
+    (tmp_path / "intervention.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="unknown intervention type 'NoSuchEdit'; known types: .*Add"):
         load_fitted(tmp_path)
 
 

@@ -68,7 +68,7 @@ def test_gate_is_the_engine_gated_add(tiny_llama, tiny_inputs, tmp_path):
     assert isinstance(gate.inner, Add) and gate.inner.hook == "resid_post.1" and gate.positions == "producing"
     assert isinstance(gate.detector, LinearDetector) and gate.detector.layers == [0, 1]
     fitted = FittedIntervention("truthprint", [gate], {"method": "truthprint"})
-    assert fitted.hooks is None and not fitted.generate_kwargs and not fitted.state
+    assert not fitted.generate_kwargs
     inputs = tiny_inputs("llama")
     with torch.no_grad():
         base = tiny_llama.hf(**inputs).logits
@@ -94,7 +94,7 @@ def test_yesno_variant_is_kept_and_says_it_is_in_distribution(organism):
                                           alphas=(1.0,))
     prov = fitted.provenance
     assert prov["variant"] == "yesno" and "in-distribution" in prov["in_distribution"]
-    assert isinstance(gate_of(fitted), Gated) and fitted.hooks is None
+    assert isinstance(gate_of(fitted), Gated) and not fitted.generate_kwargs
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -147,7 +147,7 @@ def test_caption_mentions_place_each_chair_object_on_its_first_token(tiny_llava)
 
 
 def test_official_rules_are_the_project_chair_parse(tiny_llava):
-    from haltrace.evals.chair_rules import parse_caption, read_synonym_table
+    from haltrace.data.chair_rules import parse_caption, read_synonym_table
 
     matcher = ChairMatcher.build(None, "official")
     caption = "Two dogs and a puppy near a hot dog stand."
@@ -157,7 +157,7 @@ def test_official_rules_are_the_project_chair_parse(tiny_llava):
 
 def test_caption_fit_reads_the_state_before_each_object(organism, caption_fit):
     """Labels are CHAIR's on the model's own captions; features are the producing states of the objects."""
-    from haltrace.evals.chair import chair_metrics
+    from haltrace.data.chair import chair_metrics
 
     model, world = organism
     items, fitted = caption_fit

@@ -167,7 +167,7 @@ def test_organism_fit_questions_are_not_evaluation_questions():
 def test_saved_fit_reloads_whole(llava, tmp_path):
     model, images, inputs = llava
     fitted = VTI().fit(model, _pairs(images), alpha_text=2.0, alpha_image=4.0, num_trials=2)
-    assert fitted.hooks is None and not fitted.state and not fitted.generate_kwargs
+    assert not fitted.generate_kwargs
     save_fitted(fitted, tmp_path / "vti")
     loaded = load_fitted(tmp_path / "vti")
     assert [type(i).__name__ for i in loaded.interventions] == [type(i).__name__ for i in fitted.interventions]

@@ -1,5 +1,9 @@
 """CHAIR (Rohrbach et al. 2018): object hallucination in captions.
 
+It sits in the data layer (with :mod:`haltrace.data.chair_rules`, the official parsing) because methods label
+their fit data with the same rules the benchmark scores with: TruthPrInt marks each caption object word real or
+hallucinated exactly as CHAIR would. The evaluations (:mod:`haltrace.evals`) import it from here.
+
 CHAIR_i = hallucinated object mentions / all object mentions (repeats counted, as the original does);
 CHAIR_s = captions with at least one hallucinated object / captions. A mention is hallucinated when its
 canonical word (through ``synonyms``) is not in the image's ground-truth set. Also reports recall

@@ -17,7 +17,7 @@ counted, while "buses" is), "canoes" -> "cano", "doggies"/"collies" stay plural;
 ``line.strip().split(', ')``, so "scooter,  motor bike" yields " motor bike" and "motor bike" is never counted,
 " cheesecake" likewise, and "iPhone" never matches a lower-cased caption.
 
-``"simple"`` is :func:`haltrace.evals.chair.caption_objects` (punctuation split, no singularisation), the
+``"simple"`` is :func:`haltrace.data.chair.caption_objects` (punctuation split, no singularisation), the
 organism's rule set: its vocabulary is plain single words (fork, knife, cup, plate, ball, banana, ...).
 
 >>> table = read_synonym_table()                     # the packaged official COCO table
@@ -33,11 +33,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from haltrace.evals.chair import caption_objects as simple_caption_objects
-from haltrace.evals.chair import chair_metrics, default_phrases, score_mentions
+from haltrace.data.chair import caption_objects as simple_caption_objects
+from haltrace.data.chair import chair_metrics, default_phrases, score_mentions
 
 RULES = ("official", "simple")
-COCO_SYNONYMS = Path(__file__).resolve().parent / "data" / "coco_synonyms.txt"
+COCO_SYNONYMS = Path(__file__).resolve().parent / "tables" / "coco_synonyms.txt"
 
 
 def check_rules(rules: str) -> str:
@@ -285,7 +285,7 @@ def chair_scores(captions: Sequence[str], truths: Sequence[Iterable[str]], table
                  rules: str = "official", phrases: Mapping[str, str] | None = None) -> dict:
     """CHAIR_s, CHAIR_i, recall, mean length, counts and hallucinated words, under ``rules``.
 
-    Same keys as :func:`haltrace.evals.chair.chair_metrics` (``"simple"`` is exactly that function). Truth
+    Same keys as :func:`haltrace.data.chair.chair_metrics` (``"simple"`` is exactly that function). Truth
     objects are mapped through the table too, so a truth list may name synonyms.
 
     >>> chair_scores(["Two dogs and a cat."], [{"dog"}], read_synonym_table())["chair_i"]
