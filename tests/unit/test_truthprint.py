@@ -17,7 +17,6 @@ from haltrace.steering.engine import Add, Gated, LinearDetector, steer
 from haltrace.steering.registry import FittedIntervention, get_method
 from haltrace.steering.truthprint import (
     ChairMatcher,
-    _stop_ids,
     caption_mentions,
     gate_of,
     generate_captions,
@@ -25,6 +24,7 @@ from haltrace.steering.truthprint import (
     paper_layer,
     truthful_gate,
 )
+from haltrace.steering.truthprint_captions import _stop_ids
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +230,7 @@ def _greedy(model, inputs, n, edits=()):
 def test_backtracking_cuts_at_the_least_confident_token_and_redecodes_with_the_shift(tiny_llava, tiny_inputs):
     """A detector that always fires: the first object word triggers one backtrack; the caption is cut at the
     least confident token of its sentence before the object, then re-decoded with the gate's Add."""
-    from haltrace.steering.truthprint import _word_starts
+    from haltrace.steering.truthprint_captions import _word_starts
 
     model = tiny_llava
     inputs = _one_row(tiny_inputs)
@@ -318,7 +318,7 @@ def test_explain_takes_a_fitted_truthprint_detector(caption_fit):
 
 
 def test_a_cut_inside_a_word_rescores_that_word_and_a_cut_at_a_word_keeps_the_scores():
-    from haltrace.steering.truthprint import _RowState
+    from haltrace.steering.truthprint_captions import _RowState
 
     tok = _PieceTokenizer()
     det = LinearDetector([0], torch.zeros(2), torch.ones(2), torch.zeros(2), -5.0, threshold=0.5)  # never fires
