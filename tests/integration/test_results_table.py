@@ -4,6 +4,7 @@ error. Real methods are replaced by two test methods so the test stays fast and 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,6 +50,8 @@ def test_results_table_all_methods(organism_folder, only_test_methods, tmp_path)
     assert "breaks-test" in text and "no contrast pairs for this organism" in text
     assert "- command: `" in text and "- date: " in text and organism_folder in text
     data = json.loads(out.with_suffix(".json").read_text())
+    (section, data), = data["sections"].items()  # one section per organism and preset
+    assert section == f"{Path(organism_folder).name}, haltrace settings"
     rows = {r["method"]: r for r in data["methods"]}
     assert set(rows) == {"works-test", "breaks-test"} and "error" in rows["breaks-test"]
     head = rows["works-test"]["headline"]
