@@ -225,6 +225,7 @@ def test_failed_registration_leaves_no_hooks(tiny_model, tiny_inputs, monkeypatc
         raise RuntimeError("no vision hook today")
 
     monkeypatch.setattr(model.adapter, "vision_site", refuse)
+    monkeypatch.setitem(model.adapter.__dict__, "_sites", {})  # sites are cached per adapter: resolve them anew
     with pytest.raises(RuntimeError, match="no vision hook"):
         model.capture(inputs, ["resid_post.0", "mlp_out.1", "projector_out"])
     assert _all_hooks_clear(model.hf, before)

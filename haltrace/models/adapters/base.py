@@ -366,6 +366,15 @@ class Adapter:
             kind = point.partition(".")[0]
             point = (parse_hook(point, kinds=VISION_BLOCK_HOOKS) if kind in VISION_BLOCK_HOOKS
                      else parse_hook(point, self.n_layers, vision=self.is_vlm))
+        # cached per point: a capture resolves every hooked layer on every call, and finding a family's modules
+        # (get_decoder() ...) costs more than the hook itself on small models (bench_trace)
+        cache = self.__dict__.setdefault("_sites", {})
+        site = cache.get(point)
+        if site is None:
+            site = cache[point] = self._build_site(point)
+        return site
+
+    def _build_site(self, point: HookPoint) -> Site:
         kind, i = point.kind, point.layer
         if kind == "resid_pre":
             return Site(point, self.layers[i], "pre")
