@@ -9,7 +9,7 @@ eager attention, on the attention modules), so what is shown is what made each t
   predicting position (the token's trajectory over layers, with a competitor's);
 * the attention of the predicting position to every image token per layer (mean over heads), whose sum is
   :func:`haltrace.trace.attention.attention_to_image`'s per-layer ratio;
-* scores: a fitted TruthPrInt detector's ``TruthfulGate.probability`` at the predicting position, a probe vector's
+* scores: a fitted TruthPrInt detector's ``LinearDetector.probability`` (its ``Gated`` edit) at the predicting position, a probe vector's
   projection, and ProjectAway's internal confidence ``c_o`` (max over layers and image patches of the word's
   probability; :func:`haltrace.trace.lens.image_token_confidence`) for object words;
 * with ``truth``: object words found with CHAIR's rules and marked real or hallucinated.
@@ -235,7 +235,7 @@ def _resolve_detector(detector: Any) -> Any:
     gate = getattr(detector, "detector", None) or getattr(detector, "hooks", None) or detector
     if not hasattr(gate, "probability") or not hasattr(gate, "layers"):
         raise ValueError("--detector needs a fitted TruthPrInt folder (`haltrace steer --method truthprint --out "
-                         f"DIR`) or a TruthfulGate; got {type(detector).__name__}")
+                         f"DIR`) or its Gated edit; got {type(detector).__name__}")
     return gate
 
 

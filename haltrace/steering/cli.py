@@ -428,8 +428,8 @@ def _load_saved(folder: Path, method: str | None, model: str | None, kwargs: dic
     try:
         fitted = load_fitted(folder)
         recorded = json.loads((folder / "intervention.json").read_text()).get("model")
-    # NotImplementedError: a method whose saved hooks cannot be restored (Method.restore); refit it instead
-    except (OSError, ValueError, KeyError, NotImplementedError) as exc:
+    # ValueError covers FitFileError: a damaged file, an unknown intervention type, an old custom-hook fit
+    except (OSError, ValueError, KeyError) as exc:
         raise typer.BadParameter(str(exc), param_hint="--from") from None
     if method not in (None, fitted.method):
         raise typer.BadParameter(f"{folder} holds a {fitted.method} fit, not {method}; drop --method",

@@ -224,7 +224,7 @@ def _flat_vision_states(model: Any, copies: torch.Tensor, grid: torch.Tensor, ma
                         ) -> torch.Tensor:
     """:func:`_vision_states` for a flat-patch tower: ``copies [n, n_patches, F]`` of one image with grid
     ``grid [3]`` -> ``[n_layers_v, n_patches, d_v]`` averaged over the copies (rows in the tower's own order,
-    which is what its blocks -- and so :func:`vision_hooks` -- see)."""
+    which is what its blocks -- and so :class:`VisionRotateTowards` -- see)."""
     tower = model.adapter.vision_tower
     n, per = copies.shape[:2]
     step = max(1, max_rows // per)
