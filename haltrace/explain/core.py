@@ -232,7 +232,7 @@ def _resolve_detector(detector: Any) -> Any:
         if hasattr(getattr(item, "detector", None), "probability"):
             detector = item
             break
-    gate = getattr(detector, "detector", None) or getattr(detector, "hooks", None) or detector
+    gate = getattr(detector, "detector", None) or detector
     if not hasattr(gate, "probability") or not hasattr(gate, "layers"):
         raise ValueError("--detector needs a fitted TruthPrInt folder (`haltrace steer --method truthprint --out "
                          f"DIR`) or its Gated edit; got {type(detector).__name__}")
