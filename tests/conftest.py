@@ -69,6 +69,24 @@ def _one_torch_thread():
 
 
 @pytest.fixture(scope="session")
+def random_organism():
+    """``(model, world)``: a random-weight ShapesWorld organism (real architecture and tokenizer, untrained), for
+    method plumbing that needs the organism's vocabulary but no trained phenomena."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from haltrace.models import Model
+    from haltrace.organism.processing import build_processor
+    from haltrace.organism.train import PRESETS, build_model_config
+    from haltrace.organism.world import ShapesWorld
+
+    world = ShapesWorld()
+    torch.manual_seed(0)
+    hf = LlavaForConditionalGeneration(build_model_config(world, PRESETS["tiny"]))
+    return Model.from_hf(hf, build_processor(world), name="random-organism"), world
+
+
+@pytest.fixture(scope="session")
 def organism_folder(tmp_path_factory) -> str:
     """An organism folder for CLI tests: $HALTRACE_TEST_ORGANISM, else the shipped one, else a 30-step tiny one
     (~30 s CPU; plumbing only, no phenomena)."""

@@ -46,9 +46,11 @@ def image_forward_inputs(ids: torch.Tensor, kwargs: dict) -> dict:
 class ForwardContext:
     """Which absolute positions the current forward covers, and the prompt's facts (set on its prefill)."""
 
-    def __init__(self, model: Any, preparers: list[Any] | None = None):
+    def __init__(self, model: Any, preparers: list[Any] | None = None, *, track_history: bool = False):
         self.model = model
         self.preparers = list(preparers or [])
+        # the token history grows by one concat per decoding step: kept only when an edit reads it
+        self.track_history = track_history
         self.offset = 0
         self.length = 0
         self.batch = 1
@@ -89,15 +91,16 @@ class ForwardContext:
             else:
                 self.last_prompt = torch.full((self.batch,), self.length - 1, dtype=torch.long)
             self.image = self.model.image_token_mask(ids) if (ids is not None and self.model.is_vlm) else None
-            self.history = ids
-            if ids is not None:
-                real = mask.bool() if mask is not None and mask.shape == ids.shape else torch.ones_like(ids, dtype=torch.bool)
-                self.history_mask = real
+            if self.track_history and ids is not None:
+                self.history = ids
+                self.history_mask = (mask.bool() if mask is not None and mask.shape == ids.shape
+                                     else torch.ones_like(ids, dtype=torch.bool))
             self.scratch.clear()
             for item in self.preparers:
                 with self.paused():
                     item.prepare(self.model, self)
-        elif ids is not None and self.history is not None and self.history.shape[0] == ids.shape[0]:
+        elif self.track_history and ids is not None and self.history is not None and \
+                self.history.shape[0] == ids.shape[0]:
             self.history = torch.cat([self.history, ids.to(self.history.device)], dim=1)
             self.history_mask = torch.cat([self.history_mask, torch.ones_like(ids, dtype=torch.bool).to(
                 self.history_mask.device)], dim=1)

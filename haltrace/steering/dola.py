@@ -185,6 +185,7 @@ class RepetitionPenalty(Intervention):
     wherever the model runs (``generate`` and plain forwards alike) and needs no ``generate()`` argument."""
 
     penalty: float = 1.2
+    uses_history = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

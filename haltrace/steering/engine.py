@@ -127,12 +127,13 @@ def attach(model: Any, *interventions: Any) -> SteeringHandle:
     for item in items:
         for name in item.reads(model):
             reads.setdefault(name, Intervention(name).point(model))
-    ctx = ForwardContext(model, [item for item in items if item.prepares])
+    ctx = ForwardContext(model, [item for item in items if item.prepares],
+                         track_history=any(item.uses_history for item in items))
     handles: list[Any] = []
     try:
         # only position-, phase- or context-dependent edits need to know where each forward sits in the
         # sequence; an every-token edit skips the model-level pre-hook (one hooked call per decoding step)
-        if reads or ctx.preparers or any(not _every_token(item) for item in items):
+        if reads or ctx.preparers or ctx.track_history or any(not _every_token(item) for item in items):
             handles.append(model.hf.register_forward_pre_hook(ctx.on_forward, with_kwargs=True))
         if any(p.kind.startswith("vision_") for p in points):
             handles.append(model.adapter.vision_tower.register_forward_pre_hook(ctx.on_vision, with_kwargs=True))

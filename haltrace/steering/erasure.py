@@ -683,7 +683,8 @@ class ProjectAway(Method):
             "figures": "selection CHAIR_i / recall are in-distribution (the fit images); evaluate on held-out sets",
             "deviations": _deviations(model, candidates, lens_norm, top_k, caption_tokens, text_rep, preset,
                                       from_preset, bool(selection)),
-            "erased_log": edit.log,  # filled while applied: flagged words per row and prompt
+            # the words flagged per row and prompt while applied are the edit's runtime log (`edit.log`), not
+            # provenance: provenance describes the fit and must not grow with every evaluated prompt
             "data": {"description": described, "n": len(images), "prompt": prompt,
                      "fingerprint": items_fingerprint(items)},
         }

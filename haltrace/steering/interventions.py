@@ -143,6 +143,8 @@ class Intervention:
     phase: Phase = field(default="both", kw_only=True)
     #: True when :meth:`prepare` does something (the engine then runs it once per new prompt)
     prepares: ClassVar[bool] = False
+    #: True when the edit reads ``ctx.history`` (every token id fed so far; kept only on request)
+    uses_history: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if self.phase not in ("prompt", "generation", "both"):
@@ -511,6 +513,11 @@ class Gated(Intervention):
             raise TypeError(f"Gated needs an engine intervention to gate, got {type(inner).__name__}")
         self.inner, self.detector = inner, detector
         self.hook, self.positions, self.phase = inner.hook, inner.positions, inner.phase
+        # the gated edit's own per-prompt step and token history, if it has them
+        self.prepares, self.uses_history = inner.prepares, inner.uses_history  # type: ignore[misc]
+
+    def prepare(self, model: Any, ctx: Any) -> None:
+        self.inner.prepare(model, ctx)
 
     def to_state(self) -> dict[str, Any]:
         return {"inner": self.inner, "detector": self.detector}

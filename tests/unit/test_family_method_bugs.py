@@ -159,7 +159,7 @@ def test_erasure_fit_and_apply(tiny_model, family):
     fitted = _erasure_fit(model, prompt, images, [{"circle"}, {"star"}, {"square"}], edit_layer=0,
                           text_rep="unembed", weight=3.0, threshold=2.0, candidates="all", caption_tokens=3)
     before, n_hooks = _logits(model, inputs), _hook_count(model)
-    log = fitted.provenance["erased_log"]
+    log = fitted.interventions[0].log
     log.clear()
     with fitted.apply(model):
         steered = _logits(model, inputs)

@@ -17,19 +17,8 @@ from haltrace.steering.vhr import VisionAwareHeads, default_layers, sample_head_
 
 
 @pytest.fixture(scope="module")
-def organism():
-    """A random-weight ShapesWorld organism (real architecture and tokenizer, untrained)."""
-    from transformers import LlavaForConditionalGeneration
-
-    from haltrace.models import Model
-    from haltrace.organism.processing import build_processor
-    from haltrace.organism.train import PRESETS, build_model_config
-    from haltrace.organism.world import ShapesWorld
-
-    world = ShapesWorld()
-    torch.manual_seed(0)
-    hf = LlavaForConditionalGeneration(build_model_config(world, PRESETS["tiny"]))
-    return Model.from_hf(hf, build_processor(world), name="random-organism"), world
+def organism(random_organism):
+    return random_organism
 
 
 @pytest.fixture(scope="module")
