@@ -133,11 +133,22 @@ def load(name_or_path: str, *, device: str | torch.device | None = None, dtype: 
         try:
             processor = AutoProcessor.from_pretrained(path, **shared)
         except (ImportError, ValueError, OSError, AttributeError, TypeError) as err:
-            # e.g. Qwen-VL processors need torchvision for their video part; text still works
-            warnings.warn(f"could not build the processor for {name_or_path} ({err}); falling back to the "
-                          "tokenizer, so Model.prepare cannot take images", stacklevel=2)
             processor = None
-            tokenizer = AutoTokenizer.from_pretrained(path, **shared)
+            if getattr(config, "model_type", None) in ("qwen2_vl", "qwen2_5_vl"):
+                # Qwen-VL processors need torchvision for their video half; images need only the image
+                # processor and the tokenizer, which the images-only stand-in combines
+                from haltrace.models.qwen_images import load_images_processor
+
+                try:
+                    processor = load_images_processor(path, **shared)
+                except (ImportError, ValueError, OSError, AttributeError, TypeError):
+                    processor = None
+            if processor is None:
+                warnings.warn(f"could not build the processor for {name_or_path} ({err}); falling back to the "
+                              "tokenizer, so Model.prepare cannot take images", stacklevel=2)
+                tokenizer = AutoTokenizer.from_pretrained(path, **shared)
+            else:
+                tokenizer = processor.tokenizer
         else:
             tokenizer = getattr(processor, "tokenizer", processor)
     else:

@@ -149,44 +149,8 @@ def _qwen_vl(tok, attn, v25: bool):
     return model, proc
 
 
-class TinyQwenVLProcessor:
-    """Minimal stand-in for ``Qwen2VLProcessor`` (images only): expands each ``<|image_pad|>`` to the number of
-    merged patches of its image and returns ``input_ids``, ``attention_mask``, ``mm_token_type_ids``,
-    ``pixel_values`` and ``image_grid_thw``.
-    """
-
-    image_token = "<|image_pad|>"
-
-    def __init__(self, image_processor: Any, tokenizer: Any):
-        self.image_processor = image_processor
-        self.tokenizer = tokenizer
-        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-
-    def __call__(self, text: str | list[str], images: Any = None, **kw: Any) -> Any:
-        from transformers import BatchFeature
-
-        text = [text] if isinstance(text, str) else list(text)
-        data: dict[str, Any] = {}
-        if images is not None:
-            pix = self.image_processor(images, return_tensors="pt")
-            data.update(pix)
-            merge = self.image_processor.merge_size ** 2
-            counts = iter(int(g.prod()) // merge for g in pix["image_grid_thw"])
-            expanded = []
-            for prompt in text:
-                parts = prompt.split(self.image_token)
-                out = parts[0]
-                for part in parts[1:]:
-                    out += " ".join([self.image_token] * next(counts)) + part
-                expanded.append(out)
-            text = expanded
-        enc = self.tokenizer(text, **kw)
-        data.update(enc)
-        # M-RoPE needs to know which tokens are image tokens (image == 1, video == 2)
-        data["mm_token_type_ids"] = (enc["input_ids"] == self.image_token_id).long() \
-            if hasattr(enc["input_ids"], "long") else [[int(t == self.image_token_id) for t in row]
-                                                        for row in enc["input_ids"]]
-        return BatchFeature(data=data)
+#: the tiny Qwen-VL models use the same images-only processor as haltrace.load's no-torchvision fallback
+from haltrace.models.qwen_images import QwenVLImagesProcessor as TinyQwenVLProcessor  # noqa: E402
 
 
 def _build_gemma3(tok, attn):
