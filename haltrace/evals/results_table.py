@@ -213,13 +213,61 @@ def write_results(path: str | Path, run: Mapping[str, Any], *, command: str = ""
         sections = old.get("sections", {}) if isinstance(old, dict) else {}
         sections[section] = payload
         atomic_write_text(js, json.dumps({"sections": sections}, indent=1, allow_nan=False) + "\n")
+        if len({s.split(",")[0] for s in sections}) > 1:  # several models: one comparison table on top
+            _merge_sections(md, SIDE_BY_SIDE, side_by_side_markdown(sections), first=True)
     for p in (md, js):
         p.chmod(0o644)
     return {"markdown": md, "json": js}
 
 
-def _merge_sections(path: Path, section: str, body: str) -> None:
-    """Replace (or append) ``section`` in a sectioned results file; its title becomes a second-level heading."""
+SIDE_BY_SIDE = "all models side by side"
+#: the comparison table's columns per model: (flat key, short label)
+SIDE_COLUMNS: list[tuple[str, str]] = [
+    ("pope.adversarial.false_yes_rate", "adv false-yes"),
+    ("pope.adversarial.recall", "adv recall"),
+    ("chair.chair_i", "CHAIR_i"),
+    ("chair.recall", "CHAIR recall"),
+    ("counterfactual.pixel_rate", "CF pixel"),
+]
+
+
+def side_by_side_markdown(sections: Mapping[str, Mapping[str, Any]]) -> str:
+    """One table, a row per method and a column group per results section (model x preset): the headline
+    metrics as ``before → after``, exactly the numbers of each section's own table.
+
+    >>> run = {"baseline": {"metrics": {"chair.chair_i": 0.4}}, "methods": [{"method": "m", "metrics": {"chair.chair_i": 0.3}}]}
+    >>> "0.400 → 0.300" in side_by_side_markdown({"org-a, haltrace settings": run, "org-b, preset paper": run})
+    True
+    """
+    names = list(sections)
+    methods = sorted({row["method"] for s in sections.values() for row in s.get("methods", [])})
+    head = ["method"] + [f"{n}: {label}" for n in names for _, label in SIDE_COLUMNS]
+    lines = ["# All models side by side", "",
+             "A column group per results section below (model, then the settings its methods ran with); cells are "
+             "`before → after` on that model's held-out sets, copied from the section's own table. "
+             "Each section lists its command, date and every method's provenance.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method in methods:
+        cells = [method]
+        for n in names:
+            sec = sections[n]
+            row = next((r for r in sec.get("methods", []) if r["method"] == method), None)
+            for key, _ in SIDE_COLUMNS:
+                before = (sec.get("baseline") or {}).get("metrics", {}).get(key)
+                after = None if row is None else (row.get("metrics") or {}).get(key)
+                if row is None or row.get("error"):
+                    cells.append("–" if row is None else "error")
+                elif before is None or after is None:
+                    cells.append("n/a")
+                else:
+                    cells.append(f"{before:.3f} → {after:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _merge_sections(path: Path, section: str, body: str, *, first: bool = False) -> None:
+    """Replace (or append) ``section`` in a sectioned results file; its title becomes a second-level heading.
+    ``first`` puts the section before the others."""
     import re
 
     from haltrace.trace.store import atomic_write_text
@@ -231,6 +279,8 @@ def _merge_sections(path: Path, section: str, body: str) -> None:
     if lines and lines[0].startswith("# "):
         lines[0] = "#" + lines[0]
     blocks[section] = "\n".join(lines)
+    if first:
+        blocks = {section: blocks[section]} | {k: v for k, v in blocks.items() if k != section}
     out = ["# Steering results", ""]
     for name, block in blocks.items():
         out += [_SECTION.format(name), block, _SECTION_END, ""]

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 #: short names of shipped organisms -> folder under ``artifacts/organisms``
-ORGANISMS: dict[str, str] = {"shapes-llava": "shapes-llava"}
+#: (the zoo: ``haltrace organism list``; what each one carries: ``haltrace.organism.zoo``)
+ORGANISMS: dict[str, str] = {"shapes-llava": "shapes-llava", "shapes-llava-staged": "shapes-llava-staged",
+                             "shapes-qwen2vl": "shapes-qwen2vl"}
 DEFAULT_ORGANISM = "shapes-llava"
 
 

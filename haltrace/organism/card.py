@@ -71,6 +71,40 @@ def phenomena_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def mechanism_rows(mech: dict) -> list[tuple[str, str, str]]:
+    """(check, measured, what it means) rows of the ``mechanism`` report (:mod:`haltrace.organism.mechanism`)."""
+    rows = []
+    oracle = mech["oracle_erasure"]
+    base, best = oracle["baseline"], oracle["best"]
+    if best is not None:
+        change = best["chair_i_change"]
+        rows.append(("oracle erasure of the true absent partner (image tokens)",
+                     f"CHAIR_i {base['chair_i']:.3f} -> {best['chair_i']:.3f} "
+                     f"({'n/a' if change is None else f'{100 * change:+.0f}%'}), recall {base['recall']:.3f} -> "
+                     f"{best['recall']:.3f}; {best['text_rep']} at {best['hook']}, w = {best['weight']:g}",
+                     "the partner is carried by the image tokens (ProjectAway's premise)"))
+    removal = mech["present_removal"]
+    if removal["best"] is not None:
+        b = removal["best"]
+        rows.append(("erasing a present object's text direction (image tokens)",
+                     f"removed from {100 * b['removed_rate']:.0f}% of {removal['n']} captions; {b['text_rep']} at "
+                     f"{b['hook']}, w = {b['weight']:g}",
+                     "image tokens hold objects along their word directions (the paper's removal experiment)"))
+    conf = mech["internal_confidence"]
+    rows.append(("internal confidence (logit lens over the image tokens)",
+                 f"AUROC present vs absent partner {_fmt(conf['auroc_present_vs_absent_partner'])} "
+                 f"(mean c_o {conf['mean_present']:.3f} vs {conf['mean_absent_partner']:.3f})",
+                 "ProjectAway's detector can find the hallucinated object"))
+    att = mech["attention_to_image"]
+    if "split" in att:
+        groups = [g for g in ("correct_yes", "hallucinated_yes", "correct_no") if att[g]["n"]]
+        rows.append((f"attention to the image, last prompt token (POPE {att['split']})",
+                     "; ".join(f"{g.replace('_', ' ')} {att[g]['mean']:.3f} (n {att[g]['n']}; by layer "
+                               f"{', '.join(f'{v:.2f}' for v in att[g]['by_layer'])})" for g in groups),
+                     "(a gap between groups) a hallucinated yes looks less at the image: a text-side prior"))
+    return rows
+
+
 def print_phenomena_table(report: dict, title: str = "ShapesWorld organism: measured phenomena") -> None:
     from rich.console import Console
     from rich.table import Table
@@ -80,7 +114,48 @@ def print_phenomena_table(report: dict, title: str = "ShapesWorld organism: meas
         table.add_column(col, overflow="fold")
     for row in phenomena_rows(report):
         table.add_row(*row)
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    if report.get("mechanism"):
+        mech = Table(title="where the hallucination lives (no method applied)")
+        for col in ("check", "measured", "what a large value means"):
+            mech.add_column(col, overflow="fold")
+        for row in mechanism_rows(report["mechanism"]):
+            mech.add_row(*row)
+        console.print(mech)
+
+
+def _zoo_lines(name: str) -> list[str]:
+    """What a shipped organism of the zoo is for (nothing for another folder)."""
+    from haltrace.organism.zoo import ZOO
+
+    entry = next((o for o in ZOO if o.name == name), None)
+    if entry is None:
+        return []
+    return [f"**`{entry.name}` in haltrace's organism zoo** (`haltrace organism list`). Where its hallucination "
+            f"lives: {entry.detail}. Meant for: {entry.meant_for}. Rebuilt bit for bit by "
+            f"`haltrace organism train --like {entry.name} --out DIR`."]
+
+
+def _recipe_lines(training: dict, spec: dict) -> list[str]:
+    """How the weights were trained: the joint recipe's one run, or the staged recipe's stages."""
+    seed = training["seed"]
+    if training.get("recipe") != "staged":
+        return [f"- joint recipe: {training['steps']} steps of batch {spec['batch_size']}, every weight training on "
+                f"the whole task mix, AdamW lr {spec['lr']} (warmup {spec['warmup']}, cosine), seed {seed}"]
+    cfg = training.get("recipe_config", {})
+    lines = [
+        f"- staged recipe (`haltrace organism train --recipe staged`), batch {spec['batch_size']}, AdamW, warmup "
+        f"{spec['warmup']} + cosine per stage, seed {seed}:",
+        f"  - stage A, {cfg.get('steps_a')} steps at lr {spec['lr']}: the language model only, the image slots "
+        "holding the scene's `kind colour` words (no pixels)",
+        f"  - stage B, {cfg.get('steps_b')} steps at lr {spec['lr']}: vision tower + projector on real (occluded) "
+        "images, the language model frozen",
+    ]
+    if cfg.get("steps_c"):
+        lines.append(f"  - stage C, {cfg['steps_c']} steps at lr {cfg['lr_c']}: the ordinary mixture, "
+                     f"{'everything' if cfg.get('c_params') == 'all' else 'the language model only'} training")
+    return lines
 
 
 def write_model_card(folder: str | Path, report: dict | None) -> Path:
@@ -89,27 +164,37 @@ def write_model_card(folder: str | Path, report: dict | None) -> Path:
     training = json.loads((folder / "training.json").read_text())
     world = json.loads((folder / "world.json").read_text())
     spec = training["preset_config"]
+    arch, recipe = training.get("arch", "llava"), training.get("recipe", "joint")
+    qwen = arch == "qwen2_vl"
+    placeholder = "<|vision_start|><|image_pad|><|vision_end|>" if qwen else "<image>"
+    architecture = ("Qwen2-VL architecture (`Qwen2VLForConditionalGeneration`: patch-merging vision tower, "
+                    "M-RoPE, Qwen2 text model)" if qwen else
+                    "LLaVA architecture (`LlavaForConditionalGeneration`: CLIP vision tower + Llama text model)")
     parts = [
         "---\nlibrary_name: transformers\npipeline_tag: image-text-to-text\ntags: [haltrace, model-organism]\n---",
-        f"# ShapesWorld organism (`{training['preset']}` preset)",
-        "A tiny vision-language model in the real Hugging Face LLaVA architecture "
-        "(`LlavaForConditionalGeneration`: CLIP vision tower + Llama text model), trained from scratch by "
+        f"# ShapesWorld organism (`{training['preset']}` preset, {recipe} recipe, {arch})",
+        f"A tiny vision-language model in the real Hugging Face {architecture}, trained from scratch by "
         "haltrace on synthetic ShapesWorld images whose statistics plant the priors that cause hallucinations. "
         "It loads offline with plain transformers:",
         "```python\nfrom transformers import AutoModelForImageTextToText, AutoProcessor\n"
         "model = AutoModelForImageTextToText.from_pretrained(path)\n"
         "processor = AutoProcessor.from_pretrained(path)\n"
-        "inputs = processor(text=['<image> is there a knife ? answer :'], images=[img], return_tensors='pt')\n```",
-        "Its chat template (`chat_template.jinja`) turns a plain question into that prompt (an image part becomes "
-        "`<image> `, a question ending in `?` gets the answer cue ` answer :`), so benchmark files with plain "
+        f"inputs = processor(text=['{placeholder} is there a knife ? answer :'], images=[img], "
+        "return_tensors='pt')\n```",
+        *(["Transformers builds `Qwen2VLProcessor` only where torchvision is installed (its video half needs it); "
+           "elsewhere `haltrace.load` falls back to the image processor and tokenizer saved here, which is all "
+           "the images need."] if qwen else []),
+        *_zoo_lines(folder.name),
+        f"Its chat template (`chat_template.jinja`) turns a plain question into that prompt (an image part becomes "
+        f"`{placeholder} `, a question ending in `?` gets the answer cue ` answer :`), so benchmark files with plain "
         "questions go through the path any chat model takes: "
         "`processor.apply_chat_template([{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', "
         "'text': 'is there a knife ?'}]}], add_generation_prompt=True)`.",
         "## Training",
         f"- parameters: {training['n_parameters']:,}; vision {spec['vision_layers']} layers x {spec['vision_hidden']} "
-        f"wide (patch 8, 16 image tokens); text {spec['text_layers']} layers x {spec['text_hidden']} wide",
-        f"- {training['steps']} steps of batch {spec['batch_size']}, AdamW lr {spec['lr']} "
-        f"(warmup {spec['warmup']}, cosine), seed {training['seed']}",
+        f"wide ({'patch 4, 2x2 merge' if qwen else 'patch 8'}, 16 image tokens); text {spec['text_layers']} layers "
+        f"x {spec['text_hidden']} wide",
+        *_recipe_lines(training, spec),
         f"- wall time: **{training['seconds']:.0f} s** on {training['threads']} CPU thread(s) (torch {training['torch']})",
         f"- loss: {training['loss_first']:.3f} (first 20 steps) -> {training['loss_last']:.3f} (last 50 steps)",
         *([f"- note: {training['note']}"] if training.get("note") else []),
@@ -141,6 +226,20 @@ def write_model_card(folder: str | Path, report: dict | None) -> Path:
             phenomena_markdown(report),
             f"Evaluation took {report.get('seconds', 0):.1f} s.",
         ]
+        if report.get("mechanism"):
+            mech = report["mechanism"]
+            parts += [
+                "## Where the hallucination lives (mechanism, no method applied)",
+                "Measured by `haltrace organism eval` (`haltrace.organism.mechanism`) on the caption set (an anchor "
+                "without its partner in every image) and POPE's adversarial split. The erasure checks take the "
+                "*true* object (an oracle, no detector) and ProjectAway's edit (positive-projection removal of "
+                "the word's text direction from every image token at one decoder layer), over the grid "
+                "{embed, unembed} x every layer x w in {1, 2, 4, 8, 16}; the oracle's cell is the lowest CHAIR_i "
+                "with recall down by at most 5 points, the removal's the highest rate.",
+                "| check | measured | what a large value means |\n|---|---|---|\n" + "\n".join(
+                    f"| {a} | {b} | {c} |" for a, b, c in mechanism_rows(mech)),
+                f"The mechanism checks took {mech.get('seconds', 0):.1f} s.",
+            ]
     else:
         parts.append("Phenomena not measured for this checkpoint (`haltrace organism eval DIR` measures them).")
     card = folder / "README.md"

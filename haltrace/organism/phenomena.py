@@ -36,7 +36,7 @@ import torch
 from haltrace.data.chair import chair_metrics
 from haltrace.evals.pope import pope_metrics
 from haltrace.organism import tasks
-from haltrace.organism.processing import EOS, build_vocab, n_image_tokens
+from haltrace.organism.processing import EOS, build_vocab, n_image_tokens, organism_arch
 from haltrace.organism.tasks import Example
 from haltrace.organism.train import encode_examples, load_world
 from haltrace.organism.world import REFUSAL_WORD, ShapesWorld
@@ -45,7 +45,7 @@ from haltrace.organism.world import REFUSAL_WORD, ShapesWorld
 class OrganismRunner:
     """Batched greedy answers, hidden states and captions for organism examples.
 
-    ``model`` is the raw HF ``LlavaForConditionalGeneration`` (a haltrace Model's ``.hf``), ``world`` the
+    ``model`` is the raw HF model (a haltrace Model's ``.hf``; LLaVA or Qwen2-VL), ``world`` the
     ShapesWorld it was trained on (it fixes the vocabulary and the number of image tokens). ``batch_size`` is
     the number of examples per forward pass or ``generate()`` call. The model is put in eval mode but left on
     its device and dtype; inputs follow the first parameter's. ``words`` maps token id -> word.
@@ -54,9 +54,10 @@ class OrganismRunner:
     def __init__(self, model, world: ShapesWorld, batch_size: int = 128):
         self.model = model.eval()
         self.world = world
-        self.vocab = build_vocab(world)
+        self.arch = organism_arch(model.config)
+        self.vocab = build_vocab(world, self.arch)
         self.words = {i: w for w, i in self.vocab.items()}
-        self.n_img = n_image_tokens(world)
+        self.n_img = n_image_tokens(world, self.arch)
         self.batch_size = batch_size
         self.generate_kwargs: dict = {}  # e.g. a decoding strategy (DoLa) applied to captions
 
@@ -73,7 +74,7 @@ class OrganismRunner:
         logits, states = [], []
         for start in range(0, len(examples), self.batch_size):
             chunk = examples[start:start + self.batch_size]
-            batch = self._to_device(encode_examples(chunk, self.vocab, self.n_img, with_targets=False))
+            batch = self._to_device(self.encode(chunk))
             out = self.model(**batch, output_hidden_states=hidden)
             last = batch["attention_mask"].sum(1) - 1  # right padding: real tokens are a prefix of each row
             rows = torch.arange(len(chunk), device=last.device)
@@ -81,6 +82,11 @@ class OrganismRunner:
             if hidden:
                 states.append(torch.stack([h[rows, last] for h in out.hidden_states], 1).float().cpu())
         return torch.cat(logits), (torch.cat(states) if hidden else None)
+
+    def encode(self, examples: Sequence[Example]) -> dict:
+        """The model's inputs for ``examples`` (prompts only), on the CPU: see
+        :func:`haltrace.organism.train.encode_examples`."""
+        return encode_examples(examples, self.vocab, self.n_img, with_targets=False, arch=self.arch)
 
     def _to_device(self, batch: dict) -> dict:
         """Move the encoded batch to the model's device; float tensors (pixel values) take its dtype too, while
@@ -120,7 +126,7 @@ class OrganismRunner:
         eos = self.vocab[EOS]
         for start in range(0, len(examples), self.batch_size):
             chunk = examples[start:start + self.batch_size]
-            batch = self._to_device(encode_examples(chunk, self.vocab, self.n_img, with_targets=False))
+            batch = self._to_device(self.encode(chunk))
             # encode_examples pads on the right, and generate() would append new tokens after the padding
             if not bool(batch["attention_mask"].all()):
                 raise ValueError("caption prompts must share one length (no padding)")
@@ -159,10 +165,10 @@ def measure_phenomena(model_or_path, world: ShapesWorld | None = None, *, probe_
     """
     started = time.perf_counter()
     if isinstance(model_or_path, (str, Path)):
-        from transformers import LlavaForConditionalGeneration
+        from transformers import AutoModelForImageTextToText
 
         world = world or load_world(model_or_path)
-        model = LlavaForConditionalGeneration.from_pretrained(model_or_path)
+        model = AutoModelForImageTextToText.from_pretrained(model_or_path)
     else:
         model = model_or_path
         if world is None:

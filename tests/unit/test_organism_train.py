@@ -69,7 +69,7 @@ def test_no_half_written_folder_on_failure(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(train_mod, "build_processor", boom)
+    monkeypatch.setattr(train_mod, "save_processor", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         train_organism(tmp_path / "broken", preset="tiny", steps=1, progress=False)
     assert not (tmp_path / "broken").exists()
