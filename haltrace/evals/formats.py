@@ -31,9 +31,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from haltrace.errors import HaltraceError
 from haltrace.data.chair import chair_metrics, default_phrases
 from haltrace.data.chair_rules import chair_scores, check_rules, identity_table, read_synonym_table
+from haltrace.errors import HaltraceError
 from haltrace.evals.counterfactual import counterfactual_rates, label_answers
 from haltrace.evals.pope import pope_metrics, pope_summary
 from haltrace.evals.refusal import refusal_report

@@ -13,7 +13,6 @@ import re
 
 import pytest
 
-from haltrace.evals import formats
 from haltrace.data.chair_rules import (
     COCO_SYNONYMS,
     OFFICIAL_DOUBLE_WORDS,
@@ -25,6 +24,7 @@ from haltrace.data.chair_rules import (
     singularize,
     tokenize,
 )
+from haltrace.evals import formats
 from haltrace.evals.coco import load_coco_ground_truth, score_chair
 from haltrace.evals.formats import FormatError, _image_key
 

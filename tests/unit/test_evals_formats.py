@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from haltrace.evals import formats
 from haltrace.data.chair import chair_metrics
+from haltrace.evals import formats
 from haltrace.evals.counterfactual import counterfactual_rates, flip_rates, label_answers
 from haltrace.evals.pope import parse_starts_with_yes, pope_metrics, pope_summary
 from haltrace.evals.refusal import is_refusal, refusal_rate, refusal_report
