@@ -223,45 +223,47 @@ def write_results(path: str | Path, run: Mapping[str, Any], *, command: str = ""
 SIDE_BY_SIDE = "all models side by side"
 #: the comparison table's columns per model: (flat key, short label)
 SIDE_COLUMNS: list[tuple[str, str]] = [
-    ("pope.adversarial.false_yes_rate", "adv false-yes"),
-    ("pope.adversarial.recall", "adv recall"),
-    ("chair.chair_i", "CHAIR_i"),
-    ("chair.recall", "CHAIR recall"),
-    ("counterfactual.pixel_rate", "CF pixel"),
+    ("pope.adversarial.false_yes_rate", "POPE adversarial false-yes rate (lower is better)"),
+    ("pope.adversarial.recall", "POPE adversarial recall on present objects"),
+    ("chair.chair_i", "CHAIR_i (lower is better)"),
+    ("chair.recall", "caption recall (CHAIR)"),
+    ("counterfactual.pixel_rate", "counterfactual colour: pixel answers (higher is better)"),
 ]
 
 
 def side_by_side_markdown(sections: Mapping[str, Mapping[str, Any]]) -> str:
-    """One table, a row per method and a column group per results section (model x preset): the headline
-    metrics as ``before → after``, exactly the numbers of each section's own table.
+    """The models side by side: per headline metric (:data:`SIDE_COLUMNS`) one table, a row per method and a
+    column per results section (model x settings), cells ``before → after``, copied from each section.
 
     >>> run = {"baseline": {"metrics": {"chair.chair_i": 0.4}}, "methods": [{"method": "m", "metrics": {"chair.chair_i": 0.3}}]}
-    >>> "0.400 → 0.300" in side_by_side_markdown({"org-a, haltrace settings": run, "org-b, preset paper": run})
+    >>> "| m | 0.400 → 0.300 | 0.400 → 0.300 |" in side_by_side_markdown({"org-a, x": run, "org-b, y": run})
     True
     """
     names = list(sections)
     methods = sorted({row["method"] for s in sections.values() for row in s.get("methods", [])})
-    head = ["method"] + [f"{n}: {label}" for n in names for _, label in SIDE_COLUMNS]
     lines = ["# All models side by side", "",
-             "A column group per results section below (model, then the settings its methods ran with); cells are "
-             "`before → after` on that model's held-out sets, copied from the section's own table. "
-             "Each section lists its command, date and every method's provenance.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for method in methods:
-        cells = [method]
-        for n in names:
-            sec = sections[n]
-            row = next((r for r in sec.get("methods", []) if r["method"] == method), None)
-            for key, _ in SIDE_COLUMNS:
+             "One table per headline metric, one column per results section below (model, then the settings its "
+             "methods ran with); cells are `before → after` on that model's held-out sets, copied from the "
+             "section's own table, which also lists its command, date and every method's provenance."]
+    for key, label in SIDE_COLUMNS:
+        lines += ["", f"**{label}** (`{key}`)", "", "| method | " + " | ".join(names) + " |",
+                  "|" + "---|" * (len(names) + 1)]
+        for method in methods:
+            cells = [method]
+            for n in names:
+                sec = sections[n]
+                row = next((r for r in sec.get("methods", []) if r["method"] == method), None)
                 before = (sec.get("baseline") or {}).get("metrics", {}).get(key)
                 after = None if row is None else (row.get("metrics") or {}).get(key)
-                if row is None or row.get("error"):
-                    cells.append("–" if row is None else "error")
+                if row is None:
+                    cells.append("–")
+                elif row.get("error"):
+                    cells.append("error")
                 elif before is None or after is None:
                     cells.append("n/a")
                 else:
                     cells.append(f"{before:.3f} → {after:.3f}")
-        lines.append("| " + " | ".join(cells) + " |")
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
