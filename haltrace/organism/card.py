@@ -145,7 +145,7 @@ def _recipe_lines(training: dict, spec: dict) -> list[str]:
                 f"the whole task mix, AdamW lr {spec['lr']} (warmup {spec['warmup']}, cosine), seed {seed}"]
     cfg = training.get("recipe_config", {})
     lines = [
-        f"- staged recipe (`haltrace organism train --recipe staged`), batch {spec['batch_size']}, AdamW, warmup "
+        f"- staged recipe (`haltrace organism train --recipe staged --seed {seed}`), batch {spec['batch_size']}, AdamW, warmup "
         f"{spec['warmup']} + cosine per stage, seed {seed}:",
         f"  - stage A, {cfg.get('steps_a')} steps at lr {spec['lr']}: the language model only, the image slots "
         "holding the scene's `kind colour` words (no pixels)",
@@ -234,7 +234,8 @@ def write_model_card(folder: str | Path, report: dict | None) -> Path:
                 "without its partner in every image) and POPE's adversarial split. The erasure checks take the "
                 "*true* object (an oracle, no detector) and ProjectAway's edit (positive-projection removal of "
                 "the word's text direction from every image token at one decoder layer), over the grid "
-                "{embed, unembed} x every layer x w in {1, 2, 4, 8, 16}; the oracle's cell is the lowest CHAIR_i "
+                "text representation (the paper's `<bos> word` state at every layer, the input embedding, the "
+                "unembedding row) x every layer x w in {1, 2, 4, 8, 16}; the oracle's cell is the lowest CHAIR_i "
                 "with recall down by at most 5 points, the removal's the highest rate.",
                 "| check | measured | what a large value means |\n|---|---|---|\n" + "\n".join(
                     f"| {a} | {b} | {c} |" for a, b, c in mechanism_rows(mech)),

@@ -6,8 +6,8 @@ is the object the co-occurrence prior makes the model name) and one on POPE:
 * **Oracle erasure** (:func:`oracle_erasure`): the *true* absent partner's text direction is erased from the image
   tokens (ProjectAway's positive-projection removal, :func:`haltrace.steering.erasure.erase`) at one decoder
   layer, no detector involved. If the partner prior is carried by the image tokens (in the language model's word
-  space), CHAIR_i falls; if it lives in the language model, nothing moves. Swept over a small declared grid
-  (text representation x layer x weight); the best cell whose recall falls by at most 5 points is the bound a
+  space), CHAIR_i falls; if it lives in the language model, nothing moves. Swept over a declared grid
+  (:func:`text_reps` x layer x :data:`WEIGHTS`); the best cell whose recall falls by at most 5 points is the bound a
   detector-driven method (ProjectAway) could reach on this organism.
 * **Present-object removal** (:func:`present_removal`): the paper's removal experiment. For each image, one object
   the unedited caption names *and* the image shows is erased the same way; the rate is the fraction of captions
@@ -44,9 +44,16 @@ from haltrace.organism.tasks import Example
 from haltrace.steering.erasure import ProjectAwayEdit, internal_confidence, mentions, text_representations
 
 #: the declared grid of the oracle checks: text representations, weights (within the paper's ablation range,
-#: 0.5 to 15, plus 16); every decoder layer
+#: 0.5 to 15, plus 16); every decoder layer l_I. The text representations are the paper's (the ``<bos> word``
+#: state at ``resid_post.l_T``, every l_T: :func:`text_reps`), its "layer -1" input embedding, and the
+#: unembedding row (a haltrace extra)
 TEXT_REPS = ("embed", "unembed")
 WEIGHTS = (1.0, 2.0, 4.0, 8.0, 16.0)
+
+
+def text_reps(model: Any) -> list[str]:
+    """Every text representation of the grid: ``embed``, ``unembed``, then ``resid_post.0`` .. ``resid_post.n-1``."""
+    return [*TEXT_REPS, *(f"resid_post.{k}" for k in range(model.n_layers))]
 #: a cell counts for the oracle bound only if recall falls by at most this much (ProjectAway's own guard)
 MAX_RECALL_DROP = 0.05
 
@@ -137,7 +144,7 @@ def oracle_erasure(model: Any, runner: OrganismRunner, examples: Sequence[Exampl
     recall stays within :data:`MAX_RECALL_DROP` of the unedited captions'."""
     base = _chair(runner, baseline, examples)
     cells = []
-    for rep in TEXT_REPS:
+    for rep in text_reps(model):
         for layer in range(model.n_layers):
             for weight in WEIGHTS:
                 m = oracle_cell(model, runner, examples, rep, layer, weight)
@@ -155,7 +162,7 @@ def present_removal(model: Any, runner: OrganismRunner, examples: Sequence[Examp
     n = sum(len(rows) for rows in present_groups(runner, examples, baseline).values())
     cells = [{"text_rep": rep, "hook": f"resid_post.{layer}", "weight": weight,
               "removed_rate": removal_cell(model, runner, examples, baseline, rep, layer, weight)}
-             for rep in TEXT_REPS for layer in range(model.n_layers) for weight in WEIGHTS]
+             for rep in text_reps(model) for layer in range(model.n_layers) for weight in WEIGHTS]
     best = max(cells, key=lambda c: c["removed_rate"]) if cells and n else None
     return {"n": n, "best": best, "cells": cells, "rule": "highest removal rate over the grid"}
 

@@ -41,7 +41,7 @@ from haltrace.organism.world import ShapesWorld, WorldConfig
 @dataclass(frozen=True)
 class StagedConfig:
     """Steps of each stage; stage C's learning rate and trainable part. The defaults are the shipped organism's
-    (candidate run ``st0``: no stage C)."""
+    (no stage C; it is trained with seed 2: ``haltrace organism train --like shapes-llava-staged``)."""
 
     steps_a: int = 1600
     steps_b: int = 1600

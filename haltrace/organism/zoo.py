@@ -53,7 +53,7 @@ ZOO: tuple[ZooEntry, ...] = (
         meant_for="text-side methods: TruthPrInt, DoLa, VHR, ITI, CAA, PvP (colour)",
     ),
     ZooEntry(
-        "shapes-llava-staged", "llava", "staged", 0,
+        "shapes-llava-staged", "llava", "staged", 2,
         mechanism="partner prior in the image tokens",
         detail="in the image tokens: stage-wise training writes the absent partner into the projector's "
                   "output, in the LM's word space (oracle erasure lowers CHAIR_i); the colour phenomena are lost",
