@@ -192,7 +192,7 @@ def _export(m: Any, folder: Path, world: Any, out: Path, stages: dict[str, Any])
                                      "probe_auroc": auroc[layer], **{k: v for k, v in source.provenance.items()
                                                                      if isinstance(v, (str, int, float))}})
     exported = export(vec, out / "export" / "entity-unknown", format="safetensors")
-    gguf_result = export(vec, out / "export" / "entity-unknown.gguf", format="gguf", model_hint="shapes-llava")
+    gguf_result = export(vec, out / "export" / "entity-unknown.gguf", format="gguf", model_hint=Path(str(folder)).name)
     control = read_gguf(gguf_result.path)
     gguf_max_diff = max(float((control.directions[x] - vec.for_layer(x) * vec.alpha).abs().max()) for x in vec.layers)
 
@@ -218,7 +218,7 @@ def _export(m: Any, folder: Path, world: Any, out: Path, stages: dict[str, Any])
         if not fitted_dir.is_dir():
             continue
         try:
-            export(fitted_dir, out / "export" / f"{name}.gguf", format="gguf", model_hint="shapes-llava")
+            export(fitted_dir, out / "export" / f"{name}.gguf", format="gguf", model_hint=Path(str(folder)).name)
             refused[name] = None
         except ExportError as err:
             refused[name] = str(err)

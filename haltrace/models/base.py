@@ -97,11 +97,24 @@ class Model:
         return self.adapter.embed.weight.dtype
 
     # --- inputs --------------------------------------------------------------------------------------------
+    def _family_placeholder(self, prompts: list[str]) -> list[str]:
+        """Prompts written with the generic ``<image>`` placeholder get the family's own (e.g. Qwen-VL's
+        ``<|vision_start|><|image_pad|><|vision_end|>``) when they hold none of it, so one prompt spelling (the
+        organisms' task files, ``<image> caption :``) works on every family."""
+        from haltrace.models.prompting import image_placeholder
+
+        own = image_placeholder(self)
+        token = getattr(self.processor, "image_token", None) or own
+        if not own or own == "<image>" or not isinstance(token, str):
+            return prompts
+        return [p.replace("<image>", own, 1) if "<image>" in p and token not in p else p for p in prompts]
+
     def prepare(self, prompts: str | list[str], images: list[Image] | None = None, **kw: Any) -> Any:
         """Tokenise ``prompts`` (with ``images`` for VLMs; one image per prompt) with LEFT padding, on device.
 
-        Prompts must already contain the family's image placeholder (e.g. ``"<image>"``); the processor
-        expands it to the right number of image tokens. Extra ``kw`` go to the processor/tokenizer.
+        Prompts must contain the family's image placeholder (e.g. ``"<image>"``; the generic ``<image>`` is
+        translated to the family's own spelling when the prompt has none of it); the processor expands it to the
+        right number of image tokens. Extra ``kw`` go to the processor/tokenizer.
         For absolute-position families (GPT-2) padded batches also get ``position_ids`` counted from each row's
         first real token, so every row's forward equals that prompt run alone.
 
@@ -128,6 +141,7 @@ class Model:
                 if isinstance(images, (list, tuple)) and len(images) != len(prompts):
                     raise ValueError(f"got {len(prompts)} prompts and {len(images)} images; pass one image "
                                      "per prompt")
+                prompts = self._family_placeholder(prompts)
                 if self.adapter.nested_images:  # e.g. Gemma3Processor wants one list of images per prompt
                     images = [im if isinstance(im, (list, tuple)) else [im] for im in images]
                 enc = self.processor(text=prompts, images=images, **kw)

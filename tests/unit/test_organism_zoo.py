@@ -138,6 +138,10 @@ def test_haltrace_load_gives_a_qwen_organism_an_images_processor(tmp_path):
     inputs = model.prepare([prompt], images=[Image.fromarray(np.zeros((32, 32, 3), np.uint8))])
     assert int((inputs["input_ids"] == model.hf.config.image_token_id).sum()) == 16
     assert "mm_token_type_ids" in inputs
+    # the organisms' generic "<image>" spelling is translated to the family's placeholder
+    generic = model.prepare(["<image> is there a knife ? answer :"],
+                            images=[Image.fromarray(np.zeros((32, 32, 3), np.uint8))])
+    assert torch.equal(generic["input_ids"], inputs["input_ids"])
     with torch.no_grad():
         assert model.hf(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
 
